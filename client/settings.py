@@ -1,0 +1,67 @@
+"""Device-local client settings: which base model, how it is quantized, where data and caches live.
+
+These never travel on the wire. They are resolved, most specific first, from the node's
+``node_config`` (``flower-supernode --node-config``), the run's ``run_config``, and defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.model import DEFAULT_MODEL, Quantization, default_cache_dir
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    model: str = DEFAULT_MODEL
+    quantization: Quantization = Quantization.NF4
+    data_path: str = ""
+    cache_dir: Path = Path()
+    heldout_fraction: float = 0.1
+    threads: int = 0  # 0: torch's default
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0, got {self.threads}")
+        if not self.data_path:
+            raise ValueError(
+                "data-path: no data configured for this client (set node config 'data-path', "
+                "or run through `fedtune simulate`)"
+            )
+
+    @classmethod
+    def resolve(
+        cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+    ) -> ClientSettings:
+        merged = {**run_config, **node_config}
+
+        def get(key: str, default: Any) -> Any:
+            value = merged.get(key, default)
+            return default if value == "" else value
+
+        data_path = str(get("data-path", ""))
+        if not data_path and "partition-id" in node_config and get("partition-dir", ""):
+            data_path = str(
+                partition_file(Path(get("partition-dir", "")), int(node_config["partition-id"]))
+            )
+        cache = get("cache-dir", "")
+        return cls(
+            model=str(get("model", DEFAULT_MODEL)),
+            quantization=Quantization.parse(str(get("quantization", Quantization.NF4.value))),
+            data_path=data_path,
+            cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
+            heldout_fraction=float(get("heldout-fraction", 0.1)),
+            threads=int(get("threads", 0)),
+            device=str(get("device", "auto")),
+        )
+
+
+def partition_file(partition_dir: Path, partition_id: int) -> Path:
+    """Where the simulator writes (and a virtual client reads) shard ``partition_id``."""
+    return partition_dir / f"{partition_id:04d}.jsonl"

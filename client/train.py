@@ -1,0 +1,180 @@
+"""Local LoRA training and evaluation: the core every client shell (Flower ClientApp, benchmarks,
+simulation) calls.
+
+``train_round`` starts from the global adapter, runs ``local_steps`` AdamW steps on the trainable
+adapter tensors and returns the *delta* (trained - global) with the FedAvg weight. ``evaluate``
+returns the mean loss per response token on held-out examples.
+
+The loss is computed only where labels are set (assistant tokens). For architectures whose logits
+are exactly ``lm_head(hidden)`` we apply the 49k-wide output head to those positions alone instead
+of the whole sequence: the same loss, a fraction of the head's FLOPs and memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from client.data import IGNORE_INDEX, TokenizedExample
+from client.model import adapter_parameters, get_adapter, set_adapter
+from protocol.messages import ClientUpdate, EvalResult, TrainInstruction
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+# Causal LMs whose forward computes logits as lm_head(last hidden state) with nothing after it
+# (no soft-capping, no logit scale), so the head may be applied to selected positions only.
+_PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64, right-padded
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens
+    labels: torch.Tensor  # (B, T) IGNORE_INDEX where no loss
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return Batch(ids.to(device), mask.to(device), labels.to(device))
+
+
+def batch_schedule(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Index batches for ``steps`` steps: shuffled epochs laid end to end (no row repeats within
+    an epoch). With fewer than ``batch_size`` rows every batch holds all of them."""
+    if n == 0:
+        raise ValueError("no training examples")
+    size = min(batch_size, n)
+    order: list[int] = []
+    while len(order) < steps * size:
+        order.extend(rng.permutation(n).tolist())
+    return [np.asarray(order[i * size : (i + 1) * size]) for i in range(steps)]
+
+
+def response_loss(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and their count."""
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    n_tokens = int(keep.sum())
+    base = cast("PreTrainedModel", model.get_base_model())
+    if getattr(base.config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES:
+        decoder = cast(torch.nn.Module, base.get_decoder())
+        head = cast(torch.nn.Module, base.get_output_embeddings())
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state  # (B, T, D)
+        logits = head(hidden[:, :-1][keep])  # (N, V), N labelled positions
+    else:
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = full[:, :-1][keep]
+    loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss_sum, n_tokens
+
+
+def _client_rng(instr: TrainInstruction, client_seed: int) -> np.random.Generator:
+    return np.random.default_rng([instr.seed, instr.round, client_seed])
+
+
+def train_round(
+    model: PeftModel,
+    examples: Sequence[TokenizedExample],
+    instr: TrainInstruction,
+    global_adapter: dict[str, np.ndarray],
+    *,
+    pad_id: int,
+    client_seed: int,
+) -> ClientUpdate:
+    """One round of local training from ``global_adapter``; returns the adapter delta."""
+    device = next(model.parameters()).device
+    set_adapter(model, global_adapter)
+    trainable = set(instr.trainable_keys) if instr.trainable_keys else set(global_adapter)
+    params = adapter_parameters(model)
+    for name, p in params.items():
+        p.requires_grad_(name in trainable)
+    optimizer = torch.optim.AdamW(
+        [params[k] for k in sorted(trainable)], lr=instr.learning_rate, weight_decay=0.0
+    )
+
+    rng = _client_rng(instr, client_seed)
+    schedule = batch_schedule(len(examples), instr.batch_size, instr.local_steps, rng)
+    losses: list[float] = []
+    tokens = 0
+    model.train()
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng.integers(2**31)))  # LoRA dropout
+        for idx in schedule:
+            batch = collate([examples[i] for i in idx], pad_id, device)
+            loss_sum, n = response_loss(model, batch)
+            loss = loss_sum / max(n, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([params[k] for k in trainable], instr.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            tokens += int(batch.attention_mask.sum())
+    seconds = time.perf_counter() - t0
+    model.eval()
+
+    trained = get_adapter(model)
+    delta = {k: trained[k] - global_adapter[k] for k in global_adapter if k in trainable}
+    return ClientUpdate(
+        delta=delta,
+        num_examples=len(examples),
+        metrics={
+            "train-loss": float(np.mean(losses)),
+            "train-loss-last": losses[-1],
+            "train-seconds": seconds,
+            "train-tokens": tokens,
+            "tokens-per-second": tokens / seconds if seconds > 0 else 0.0,
+        },
+    )
+
+
+@torch.no_grad()  # not inference_mode: torchao int8 weights cannot be detached inside it
+def evaluate(
+    model: PeftModel,
+    examples: Sequence[TokenizedExample],
+    *,
+    batch_size: int,
+    pad_id: int,
+    global_adapter: dict[str, np.ndarray] | None = None,
+) -> EvalResult:
+    """Mean loss per response token over ``examples`` (the adapter loaded first if given)."""
+    if global_adapter is not None:
+        set_adapter(model, global_adapter)
+    model.eval()
+    device = next(model.parameters()).device
+    total, n_tokens = 0.0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id, device)
+        loss_sum, n = response_loss(model, batch)
+        total += float(loss_sum)
+        n_tokens += n
+    loss = total / n_tokens if n_tokens else float("nan")
+    return EvalResult(
+        loss=loss if n_tokens else 0.0,
+        num_tokens=n_tokens,
+        num_examples=len(examples),
+        metrics={"eval-seconds": time.perf_counter() - t0},
+    )

@@ -1,0 +1,209 @@
+"""The coordinator's run configuration: one frozen dataclass, built from the flat kebab-case keys
+used by ``pyproject.toml`` (``[tool.flwr.app.config]``), ``fedtune`` options and Flower's
+``run_config``. Errors name the key and the bad value."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.model import DEFAULT_MODEL, Quantization
+from protocol.messages import EvalInstruction, LoraSpec, TrainInstruction
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    quantization: Quantization = Quantization.NF4
+    rounds: int = 3
+    clients_per_round: int = 3
+    min_clients: int = 2
+    eval_clients: int = 0  # clients evaluated every round (fixed set); 0 = all
+    round_timeout: float = 900.0
+    node_wait_timeout: float = 120.0  # how long to wait for min-clients nodes to connect
+    local_steps: int = 6
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    seq_len: int = 128
+    learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    output_dir: str = ""
+    central_eval_data: str = ""
+    partition_dir: str = ""
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        need(
+            self.clients_per_round >= 1,
+            "clients-per-round",
+            f"must be >= 1, got {self.clients_per_round}",
+        )
+        need(self.min_clients >= 1, "min-clients", f"must be >= 1, got {self.min_clients}")
+        need(
+            self.min_clients <= self.clients_per_round,
+            "min-clients",
+            f"{self.min_clients} exceeds clients-per-round {self.clients_per_round}",
+        )
+        need(self.eval_clients >= 0, "eval-clients", f"must be >= 0, got {self.eval_clients}")
+        need(
+            self.round_timeout > 0,
+            "round-timeout",
+            f"must be > 0 seconds, got {self.round_timeout}",
+        )
+        need(
+            self.node_wait_timeout > 0,
+            "node-wait-timeout",
+            f"must be > 0, got {self.node_wait_timeout}",
+        )
+        need(
+            self.eval_batch_size >= 1,
+            "eval-batch-size",
+            f"must be >= 1, got {self.eval_batch_size}",
+        )
+        need(
+            0.0 <= self.heldout_fraction < 1.0,
+            "heldout-fraction",
+            f"must be in [0, 1), got {self.heldout_fraction}",
+        )
+        # Validate the per-round instruction fields once, up front, with their own checks.
+        self.train_instruction(1)
+
+    def train_instruction(self, rnd: int) -> TrainInstruction:
+        try:
+            return TrainInstruction(
+                round=rnd,
+                lora=self.lora,
+                local_steps=self.local_steps,
+                batch_size=self.batch_size,
+                seq_len=self.seq_len,
+                learning_rate=self.learning_rate,
+                max_grad_norm=self.max_grad_norm,
+                seed=self.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("_", "-")) from exc
+
+    def eval_instruction(self, rnd: int) -> EvalInstruction:
+        return EvalInstruction(
+            round=rnd, lora=self.lora, batch_size=self.eval_batch_size, seq_len=self.seq_len
+        )
+
+    # -- flat key <-> dataclass -------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name == "lora":
+                out += ["lora-rank", "lora-alpha", "lora-dropout", "lora-targets"]
+            else:
+                out.append(f.name.replace("_", "-"))
+        return out
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from flat keys; unknown keys are ignored (they belong to other components)."""
+        kwargs: dict[str, Any] = {}
+        lora_defaults = LoraSpec()
+        try:
+            lora = LoraSpec(
+                rank=_as(int, values.get("lora-rank", lora_defaults.rank), "lora-rank"),
+                alpha=_as(float, values.get("lora-alpha", lora_defaults.alpha), "lora-alpha"),
+                dropout=_as(
+                    float, values.get("lora-dropout", lora_defaults.dropout), "lora-dropout"
+                ),
+                target_modules=_targets(values.get("lora-targets", lora_defaults.target_modules)),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("lora.", "lora-").replace("_", "-")) from exc
+        kwargs["lora"] = lora
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            if f.name == "lora" or key not in values:
+                continue
+            raw = values[key]
+            if f.name == "quantization":
+                try:
+                    kwargs[f.name] = Quantization.parse(str(raw))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from exc
+            else:
+                kwargs[f.name] = _as(type(f.default), raw, key)
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Flat keys, the inverse of ``from_mapping`` (values are str/int/float as Flower wants)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "lora":
+                out.update(
+                    {
+                        "lora-rank": value.rank,
+                        "lora-alpha": value.alpha,
+                        "lora-dropout": value.dropout,
+                        "lora-targets": ",".join(value.target_modules),
+                    }
+                )
+            elif isinstance(value, Quantization):
+                out[f.name.replace("_", "-")] = value.value
+            else:
+                out[f.name.replace("_", "-")] = value
+        return out
+
+
+def _targets(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        items = [t.strip() for t in raw.split(",")]
+    else:
+        items = [str(t).strip() for t in raw]
+    if not all(items):
+        raise ConfigError(f"lora-targets: empty module name in {raw!r}")
+    return tuple(items)
+
+
+def _as(kind: type, raw: Any, key: str) -> Any:
+    """Coerce a config value (TOML/CLI give str, int, float or bool) to ``kind``."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "1", "yes"):
+            return True
+        if str(raw).lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {raw!r}")
+    try:
+        if kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
+    raise TypeError(kind)
+
+
+def resolve_output_dir(cfg: RunConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser()
+    import time
+
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,376 @@
+"""The federated round loop, written against Flower's ``Grid`` (simulation and deployment alike).
+
+Why our own loop instead of ``flwr.serverapp.strategy.FedAvg.start``: we need round 0 evaluation
+of the untrained base, resume from a saved round, rejection of bad updates with a reason in the
+round's metrics, bytes on the wire per round, and (later) multi-stage rounds for secure
+aggregation. The aggregation itself is the pure function in ``coordinator.aggregation``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.aggregation import fedavg
+from coordinator.config import RunConfig
+from coordinator.progress import Progress
+from coordinator.rundir import RunDirectory
+from protocol.adapter import AdapterSpec
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    ClientUpdate,
+    EvalResult,
+    decode_eval_result,
+    decode_update,
+    encode_eval_instruction,
+    encode_train_instruction,
+)
+
+log = logging.getLogger("fedtune")
+
+Arrays = dict[str, np.ndarray]
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (not enough nodes, every round failing, ...)."""
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the records' payload (arrays, config and metric values) as Flower counts them."""
+    return sum(int(rec.count_bytes()) for rec in content.values())
+
+
+@dataclass
+class Exchange:
+    """Replies gathered for one batch of messages, keyed by destination node."""
+
+    replies: dict[int, Message] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def exchange(
+    grid: Grid,
+    contents: dict[int, RecordDict],
+    message_type: str,
+    rnd: int,
+    timeout: float,
+    on_reply: Callable[[int, Message], None] | None = None,
+    poll_interval: float = 0.2,
+) -> Exchange:
+    """Send one message per node and wait (at most ``timeout`` s) for the replies."""
+    out = Exchange()
+    messages = []
+    for node, content in contents.items():
+        out.bytes_down += payload_bytes(content)
+        messages.append(
+            Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
+        )
+    ids = list(grid.push_messages(messages))
+    pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True) if mid}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            if mid not in pending:
+                continue
+            node = pending.pop(mid)
+            out.replies[node] = reply
+            if reply.has_content():
+                out.bytes_up += payload_bytes(reply.content)
+            if on_reply:
+                on_reply(node, reply)
+        if pending:
+            time.sleep(poll_interval)
+    out.missing = sorted(pending.values())
+    return out
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"only {len(nodes)} client node(s) connected after {timeout:.0f}s; "
+                f"min-clients is {needed}"
+            )
+        time.sleep(poll)
+
+
+def sample_nodes(nodes: Sequence[int], k: int, seed: int, stream: int) -> list[int]:
+    """``k`` distinct nodes, a deterministic function of (nodes, seed, stream).
+
+    Node ids are unsigned 64-bit, so indices are sampled, not ids. ``stream`` is the round number
+    for training samples (0 for the fixed evaluation set).
+    """
+    ordered = sorted(nodes)
+    rng = np.random.default_rng([seed, stream])
+    picks = rng.choice(len(ordered), size=min(k, len(ordered)), replace=False)
+    return sorted(ordered[int(i)] for i in picks)
+
+
+def _reason(reply: Message) -> str:
+    if reply.has_error():
+        return reply.error.reason or f"client error code {reply.error.code}"
+    return "reply without content"
+
+
+class ServerModel:
+    """The coordinator's copy of the base model: it creates the initial adapter, writes the
+    adapter in PEFT format and computes the coordinator-side held-out loss."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from client.data import load_records, to_conversations, tokenize_all
+        from client.model import attach_lora, default_cache_dir, load_base, resolve_model
+
+        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        self.base = load_base(resolve_model(cfg.model), cfg.quantization, cache)
+        self.model = attach_lora(self.base.model, cfg.lora, seed=cfg.seed)
+        self.cfg = cfg
+        self.central: list[Any] = []
+        if cfg.central_eval_data:
+            records = load_records(cfg.central_eval_data)
+            convs = to_conversations(records, cfg.central_eval_data)
+            self.central = tokenize_all(self.base.tokenizer, convs, cfg.seq_len)
+
+    def initial_adapter(self) -> Arrays:
+        from client.model import get_adapter
+
+        return get_adapter(self.model)
+
+    def central_eval(self, adapter: Arrays) -> EvalResult | None:
+        if not self.central:
+            return None
+        from client.train import evaluate
+
+        pad = int(self.base.tokenizer.pad_token_id)
+        return evaluate(
+            self.model,
+            self.central,
+            batch_size=self.cfg.eval_batch_size,
+            pad_id=pad,
+            global_adapter=adapter,
+        )
+
+    def write_peft(self, adapter: Arrays, directory: Path) -> None:
+        from client.model import set_adapter
+
+        set_adapter(self.model, adapter)
+        self.model.save_pretrained(str(directory))
+        self.base.tokenizer.save_pretrained(str(directory))
+
+
+def _weighted(values: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total > 0 else None
+
+
+def federated_evaluate(
+    grid: Grid, cfg: RunConfig, nodes: Sequence[int], adapter: Arrays, rnd: int, progress: Progress
+) -> tuple[dict[str, Any], int, int]:
+    """Held-out loss of ``adapter`` on ``nodes``' local splits, weighted by response tokens."""
+    if not nodes:
+        return {"eval_loss": None, "eval_clients_ok": 0, "eval_failures": []}, 0, 0
+    content = encode_eval_instruction(cfg.eval_instruction(rnd), adapter)
+    progress.phase(rnd, "evaluate", len(nodes))
+    ex = exchange(
+        grid,
+        {n: content for n in nodes},
+        MessageType.EVALUATE,
+        rnd,
+        cfg.round_timeout,
+        on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
+    )
+    results: list[EvalResult] = []
+    failures = [
+        {"node": n, "reason": f"no reply within {cfg.round_timeout:g}s"} for n in ex.missing
+    ]
+    for node, reply in ex.replies.items():
+        if not reply.has_content():
+            failures.append({"node": node, "reason": _reason(reply)})
+            continue
+        try:
+            results.append(decode_eval_result(reply.content))
+        except ProtocolError as exc:
+            failures.append({"node": node, "reason": str(exc)})
+    loss = _weighted([(r.loss, r.num_tokens) for r in results if r.num_tokens > 0])
+    return (
+        {
+            "eval_loss": loss,
+            "eval_clients_ok": len(results),
+            "eval_tokens": sum(r.num_tokens for r in results),
+            "eval_failures": failures,
+        },
+        ex.bytes_down,
+        ex.bytes_up,
+    )
+
+
+def train_round(
+    grid: Grid,
+    cfg: RunConfig,
+    nodes: Sequence[int],
+    adapter: Arrays,
+    spec: AdapterSpec,
+    rnd: int,
+    progress: Progress,
+) -> tuple[Arrays | None, dict[str, Any], int, int]:
+    """Send the global adapter to ``nodes``, collect and validate updates, aggregate.
+
+    Returns (new adapter or None if the round failed, metrics, bytes down, bytes up)."""
+    instr = cfg.train_instruction(rnd)
+    expected = spec.subset(instr.trainable_keys) if instr.trainable_keys else spec
+    content = encode_train_instruction(instr, adapter)
+    progress.phase(rnd, "train", len(nodes))
+    ex = exchange(
+        grid,
+        {n: content for n in nodes},
+        MessageType.TRAIN,
+        rnd,
+        cfg.round_timeout,
+        on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
+    )
+    updates: dict[int, ClientUpdate] = {}
+    failures = [
+        {"node": n, "reason": f"no reply within {cfg.round_timeout:g}s"} for n in ex.missing
+    ]
+    for node, reply in sorted(ex.replies.items()):
+        if not reply.has_content():
+            failures.append({"node": node, "reason": _reason(reply)})
+            continue
+        try:
+            updates[node] = decode_update(reply.content, expected)
+        except ProtocolError as exc:
+            failures.append({"node": node, "reason": str(exc)})
+    for f in failures:
+        log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
+
+    ok = list(updates.values())
+    metrics: dict[str, Any] = {
+        "clients_sampled": len(nodes),
+        "clients_ok": len(ok),
+        "failures": failures,
+        "num_examples": sum(u.num_examples for u in ok),
+        "train_loss": _weighted(
+            [(u.metrics["train-loss"], u.num_examples) for u in ok if "train-loss" in u.metrics]
+        ),
+        "client_seconds_max": max((u.metrics.get("client-seconds", 0.0) for u in ok), default=None),
+        "client_peak_rss_mb_max": max(
+            (u.metrics.get("peak-rss-mb", 0.0) for u in ok), default=None
+        ),
+    }
+    if len(ok) < cfg.min_clients:
+        metrics["status"] = "failed"
+        metrics["reason"] = f"{len(ok)} usable update(s), min-clients is {cfg.min_clients}"
+        return None, metrics, ex.bytes_down, ex.bytes_up
+    new = fedavg(adapter, [(u.delta, u.num_examples) for u in ok])
+    metrics["status"] = "ok"
+    metrics["update_norm"] = float(
+        np.sqrt(sum(float(np.sum((new[k] - adapter[k]).astype(np.float64) ** 2)) for k in adapter))
+    )
+    return new, metrics, ex.bytes_down, ex.bytes_up
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    config_record: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory."""
+    progress = progress or Progress(cfg.rounds)
+    rundir = RunDirectory.open(run_dir, config_record or {"run": cfg.to_mapping()}, resume=resume)
+    server = ServerModel(cfg)
+    saved = rundir.load_state()
+    if saved is None:
+        adapter = server.initial_adapter()
+        start = 1
+    else:
+        state, adapter = saved
+        start = int(state["round"]) + 1
+        rundir.truncate_metrics(int(state["round"]))
+        log.info("resuming %s after round %d", run_dir, start - 1)
+    spec = AdapterSpec.of(adapter)
+
+    nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
+    eval_nodes = (
+        nodes if cfg.eval_clients == 0 else sample_nodes(nodes, cfg.eval_clients, cfg.seed, 0)
+    )
+    log.info(
+        "%d client node(s); %d per round, %d evaluating; adapter %d tensors, %d parameters",
+        len(nodes),
+        min(cfg.clients_per_round, len(nodes)),
+        len(eval_nodes),
+        len(spec.tensors),
+        spec.numel,
+    )
+
+    def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
+        live = set(grid.get_node_ids())
+        row, down, up = federated_evaluate(
+            grid, cfg, [n for n in eval_nodes if n in live], adapter, rnd, progress
+        )
+        central = server.central_eval(adapter)
+        row["central_eval_loss"] = central.loss if central else None
+        return row, down, up
+
+    if start == 1:
+        t0 = time.monotonic()
+        row, down, up = evaluate_all(0)
+        rundir.save_round(0, functools.partial(server.write_peft, adapter))
+        rundir.append_metrics(
+            {
+                "round": 0,
+                "train_loss": None,
+                **row,
+                "clients_sampled": 0,
+                "clients_ok": 0,
+                "bytes_down": down,
+                "bytes_up": up,
+                "seconds": time.monotonic() - t0,
+            }
+        )
+        progress.round_done(rundir.read_metrics()[-1])
+
+    for rnd in range(start, cfg.rounds + 1):
+        t0 = time.monotonic()
+        live = sorted(grid.get_node_ids())
+        sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
+        new, train_metrics, down, up = train_round(grid, cfg, sampled, adapter, spec, rnd, progress)
+        if new is not None:
+            adapter = new
+        else:
+            log.error(
+                "round %d failed: %s; the global adapter is unchanged", rnd, train_metrics["reason"]
+            )
+        eval_row, edown, eup = evaluate_all(rnd)
+        rundir.save_round(rnd, functools.partial(server.write_peft, adapter))
+        row = {
+            "round": rnd,
+            **train_metrics,
+            **eval_row,
+            "bytes_down": down + edown,
+            "bytes_up": up + eup,
+            "seconds": time.monotonic() - t0,
+        }
+        rundir.append_metrics(row)
+        rundir.plot()
+        progress.round_done(row)
+    rundir.plot()
+    return rundir.read_metrics()

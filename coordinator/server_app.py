@@ -1,0 +1,45 @@
+"""The Flower ServerApp: reads the run configuration and hands the Grid to the round loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.config import RunConfig, resolve_output_dir
+from coordinator.progress import Progress
+from coordinator.rounds import run_federation
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    config_record: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ServerApp:
+    """Build the ServerApp. ``overrides`` win over the run config (``fedtune simulate`` passes its
+    resolved options; ``flwr run`` uses ``[tool.flwr.app.config]`` alone)."""
+    fixed = dict(overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_mapping({**context.run_config, **fixed})
+        out = resolve_output_dir(cfg)
+        record = config_record or {"run": cfg.to_mapping()}
+        try:
+            run_federation(
+                grid, cfg, Path(out), resume=resume, progress=progress, config_record=record
+            )
+        finally:
+            if progress is not None:
+                progress.close()
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,1 @@
+"""Differential privacy and secure aggregation (filled in by the DP and SecAgg work)."""

@@ -1,0 +1,22 @@
+"""Record and field names used on the wire. Defined once; both ends import them from here."""
+
+from typing import Final
+
+# Bumped whenever a field is added, removed or changes meaning. Both ends refuse other versions.
+SCHEMA_VERSION: Final = 1
+
+# -- records inside a Message's RecordDict --------------------------------------------------------
+GLOBAL_ADAPTER: Final = "global-adapter"  # ArrayRecord: every adapter tensor of the global model
+TRAIN_CONFIG: Final = "train-config"  # ConfigRecord: a TrainInstruction
+EVAL_CONFIG: Final = "eval-config"  # ConfigRecord: an EvalInstruction
+UPDATE: Final = "update"  # ArrayRecord: the client's adapter delta (trained tensors only)
+REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and client notes
+METRICS: Final = "metrics"  # MetricRecord: numbers about the local work
+
+# -- fields ---------------------------------------------------------------------------------------
+SCHEMA: Final = "schema-version"
+ROUND: Final = "round"
+NUM_EXAMPLES: Final = "num-examples"
+NUM_TOKENS: Final = "num-tokens"
+LOSS: Final = "loss"
+TRAINABLE_KEYS: Final = "trainable-keys"

@@ -1,0 +1,351 @@
+"""What a round sends and what a client returns, as frozen dataclasses with pure encode/decode.
+
+A train round sends ``TrainInstruction`` + the global adapter; the client replies with a
+``ClientUpdate`` (the adapter *delta* for the tensors it trained, its example count and metrics).
+An evaluation round sends ``EvalInstruction`` + the global adapter; the client replies with an
+``EvalResult``. Decoding validates everything and raises ``ProtocolError``/``UpdateRejected`` with
+a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_args, get_origin
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocol import keys
+from protocol.adapter import AdapterSpec, Arrays, arrays_from_record, arrays_to_record
+from protocol.errors import ProtocolError, UpdateRejected
+
+MetricValue = int | float | list[int] | list[float]
+
+
+def _require(cond: bool, field_name: str, problem: str) -> None:
+    if not cond:
+        raise ProtocolError(f"{field_name}: {problem}")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA configuration every participant must build identically."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", f"must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(
+            0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}"
+        )
+        _require(
+            len(self.target_modules) > 0, "lora.target_modules", "must name at least one module"
+        )
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """One round of local training, as sent by the coordinator."""
+
+    round: int
+    lora: LoraSpec
+    local_steps: int = 6
+    batch_size: int = 4
+    seq_len: int = 128
+    learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # Adapter tensors the client trains and returns; empty means all of them.
+    trainable_keys: tuple[str, ...] = ()
+    schema_version: int = keys.SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _require(self.round >= 1, "round", f"must be >= 1, got {self.round}")
+        _require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "learning_rate",
+            f"must be a positive number, got {self.learning_rate}",
+        )
+        _require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class EvalInstruction:
+    """Evaluate the global adapter on the client's held-out split."""
+
+    round: int
+    lora: LoraSpec
+    batch_size: int = 8
+    seq_len: int = 128
+    schema_version: int = keys.SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _require(self.round >= 0, "round", f"must be >= 0, got {self.round}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's reply to a train round."""
+
+    delta: Arrays  # trained adapter tensors minus the global adapter the client received
+    num_examples: int  # size of the local training split (FedAvg weight)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean loss per response token on the held-out split
+    num_tokens: int
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass <-> ConfigRecord. Field names become kebab-case keys; nested dataclasses are
+# flattened with their field name as prefix (``lora.rank`` -> ``lora-rank``).
+
+_T = TypeVar("_T")
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}{name.replace('_', '-')}"
+
+
+def _to_config(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_to_config(value, _key(prefix, f.name) + "-"))
+        elif isinstance(value, tuple):
+            # Flower cannot type or size an empty list, so an empty tuple is left out and read
+            # back as empty.
+            if value:
+                out[_key(prefix, f.name)] = list(value)
+        else:
+            out[_key(prefix, f.name)] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    origin = get_origin(annotation)
+    if origin is tuple:
+        (item_type, _ellipsis) = get_args(annotation)
+        _require(
+            isinstance(value, list | tuple), name, f"expected a list, got {type(value).__name__}"
+        )
+        return tuple(_coerce(v, item_type, name) for v in value)
+    if annotation is bool:
+        _require(isinstance(value, bool), name, f"expected a bool, got {value!r}")
+        return value
+    if annotation is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            name,
+            f"expected an int, got {value!r}",
+        )
+        return value
+    if annotation is float:
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            name,
+            f"expected a number, got {value!r}",
+        )
+        return float(value)
+    if annotation is str:
+        _require(isinstance(value, str), name, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported field type {annotation!r} for {name}")  # programming error
+
+
+def _from_config(cls: type[_T], record: Mapping[str, Any], prefix: str = "") -> _T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        annotation = hints[f.name]
+        key = _key(prefix, f.name)
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            kwargs[f.name] = _from_config(annotation, record, key + "-")
+            continue
+        if key not in record:
+            if get_origin(annotation) is tuple:
+                kwargs[f.name] = ()
+                continue
+            raise ProtocolError(f"{key}: missing from the message")
+        kwargs[f.name] = _coerce(record[key], annotation, key)
+    try:
+        return cls(**kwargs)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def _check_schema(version: Any, what: str) -> None:
+    if version != keys.SCHEMA_VERSION:
+        raise ProtocolError(
+            f"{what}: schema version {version!r} is not supported (this side speaks "
+            f"{keys.SCHEMA_VERSION}); upgrade the older side"
+        )
+
+
+def _record(content: RecordDict, key: str, kind: type, what: str) -> Any:
+    if key not in content:
+        raise ProtocolError(f"{what}: record {key!r} is missing")
+    rec = content[key]
+    if not isinstance(rec, kind):
+        raise ProtocolError(
+            f"{what}: record {key!r} is a {type(rec).__name__}, expected {kind.__name__}"
+        )
+    return rec
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+
+def encode_train_instruction(instr: TrainInstruction, global_adapter: Arrays) -> RecordDict:
+    return RecordDict(
+        {
+            keys.GLOBAL_ADAPTER: arrays_to_record(global_adapter),
+            keys.TRAIN_CONFIG: ConfigRecord(_to_config(instr)),
+        }
+    )
+
+
+def decode_train_instruction(content: RecordDict) -> tuple[TrainInstruction, Arrays]:
+    what = "train message"
+    cfg = _record(content, keys.TRAIN_CONFIG, ConfigRecord, what)
+    _check_schema(cfg.get(keys.SCHEMA), what)
+    instr = _from_config(TrainInstruction, cfg)
+    adapter = arrays_from_record(
+        _record(content, keys.GLOBAL_ADAPTER, ArrayRecord, what), what=what
+    )
+    unknown = set(instr.trainable_keys) - set(adapter)
+    if unknown:
+        raise ProtocolError(
+            f"{what}: trainable-keys names tensors not in the adapter: {sorted(unknown)[:3]}"
+        )
+    return instr, adapter
+
+
+def encode_update(update: ClientUpdate) -> RecordDict:
+    metrics: dict[str, MetricValue] = {keys.NUM_EXAMPLES: int(update.num_examples)}
+    metrics.update({k: float(v) for k, v in update.metrics.items()})
+    return RecordDict(
+        {
+            keys.UPDATE: arrays_to_record(update.delta),
+            keys.METRICS: MetricRecord(metrics),
+            keys.REPLY_META: ConfigRecord({keys.SCHEMA: keys.SCHEMA_VERSION}),
+        }
+    )
+
+
+def decode_update(content: RecordDict, expected: AdapterSpec) -> ClientUpdate:
+    """Decode and validate a train reply. Raises ``UpdateRejected`` with the reason."""
+    what = "update"
+    try:
+        meta = _record(content, keys.REPLY_META, ConfigRecord, what)
+        _check_schema(meta.get(keys.SCHEMA), what)
+        metrics_rec = _record(content, keys.METRICS, MetricRecord, what)
+        arrays_rec = _record(content, keys.UPDATE, ArrayRecord, what)
+    except UpdateRejected:
+        raise
+    except ProtocolError as exc:
+        raise UpdateRejected(str(exc)) from exc
+    num_examples = metrics_rec.get(keys.NUM_EXAMPLES)
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+        raise UpdateRejected(
+            f"{what}: {keys.NUM_EXAMPLES} must be a positive int, got {num_examples!r}"
+        )
+    metrics: dict[str, float] = {}
+    for k, v in metrics_rec.items():
+        if k == keys.NUM_EXAMPLES:
+            continue
+        if not isinstance(v, int | float) or not math.isfinite(float(v)):
+            raise UpdateRejected(f"{what}: metric {k!r} must be a finite number, got {v!r}")
+        metrics[k] = float(v)
+    delta = arrays_from_record(arrays_rec, what=what)
+    expected.check(delta, what=what)
+    return ClientUpdate(delta=delta, num_examples=num_examples, metrics=metrics)
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+
+def encode_eval_instruction(instr: EvalInstruction, global_adapter: Arrays) -> RecordDict:
+    return RecordDict(
+        {
+            keys.GLOBAL_ADAPTER: arrays_to_record(global_adapter),
+            keys.EVAL_CONFIG: ConfigRecord(_to_config(instr)),
+        }
+    )
+
+
+def decode_eval_instruction(content: RecordDict) -> tuple[EvalInstruction, Arrays]:
+    what = "evaluate message"
+    cfg = _record(content, keys.EVAL_CONFIG, ConfigRecord, what)
+    _check_schema(cfg.get(keys.SCHEMA), what)
+    instr = _from_config(EvalInstruction, cfg)
+    adapter = arrays_from_record(
+        _record(content, keys.GLOBAL_ADAPTER, ArrayRecord, what), what=what
+    )
+    return instr, adapter
+
+
+def encode_eval_result(result: EvalResult) -> RecordDict:
+    metrics: dict[str, MetricValue] = {
+        keys.LOSS: float(result.loss),
+        keys.NUM_TOKENS: int(result.num_tokens),
+        keys.NUM_EXAMPLES: int(result.num_examples),
+    }
+    metrics.update({k: float(v) for k, v in result.metrics.items()})
+    return RecordDict(
+        {
+            keys.METRICS: MetricRecord(metrics),
+            keys.REPLY_META: ConfigRecord({keys.SCHEMA: keys.SCHEMA_VERSION}),
+        }
+    )
+
+
+def decode_eval_result(content: RecordDict) -> EvalResult:
+    what = "evaluation reply"
+    try:
+        meta = _record(content, keys.REPLY_META, ConfigRecord, what)
+        _check_schema(meta.get(keys.SCHEMA), what)
+        rec = _record(content, keys.METRICS, MetricRecord, what)
+    except ProtocolError as exc:
+        raise UpdateRejected(str(exc)) from exc
+    loss = rec.get(keys.LOSS)
+    num_tokens = rec.get(keys.NUM_TOKENS)
+    num_examples = rec.get(keys.NUM_EXAMPLES)
+    if not isinstance(num_tokens, int) or num_tokens < 0:
+        raise UpdateRejected(f"{what}: {keys.NUM_TOKENS} must be an int >= 0, got {num_tokens!r}")
+    if not isinstance(num_examples, int) or num_examples < 0:
+        raise UpdateRejected(
+            f"{what}: {keys.NUM_EXAMPLES} must be an int >= 0, got {num_examples!r}"
+        )
+    if not isinstance(loss, int | float) or (num_tokens > 0 and not math.isfinite(float(loss))):
+        raise UpdateRejected(f"{what}: {keys.LOSS} must be a finite number, got {loss!r}")
+    extra = {
+        k: float(v)
+        for k, v in rec.items()
+        if k not in (keys.LOSS, keys.NUM_TOKENS, keys.NUM_EXAMPLES) and isinstance(v, int | float)
+    }
+    return EvalResult(float(loss), num_tokens, num_examples, extra)
+
+
+def to_config_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as the flat kebab-case dict used on the wire (for logs and config.json)."""
+    return _to_config(obj)

@@ -1,0 +1,56 @@
+"""An in-process ``Grid`` whose nodes are plain functions: the round loop without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+Handler = Callable[[Message], Message | None]  # None: the node never answers
+
+
+class FakeGrid(Grid):
+    def __init__(self, handlers: dict[int, Handler]) -> None:
+        self.handlers = handlers
+        self._replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        # The Flower runtime sets the process's task identity before a ServerApp runs; Message()
+        # needs it. This grid stands in for that runtime.
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self._run = run
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(
+            content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.handlers)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            mid = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = mid
+            self.sent.append(msg)
+            reply = self.handlers[msg.metadata.dst_node_id](msg)
+            if reply is not None:
+                self._replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        ids = list(self.push_messages(messages))
+        return list(self.pull_messages(ids))

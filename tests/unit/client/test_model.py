@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.data import load_records, to_conversations, tokenize_all
+from client.model import (
+    ModelError,
+    Quantization,
+    attach_lora,
+    ensure_quantized,
+    get_adapter,
+    load_base,
+    resolve_model,
+    set_adapter,
+)
+from client.train import collate, evaluate, response_loss, train_round
+from protocol.messages import LoraSpec, TrainInstruction
+
+LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+def test_resolve_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=f"model path {tmp_path / 'nope'} does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"JUNKJUNK")
+    with pytest.raises(ModelError, match="is not a GGUF file"):
+        resolve_model(str(not_gguf))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match=r"no config\.json and no \.gguf file"):
+        resolve_model(str(empty))
+    if os.geteuid() != 0:  # root reads anything
+        unreadable = tmp_path / "locked.gguf"
+        unreadable.write_bytes(b"GGUF")
+        unreadable.chmod(0)
+        with pytest.raises(ModelError, match="cannot be read"):
+            resolve_model(str(unreadable))
+
+
+def test_directory_with_one_gguf_resolves_to_it(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + b"\0" * 8)
+    src = resolve_model(str(tmp_path))
+    assert src.is_gguf and src.path.name == "m.gguf"
+
+
+def test_hf_directory_resolves(tiny_model_dir: Path) -> None:
+    src = resolve_model(str(tiny_model_dir))
+    assert not src.is_gguf and src.path == tiny_model_dir.resolve()
+
+
+def test_quantized_cache_is_built_once_and_reused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    src = resolve_model(str(tiny_model_dir))
+    first = ensure_quantized(src, Quantization.NF4, tmp_path)
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert ensure_quantized(src, Quantization.NF4, tmp_path) == first
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+    assert ensure_quantized(src, Quantization.NONE, tmp_path) == src.path  # HF dirs need no copy
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir: Path) -> list:  # type: ignore[type-arg]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = load_records("builtin:chatterbot")[:96]
+    return tokenize_all(tok, to_conversations(rows, "builtin"), seq_len=64)
+
+
+def _quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every non-LoRA tensor, as raw storage (uint8 packing for NF4, int8 data for torchao)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        inner = t
+        if hasattr(t, "qdata"):  # torchao Int8Tensor
+            inner = t.qdata
+        out[name] = inner.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("quant", list(Quantization))
+def test_lora_training_on_quantized_base(
+    quant: Quantization,
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+) -> None:
+    base = load_base(resolve_model(str(tiny_model_dir)), quant, model_cache)
+    q_proj = base.model.model.layers[0].self_attn.q_proj
+    if quant is Quantization.NF4:
+        assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.dtype == torch.uint8
+    elif quant is Quantization.INT8:
+        assert (
+            type(q_proj.weight).__name__ == "Int8Tensor" and q_proj.weight.qdata.dtype == torch.int8
+        )
+    else:
+        assert q_proj.weight.dtype == torch.float32
+
+    model = attach_lora(base.model, LORA, seed=0)
+    frozen_before = _quantized_state(model)
+    g = get_adapter(model)
+    pad = base.tokenizer.pad_token_id
+    before = evaluate(model, examples[:32], batch_size=8, pad_id=pad, global_adapter=g)
+    instr = TrainInstruction(
+        round=1, lora=LORA, local_steps=15, batch_size=8, seq_len=64, learning_rate=2e-2
+    )
+    update = train_round(model, examples, instr, g, pad_id=pad, client_seed=7)
+    after = evaluate(
+        model,
+        examples[:32],
+        batch_size=8,
+        pad_id=pad,
+        global_adapter={k: g[k] + update.delta[k] for k in g},
+    )
+    assert after.loss < before.loss - 0.05, (before.loss, after.loss)
+
+    # Only adapter tensors changed; the quantized base is bit-identical and still quantized.
+    frozen_after = _quantized_state(model)
+    assert frozen_before.keys() == frozen_after.keys()
+    for name in frozen_before:
+        assert torch.equal(frozen_before[name], frozen_after[name]), name
+    assert {n for n, p in model.named_parameters() if p.requires_grad} <= {
+        n for n, _ in model.named_parameters() if "lora_" in n
+    }
+    assert all(np.abs(update.delta[k]).max() > 0 for k in update.delta if "lora_B" in k)
+    assert update.num_examples == len(examples)
+
+
+def test_head_only_loss_equals_full_forward_loss(
+    tiny_model_dir: Path, model_cache: Path, examples: list
+) -> None:  # type: ignore[type-arg]
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    model = attach_lora(base.model, LORA, seed=1)
+    batch = collate(examples[:8], base.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        fast, n = response_loss(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        ref = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch.labels[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+    assert n == int((batch.labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_trainable_keys_limit_what_changes(
+    tiny_model_dir: Path, model_cache: Path, examples: list
+) -> None:  # type: ignore[type-arg]
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    model = attach_lora(base.model, LORA, seed=2)
+    g = get_adapter(model)
+    only_b = tuple(k for k in g if "lora_B" in k)
+    instr = TrainInstruction(
+        round=1, lora=LORA, local_steps=3, batch_size=4, seq_len=64, trainable_keys=only_b
+    )
+    update = train_round(
+        model, examples, instr, g, pad_id=base.tokenizer.pad_token_id, client_seed=0
+    )
+    assert set(update.delta) == set(only_b)
+    after = get_adapter(model)
+    for k in g:
+        if "lora_A" in k:
+            np.testing.assert_array_equal(after[k], g[k])
+
+
+def test_set_adapter_rejects_mismatch(tiny_model_dir: Path, model_cache: Path) -> None:
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    model = attach_lora(base.model, LORA, seed=0)
+    g = get_adapter(model)
+    g.pop(next(iter(g)))
+    with pytest.raises(ModelError, match="adapter does not match the model"):
+        set_adapter(model, g)
+
+
+def test_attach_lora_names_missing_module(tiny_model_dir: Path, model_cache: Path) -> None:
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    with pytest.raises(ModelError, match="no module named 'qkv_proj'"):
+        attach_lora(base.model, LoraSpec(target_modules=("qkv_proj",)))
+
+
+def test_corrupt_cache_entry_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    src = resolve_model(str(tiny_model_dir))
+    entry = ensure_quantized(src, Quantization.NF4, tmp_path)
+    for f in entry.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(ModelError) as err:
+        load_base(src, Quantization.NF4, tmp_path)
+    assert f"model {entry} cannot be loaded" in str(err.value)
+    assert "delete it to rebuild" in str(err.value)
+    shutil.rmtree(entry)
