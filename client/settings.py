@@ -6,6 +6,7 @@ These never travel on the wire. They are resolved, most specific first, from the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ class ClientSettings:
     heldout_fraction: float = 0.1
     threads: int = 0  # 0: torch's default
     device: str = "auto"
+    # Client state that must survive restarts (privacy accountant, ...). Never in memory only.
+    state_dir: Path = Path()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -46,10 +49,13 @@ class ClientSettings:
             return default if value == "" else value
 
         data_path = str(get("data-path", ""))
-        if not data_path and "partition-id" in node_config and get("partition-dir", ""):
-            data_path = str(
-                partition_file(Path(get("partition-dir", "")), int(node_config["partition-id"]))
-            )
+        state_dir = str(get("state-dir", ""))
+        if "partition-id" in node_config and get("partition-dir", ""):
+            # A simulated client: its shard and its state live in the run directory.
+            pid = int(node_config["partition-id"])
+            part_dir = Path(get("partition-dir", ""))
+            data_path = data_path or str(partition_file(part_dir, pid))
+            state_dir = state_dir or str(part_dir.parent / "client-state" / f"{pid:04d}")
         cache = get("cache-dir", "")
         return cls(
             model=str(get("model", DEFAULT_MODEL)),
@@ -59,9 +65,18 @@ class ClientSettings:
             heldout_fraction=float(get("heldout-fraction", 0.1)),
             threads=int(get("threads", 0)),
             device=str(get("device", "auto")),
+            state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
         )
 
 
 def partition_file(partition_dir: Path, partition_id: int) -> Path:
     """Where the simulator writes (and a virtual client reads) shard ``partition_id``."""
     return partition_dir / f"{partition_id:04d}.jsonl"
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("FEDTUNE_STATE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "fedtune"

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.model import Quantization
+from client.settings import ClientSettings
+
+
+def test_node_config_wins_over_run_config() -> None:
+    s = ClientSettings.resolve(
+        {"quantization": "int8", "data-path": "/data/mine.jsonl", "threads": 3},
+        {"quantization": "nf4", "model": "/models/m.gguf", "cache-dir": "/c", "state-dir": "/s"},
+    )
+    assert s.quantization is Quantization.INT8
+    assert s.model == "/models/m.gguf"
+    assert s.data_path == "/data/mine.jsonl"
+    assert s.cache_dir == Path("/c") and s.state_dir == Path("/s") and s.threads == 3
+
+
+def test_simulated_client_reads_its_shard_and_keeps_state_in_the_run() -> None:
+    s = ClientSettings.resolve({"partition-id": 7, "num-partitions": 9}, {"partition-dir": "/run/partitions"})
+    assert s.data_path == "/run/partitions/0007.jsonl"
+    assert s.state_dir == Path("/run/client-state/0007")
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({}, "data-path: no data configured"),
+        ({"data-path": "x", "quantization": "q3"}, "quantization: 'q3' is not one of"),
+        ({"data-path": "x", "heldout-fraction": 2.0}, "heldout-fraction: must be in"),
+        ({"data-path": "x", "threads": -1}, "threads: must be >= 0"),
+    ],
+)
+def test_errors_name_the_setting(node: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=message):
+        ClientSettings.resolve(node, {})
