@@ -352,18 +352,35 @@ def lora_config(spec: LoraSpec) -> Any:
     )
 
 
+def check_lora_targets(module_names: set[str] | list[str], spec: LoraSpec) -> None:
+    """Raise ``ModelError`` naming the first LoRA target that matches no module."""
+    for target in spec.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in module_names):
+            raise ModelError(f"lora.target_modules: model has no module named {target!r}")
+
+
+def weight_module_names(directory: Path) -> set[str]:
+    """Names of the modules holding weights in a safetensors checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            names.update(k.rsplit(".", 1)[0] for k in fh.keys())  # noqa: SIM118
+    return names
+
+
 def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int = 0) -> PeftModel:
     """Wrap ``model`` with freshly initialised LoRA adapters (A random from ``seed``, B zero)."""
     from peft import get_peft_model
 
-    missing = [
-        m for m in spec.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())
-    ]
-    if missing:
-        raise ModelError(f"lora.target_modules: model has no module named {missing[0]!r}")
+    check_lora_targets([n for n, _ in model.named_modules()], spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cast("PeftModel", get_peft_model(model, lora_config(spec)))
+        peft_model = cast("PeftModel", get_peft_model(model, lora_config(spec)))
+    # New LoRA dropout modules start in training mode; callers switch to train() when they train.
+    peft_model.eval()
+    return peft_model
 
 
 def get_adapter(model: PeftModel) -> dict[str, np.ndarray]:

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler()
+    for old in list(log.handlers):  # main() may run more than once in a process (tests)
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from client.data import DataError, load_records, to_conversations
-from client.model import Quantization, default_cache_dir, prepare, resolve_model
+from client.model import (
+    Quantization,
+    check_lora_targets,
+    default_cache_dir,
+    ensure_base,
+    prepare,
+    resolve_model,
+    weight_module_names,
+)
 from client.settings import partition_file
 from coordinator.config import ConfigError, RunConfig, resolve_output_dir
 from coordinator.progress import Progress
@@ -103,6 +111,7 @@ def simulate(
     source = resolve_model(sim.run.model)
     log.info("preparing model %s (%s) in cache %s", source.label, sim.run.quantization.value, cache)
     prepare(source, [Quantization.NONE, sim.run.quantization], cache)
+    check_lora_targets(weight_module_names(ensure_base(source, cache)), sim.run.lora)
 
     flat = {
         **sim.run.to_mapping(),

@@ -20,7 +20,9 @@ def test_node_config_wins_over_run_config() -> None:
 
 
 def test_simulated_client_reads_its_shard_and_keeps_state_in_the_run() -> None:
-    s = ClientSettings.resolve({"partition-id": 7, "num-partitions": 9}, {"partition-dir": "/run/partitions"})
+    s = ClientSettings.resolve(
+        {"partition-id": 7, "num-partitions": 9}, {"partition-dir": "/run/partitions"}
+    )
     assert s.data_path == "/run/partitions/0007.jsonl"
     assert s.state_dir == Path("/run/client-state/0007")
 
