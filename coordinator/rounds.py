@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
@@ -27,7 +27,6 @@ from coordinator.rundir import RunDirectory
 from protocol.adapter import AdapterSpec
 from protocol.errors import ProtocolError
 from protocol.messages import (
-    ClientUpdate,
     EvalResult,
     decode_eval_result,
     decode_update,
@@ -38,6 +37,7 @@ from protocol.messages import (
 log = logging.getLogger("fedtune")
 
 Arrays = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 class FederationError(RuntimeError):
@@ -57,6 +57,27 @@ class Exchange:
     missing: list[int] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
+    seconds: float = 0.0  # wall time from push to the last reply (or the timeout)
+    timeout: float = 0.0
+
+    def collect(
+        self, decode: Callable[[RecordDict], T]
+    ) -> tuple[dict[int, T], list[dict[str, Any]]]:
+        """Decode every reply; error replies, undecodable ones and missing ones become failures
+        with their reason."""
+        results: dict[int, T] = {}
+        failures = [
+            {"node": n, "reason": f"no reply within {self.timeout:g}s"} for n in self.missing
+        ]
+        for node, reply in sorted(self.replies.items()):
+            if not reply.has_content():
+                failures.append({"node": node, "reason": _reason(reply)})
+                continue
+            try:
+                results[node] = decode(reply.content)
+            except ProtocolError as exc:
+                failures.append({"node": node, "reason": str(exc)})
+        return results, failures
 
 
 def exchange(
@@ -69,7 +90,8 @@ def exchange(
     poll_interval: float = 0.2,
 ) -> Exchange:
     """Send one message per node and wait (at most ``timeout`` s) for the replies."""
-    out = Exchange()
+    out = Exchange(timeout=timeout)
+    t0 = time.monotonic()
     messages = []
     for node, content in contents.items():
         out.bytes_down += payload_bytes(content)
@@ -93,6 +115,7 @@ def exchange(
         if pending:
             time.sleep(poll_interval)
     out.missing = sorted(pending.values())
+    out.seconds = time.monotonic() - t0
     return out
 
 
@@ -194,18 +217,8 @@ def federated_evaluate(
         cfg.round_timeout,
         on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
     )
-    results: list[EvalResult] = []
-    failures = [
-        {"node": n, "reason": f"no reply within {cfg.round_timeout:g}s"} for n in ex.missing
-    ]
-    for node, reply in ex.replies.items():
-        if not reply.has_content():
-            failures.append({"node": node, "reason": _reason(reply)})
-            continue
-        try:
-            results.append(decode_eval_result(reply.content))
-        except ProtocolError as exc:
-            failures.append({"node": node, "reason": str(exc)})
+    decoded, failures = ex.collect(decode_eval_result)
+    results = list(decoded.values())
     loss = _weighted([(r.loss, r.num_tokens) for r in results if r.num_tokens > 0])
     return (
         {
@@ -213,6 +226,8 @@ def federated_evaluate(
             "eval_clients_ok": len(results),
             "eval_tokens": sum(r.num_tokens for r in results),
             "eval_failures": failures,
+            "eval_phase_seconds": ex.seconds,
+            "client_eval_seconds": sum(r.metrics.get("eval-seconds", 0.0) for r in results),
         },
         ex.bytes_down,
         ex.bytes_up,
@@ -243,18 +258,7 @@ def train_round(
         cfg.round_timeout,
         on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
     )
-    updates: dict[int, ClientUpdate] = {}
-    failures = [
-        {"node": n, "reason": f"no reply within {cfg.round_timeout:g}s"} for n in ex.missing
-    ]
-    for node, reply in sorted(ex.replies.items()):
-        if not reply.has_content():
-            failures.append({"node": node, "reason": _reason(reply)})
-            continue
-        try:
-            updates[node] = decode_update(reply.content, expected)
-        except ProtocolError as exc:
-            failures.append({"node": node, "reason": str(exc)})
+    updates, failures = ex.collect(lambda content: decode_update(content, expected))
     for f in failures:
         log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
 
@@ -268,6 +272,11 @@ def train_round(
             [(u.metrics["train-loss"], u.num_examples) for u in ok if "train-loss" in u.metrics]
         ),
         "client_seconds_max": max((u.metrics.get("client-seconds", 0.0) for u in ok), default=None),
+        # Sums over clients, so load / train / transport per client-round can be told apart.
+        "train_phase_seconds": ex.seconds,
+        "client_seconds": sum(u.metrics.get("client-seconds", 0.0) for u in ok),
+        "client_load_seconds": sum(u.metrics.get("load-seconds", 0.0) for u in ok),
+        "client_train_seconds": sum(u.metrics.get("train-seconds", 0.0) for u in ok),
         "client_peak_rss_mb_max": max(
             (u.metrics.get("peak-rss-mb", 0.0) for u in ok), default=None
         ),

@@ -1,0 +1,151 @@
+"""Local LoRA training throughput of the real base model for each quantization mode.
+
+For ``none``, ``int8`` and ``nf4`` (each in a fresh subprocess, so peak RSS is that mode's own):
+tokens/s, seconds per step and peak RSS at batch 4 x 128 tokens, the dense fp32 GEMM throughput
+measured in the same process, and the model-FLOPs utilisation (MFU) this implies. MFU is reported
+on wall time and on process CPU time (the latter is robust when other work shares the cores).
+A second, realistic figure trains on the built-in chatterbot data (short sequences, loss on the
+response tokens only).
+
+    python benchmarks/training.py [--steps 6] [--modes none,int8,nf4] [--model smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def run_mode(mode: str, model_spec: str, steps: int, lora_dropout: float) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from benchmarks._common import (
+        llama_train_flops,
+        load_average,
+        matmul_ceiling,
+        peak_rss_mb,
+        timed,
+    )
+    from client.data import load_records, to_conversations, tokenize_all
+    from client.model import (
+        Quantization,
+        attach_lora,
+        default_cache_dir,
+        get_adapter,
+        load_base,
+        resolve_model,
+    )
+    from client.train import Batch, response_loss, train_round
+    from protocol.messages import LoraSpec, TrainInstruction
+
+    lora = LoraSpec(rank=8, alpha=16.0, dropout=lora_dropout, target_modules=("q_proj", "v_proj"))
+    base = load_base(resolve_model(model_spec), Quantization(mode), default_cache_dir())
+    model = attach_lora(base.model, lora)
+    model.train()
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.model.config.vocab_size, (4, 128), generator=gen)
+    batch = Batch(ids, torch.ones_like(ids), ids.clone())  # every position labelled
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        loss, n = response_loss(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    gemm_wall, gemm_cpu = matmul_ceiling()
+    t = timed(step, steps, warmup=2)
+    threads = torch.get_num_threads()
+    flops = llama_train_flops(
+        base.model.config, 4, 128, head_tokens=4 * 127, lora_params=lora_params
+    )
+
+    # Realistic: the built-in data through train_round (response-only loss, dynamic padding).
+    rows = load_records("builtin:chatterbot")[:400]
+    examples = tokenize_all(base.tokenizer, to_conversations(rows, "builtin"), 128)
+    instr = TrainInstruction(round=1, lora=lora, local_steps=steps, batch_size=4, seq_len=128)
+    update = train_round(
+        model,
+        examples,
+        instr,
+        get_adapter(model),
+        pad_id=base.tokenizer.pad_token_id,
+        client_seed=0,
+    )
+    return {
+        "mode": mode,  # type: ignore[dict-item]
+        "threads": threads,
+        "load_s": base.load_seconds,
+        "step_s": t.wall,
+        "tokens_per_s": 512 / t.wall,
+        "model_gflop_per_step": flops / 1e9,
+        "achieved_gflops": flops / t.wall / 1e9,
+        "gemm_gflops": gemm_wall,
+        "mfu_wall": flops / t.wall / 1e9 / gemm_wall,
+        "mfu_cpu": (flops / (t.cpu / threads) / 1e9) / gemm_cpu,
+        "real_tokens_per_s": float(update.metrics["tokens-per-second"]),
+        "peak_rss_mb": peak_rss_mb(),
+        "load_avg": load_average(),
+        "trainable": float(np.float64(lora_params)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--modes", default="none,int8,nf4")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_mode(args.child, args.model, args.steps, args.lora_dropout)))
+        return
+
+    from client.model import Quantization, default_cache_dir, prepare, resolve_model
+
+    prepare(
+        resolve_model(args.model),
+        [Quantization(m) for m in args.modes.split(",")],
+        default_cache_dir(),
+    )
+    results = []
+    for mode in args.modes.split(","):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--model", args.model,
+             "--lora-dropout", str(args.lora_dropout)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    print(f"\nLoRA r=8 on q,v; batch 4 x 128 tokens; {results[0]['threads']} threads; "
+          f"{args.steps} timed steps; lora dropout {args.lora_dropout}")  # fmt: skip
+    hdr = (f"{'mode':<6}{'step s':>8}{'tok/s':>8}{'GFLOP/s':>9}{'GEMM':>8}{'MFU':>7}{'MFU(cpu)':>10}"
+           f"{'real tok/s':>11}{'peak RSS':>10}{'load':>6}")  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    base = results[0]
+    for r in results:
+        print(f"{r['mode']:<6}{r['step_s']:>8.2f}{r['tokens_per_s']:>8.0f}{r['achieved_gflops']:>9.1f}"
+              f"{r['gemm_gflops']:>8.1f}{r['mfu_wall']:>7.0%}{r['mfu_cpu']:>10.0%}"
+              f"{r['real_tokens_per_s']:>11.0f}{r['peak_rss_mb']:>8.0f}MB{r['load_avg']:>6.1f}")  # fmt: skip
+    print("\nratio vs none (same run):")
+    for r in results[1:]:
+        print(f"  {r['mode']}: step time x{r['step_s'] / base['step_s']:.2f}, "
+              f"peak RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}")  # fmt: skip
+    print(
+        f"model FLOPs per step: {base['model_gflop_per_step']:.0f} GFLOP; 'load' = 1-min load average"
+    )
+
+
+if __name__ == "__main__":
+    main()
