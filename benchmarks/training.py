@@ -120,30 +120,41 @@ def main() -> None:
     )
     results = []
     for mode in args.modes.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--model", args.model,
-             "--lora-dropout", str(args.lora_dropout)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps)]
+        cmd += ["--model", args.model, "--lora-dropout", str(args.lora_dropout)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    print(f"\nLoRA r=8 on q,v; batch 4 x 128 tokens; {results[0]['threads']} threads; "
-          f"{args.steps} timed steps; lora dropout {args.lora_dropout}")  # fmt: skip
-    hdr = (f"{'mode':<6}{'step s':>8}{'tok/s':>8}{'GFLOP/s':>9}{'GEMM':>8}{'MFU':>7}{'MFU(cpu)':>10}"
-           f"{'real tok/s':>11}{'peak RSS':>10}{'load':>6}")  # fmt: skip
-    print(hdr)
-    print("-" * len(hdr))
-    base = results[0]
+    print(
+        f"\nLoRA r=8 on q,v; batch 4 x 128 tokens; {results[0]['threads']} threads; "
+        f"{args.steps} timed steps; lora dropout {args.lora_dropout}"
+    )
+    cols = [
+        ("mode", "mode", "{:<6}"),
+        ("step s", "step_s", "{:>8.2f}"),
+        ("tok/s", "tokens_per_s", "{:>8.0f}"),
+        ("GFLOP/s", "achieved_gflops", "{:>9.1f}"),
+        ("GEMM", "gemm_gflops", "{:>8.1f}"),
+        ("MFU", "mfu_wall", "{:>7.0%}"),
+        ("MFU(cpu)", "mfu_cpu", "{:>10.0%}"),
+        ("real tok/s", "real_tokens_per_s", "{:>11.0f}"),
+        ("RSS MB", "peak_rss_mb", "{:>8.0f}"),
+        ("load", "load_avg", "{:>6.1f}"),
+    ]
+    widths = [6, 8, 8, 9, 8, 7, 10, 11, 8, 6]
+    print("".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, ((name, _, _), w) in
+                  enumerate(zip(cols, widths, strict=True))))  # fmt: skip
+    print("-" * sum(widths))
     for r in results:
-        print(f"{r['mode']:<6}{r['step_s']:>8.2f}{r['tokens_per_s']:>8.0f}{r['achieved_gflops']:>9.1f}"
-              f"{r['gemm_gflops']:>8.1f}{r['mfu_wall']:>7.0%}{r['mfu_cpu']:>10.0%}"
-              f"{r['real_tokens_per_s']:>11.0f}{r['peak_rss_mb']:>8.0f}MB{r['load_avg']:>6.1f}")  # fmt: skip
+        print("".join(fmt.format(r[key]) for _, key, fmt in cols))
+    base = results[0]
     print("\nratio vs none (same run):")
     for r in results[1:]:
-        print(f"  {r['mode']}: step time x{r['step_s'] / base['step_s']:.2f}, "
-              f"peak RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}")  # fmt: skip
+        step_ratio = r["step_s"] / base["step_s"]
+        rss_ratio = r["peak_rss_mb"] / base["peak_rss_mb"]
+        print(f"  {r['mode']}: step time x{step_ratio:.2f}, peak RSS x{rss_ratio:.2f}")
     print(
-        f"model FLOPs per step: {base['model_gflop_per_step']:.0f} GFLOP; 'load' = 1-min load average"
+        f"model FLOPs per step: {base['model_gflop_per_step']:.0f} GFLOP; load = 1-min load average"
     )
 
 
