@@ -25,7 +25,7 @@ class RunConfig:
     rounds: int = 3
     clients_per_round: int = 3
     min_clients: int = 2
-    eval_clients: int = 0  # clients evaluated every round (fixed set); 0 = all
+    eval_clients: int = 8  # clients evaluated every round (a fixed, seeded set); 0 = all
     round_timeout: float = 900.0
     node_wait_timeout: float = 120.0  # how long to wait for min-clients nodes to connect
     local_steps: int = 6

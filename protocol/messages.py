@@ -36,7 +36,7 @@ class LoraSpec:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self) -> None:
