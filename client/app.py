@@ -84,7 +84,7 @@ class Runtime:
         return self._data[key]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)  # a mixed simulated fleet may use all three quantization modes
 def get_runtime(
     model: str, quantization: Quantization, cache_dir: Path, device: str, lora: LoraSpec
 ) -> Runtime:
@@ -103,6 +103,9 @@ def _prepare(
         settings.model, settings.quantization, settings.cache_dir, settings.device, lora
     )
     return settings, runtime
+
+
+_WEIGHT_BITS = {Quantization.NONE: 32, Quantization.INT8: 8, Quantization.NF4: 4}
 
 
 def _peak_rss_mb() -> float:
@@ -137,6 +140,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 "load-seconds": t_load,
                 "client-seconds": time.perf_counter() - t0,
                 "peak-rss-mb": _peak_rss_mb(),
+                "weight-bits": _WEIGHT_BITS[settings.quantization],
             }
         )
         update = type(update)(delta=update.delta, num_examples=update.num_examples, metrics=metrics)

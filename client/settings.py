@@ -50,6 +50,15 @@ class ClientSettings:
 
         data_path = str(get("data-path", ""))
         state_dir = str(get("state-dir", ""))
+        quantization = str(get("quantization", Quantization.NF4.value))
+        if (
+            "partition-id" in node_config
+            and get("client-quantization", "")
+            and ("quantization" not in node_config)
+        ):
+            # A simulated mixed fleet: modes assigned to clients round-robin.
+            modes = [m.strip() for m in str(get("client-quantization", "")).split(",")]
+            quantization = modes[int(node_config["partition-id"]) % len(modes)]
         if "partition-id" in node_config and get("partition-dir", ""):
             # A simulated client: its shard and its state live in the run directory.
             pid = int(node_config["partition-id"])
@@ -59,7 +68,7 @@ class ClientSettings:
         cache = get("cache-dir", "")
         return cls(
             model=str(get("model", DEFAULT_MODEL)),
-            quantization=Quantization.parse(str(get("quantization", Quantization.NF4.value))),
+            quantization=Quantization.parse(quantization),
             data_path=data_path,
             cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
             heldout_fraction=float(get("heldout-fraction", 0.1)),

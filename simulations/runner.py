@@ -109,8 +109,9 @@ def simulate(
 
     cache = Path(sim.run.cache_dir).expanduser() if sim.run.cache_dir else default_cache_dir()
     source = resolve_model(sim.run.model)
-    log.info("preparing model %s (%s) in cache %s", source.label, sim.run.quantization.value, cache)
-    prepare(source, [Quantization.NONE, sim.run.quantization], cache)
+    modes = sim.run.client_quantizations()
+    log.info("preparing model %s (%s) in cache %s", source.label, ",".join(modes), cache)
+    prepare(source, [Quantization.NONE, sim.run.quantization, *modes], cache)
     check_lora_targets(weight_module_names(ensure_base(source, cache)), sim.run.lora)
 
     flat = {

@@ -39,3 +39,22 @@ def test_simulated_client_reads_its_shard_and_keeps_state_in_the_run() -> None:
 def test_errors_name_the_setting(node: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match=message):
         ClientSettings.resolve(node, {})
+
+
+def test_mixed_fleet_assigns_quantization_round_robin() -> None:
+    run = {
+        "partition-dir": "/run/partitions",
+        "client-quantization": "nf4, int8,none",
+        "quantization": "nf4",
+    }
+    modes = [ClientSettings.resolve({"partition-id": i}, run).quantization for i in range(5)]
+    assert modes == [
+        Quantization.NF4,
+        Quantization.INT8,
+        Quantization.NONE,
+        Quantization.NF4,
+        Quantization.INT8,
+    ]
+    # A device's own setting still wins.
+    own = ClientSettings.resolve({"partition-id": 1, "quantization": "none"}, run)
+    assert own.quantization is Quantization.NONE

@@ -51,6 +51,7 @@ def test_mapping_roundtrip() -> None:
         ({"local-steps": 0}, "local-steps: must be >= 1"),
         ({"learning-rate": -1}, "learning-rate: must be a positive number"),
         ({"round-timeout": 0}, "round-timeout: must be > 0"),
+        ({"client-quantization": "nf4,fp4"}, "client-quantization: 'fp4' is not one of"),
     ],
 )
 def test_bad_values_name_the_key(values: dict, message: str) -> None:  # type: ignore[type-arg]

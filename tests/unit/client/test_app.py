@@ -1,0 +1,88 @@
+"""The ClientApp shell, called the way Flower calls it (a Message and a Context)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.model import Quantization, attach_lora, get_adapter, load_base, resolve_model
+from protocol.adapter import AdapterSpec
+from protocol.messages import (
+    EvalInstruction,
+    LoraSpec,
+    TrainInstruction,
+    decode_eval_result,
+    decode_update,
+    encode_eval_instruction,
+    encode_train_instruction,
+)
+
+LORA = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"))
+
+
+@pytest.fixture
+def setup(tiny_model_dir: Path, model_cache: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    data = tmp_path / "shard.jsonl"
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(40)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_config = {
+        "model": str(tiny_model_dir),
+        "quantization": "none",
+        "cache-dir": str(model_cache),
+    }
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data)}, state=RecordDict(),
+                      run_config=run_config)  # fmt: skip
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    adapter = get_adapter(attach_lora(base.model, LORA, seed=5))
+    client_app.get_runtime.cache_clear()
+    return context, adapter
+
+
+def _message(content: RecordDict, kind: str) -> Message:
+    msg = Message(content=content, dst_node_id=7, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = "m-" + kind
+    return msg
+
+
+def test_train_and_evaluate_handlers_load_the_model_once(setup) -> None:  # type: ignore[no-untyped-def]
+    context, adapter = setup
+    app = client_app.make_client_app()
+    instr = TrainInstruction(round=1, lora=LORA, local_steps=2, batch_size=4, seq_len=48)
+    for rnd in (1, 2):
+        instr = TrainInstruction(round=rnd, lora=LORA, local_steps=2, batch_size=4, seq_len=48)
+        reply = app(_message(encode_train_instruction(instr, adapter), MessageType.TRAIN), context)
+        update = decode_update(reply.content, AdapterSpec.of(adapter))
+        assert update.num_examples == 36  # 40 rows minus a 10% held-out split
+        assert update.metrics["train-seconds"] > 0 and update.metrics["peak-rss-mb"] > 0
+        assert any(np.abs(v).max() > 0 for v in update.delta.values())
+    ev = app(_message(encode_eval_instruction(EvalInstruction(round=2, lora=LORA), adapter),
+                      MessageType.EVALUATE), context)  # fmt: skip
+    result = decode_eval_result(ev.content)
+    assert result.num_examples == 4 and result.num_tokens > 0 and np.isfinite(result.loss)
+    info = client_app.get_runtime.cache_info()
+    assert info.misses == 1 and info.hits == 2, "one model load per process, reused by every call"
+
+
+def test_a_bad_message_raises_a_protocol_error(setup) -> None:  # type: ignore[no-untyped-def]
+    context, _ = setup
+    app = client_app.make_client_app()
+    with pytest.raises(ValueError, match="record 'train-config' is missing"):
+        app(_message(RecordDict(), MessageType.TRAIN), context)
+
+
+def test_missing_data_path_names_the_file(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    context, adapter = setup
+    context.node_config["data-path"] = str(tmp_path / "gone.jsonl")
+    app = client_app.make_client_app()
+    instr = TrainInstruction(round=1, lora=LORA, local_steps=1, batch_size=2, seq_len=48)
+    with pytest.raises(ValueError, match=r"data path .*gone\.jsonl does not exist"):
+        app(_message(encode_train_instruction(instr, adapter), MessageType.TRAIN), context)
