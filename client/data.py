@@ -228,14 +228,50 @@ _FALLBACK_TEMPLATE = (
 )
 
 
-def _render_ids(
+def _render(
     tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage], *, generation_prompt: bool
-) -> list[int]:
+) -> str:
     template = tokenizer.chat_template or _FALLBACK_TEMPLATE
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+    return str(
+        tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            chat_template=template,
+        )
     )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _texts(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[str]:
+    """The full chat, then for each assistant turn i the two prefixes bounding it:
+    "messages[:i] + generation prompt" and "messages[:i+1]" (chat templates render prefixes
+    consistently). The last turn's end is the full chat, so it is not rendered twice."""
+    texts = [_render(tokenizer, messages, generation_prompt=False)]
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            texts.append(_render(tokenizer, messages[:i], generation_prompt=True))
+            if i != last:
+                texts.append(_render(tokenizer, messages[: i + 1], generation_prompt=False))
+    return texts
+
+
+def _example(
+    messages: list[ChatMessage], ids: list[list[int]], seq_len: int
+) -> TokenizedExample | None:
+    full, bounds = ids[0], iter(ids[1:])
+    labels = [IGNORE_INDEX] * len(full)
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(next(bounds))
+        end = len(full) if i == last else len(next(bounds))
+        labels[start:end] = full[start:end]
+    ids_, labels = full[:seq_len], labels[:seq_len]
+    if all(t == IGNORE_INDEX for t in labels[1:]):
+        return None
+    return TokenizedExample(tuple(ids_), tuple(labels))
 
 
 def tokenize_conversation(
@@ -243,32 +279,32 @@ def tokenize_conversation(
 ) -> TokenizedExample | None:
     """Tokenize one chat; labels keep only the assistant turns. ``None`` if nothing trainable
     survives truncation to ``seq_len`` tokens."""
-    full = _render_ids(tokenizer, messages, generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(full)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        # Chat templates render prefixes consistently, so the assistant turn i spans the tokens
-        # between "messages[:i] + generation prompt" and "messages[:i+1]".
-        start = len(_render_ids(tokenizer, messages[:i], generation_prompt=True))
-        end = len(_render_ids(tokenizer, messages[: i + 1], generation_prompt=False))
-        for t in range(start, min(end, len(full))):
-            labels[t] = full[t]
-    ids, labels = full[:seq_len], labels[:seq_len]
-    if all(t == IGNORE_INDEX for t in labels[1:]):
-        return None
-    return TokenizedExample(tuple(ids), tuple(labels))
+    return tokenize_many(tokenizer, [messages], seq_len)[0]
+
+
+def tokenize_many(
+    tokenizer: PreTrainedTokenizerBase, conversations: Iterable[list[ChatMessage]], seq_len: int
+) -> list[TokenizedExample | None]:
+    """Tokenize many chats in one batched tokenizer call, aligned with the input (``None`` for a
+    chat with nothing trainable within ``seq_len``)."""
+    convs = list(conversations)
+    per_conv = [_texts(tokenizer, c) for c in convs]
+    flat = [t for texts in per_conv for t in texts]
+    encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out: list[TokenizedExample | None] = []
+    pos = 0
+    for conv, texts in zip(convs, per_conv, strict=True):
+        out.append(_example(conv, [list(x) for x in encoded[pos : pos + len(texts)]], seq_len))
+        pos += len(texts)
+    return out
 
 
 def tokenize_all(
     tokenizer: PreTrainedTokenizerBase, conversations: Iterable[list[ChatMessage]], seq_len: int
 ) -> list[TokenizedExample]:
-    out = []
-    for conv in conversations:
-        ex = tokenize_conversation(tokenizer, conv, seq_len)
-        if ex is not None:
-            out.append(ex)
-    return out
+    """The trainable examples among ``conversations`` (chats with no target within ``seq_len``
+    are dropped)."""
+    return [ex for ex in tokenize_many(tokenizer, conversations, seq_len) if ex is not None]
 
 
 # ------------------------------------------------------------------------------------ splits
