@@ -119,6 +119,27 @@ def exchange(
     return out
 
 
+def broadcast(
+    grid: Grid,
+    cfg: RunConfig,
+    nodes: Sequence[int],
+    content: RecordDict,
+    message_type: str,
+    rnd: int,
+    progress: Progress,
+) -> Exchange:
+    """The same content to every node in ``nodes``, with progress shown as replies arrive."""
+    progress.phase(rnd, message_type, len(nodes))
+    return exchange(
+        grid,
+        {n: content for n in nodes},
+        message_type,
+        rnd,
+        cfg.round_timeout,
+        on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
+    )
+
+
 def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -208,15 +229,7 @@ def federated_evaluate(
     if not nodes:
         return {"eval_loss": None, "eval_clients_ok": 0, "eval_failures": []}, 0, 0
     content = encode_eval_instruction(cfg.eval_instruction(rnd), adapter)
-    progress.phase(rnd, "evaluate", len(nodes))
-    ex = exchange(
-        grid,
-        {n: content for n in nodes},
-        MessageType.EVALUATE,
-        rnd,
-        cfg.round_timeout,
-        on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
-    )
+    ex = broadcast(grid, cfg, nodes, content, MessageType.EVALUATE, rnd, progress)
     decoded, failures = ex.collect(decode_eval_result)
     results = list(decoded.values())
     loss = _weighted([(r.loss, r.num_tokens) for r in results if r.num_tokens > 0])
@@ -249,15 +262,7 @@ def train_round(
     instr = cfg.train_instruction(rnd)
     expected = spec.subset(instr.trainable_keys) if instr.trainable_keys else spec
     content = encode_train_instruction(instr, adapter)
-    progress.phase(rnd, "train", len(nodes))
-    ex = exchange(
-        grid,
-        {n: content for n in nodes},
-        MessageType.TRAIN,
-        rnd,
-        cfg.round_timeout,
-        on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
-    )
+    ex = broadcast(grid, cfg, nodes, content, MessageType.TRAIN, rnd, progress)
     updates, failures = ex.collect(lambda content: decode_update(content, expected))
     for f in failures:
         log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])

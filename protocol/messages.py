@@ -215,23 +215,34 @@ def _record(content: RecordDict, key: str, kind: type, what: str) -> Any:
 # -- train ----------------------------------------------------------------------------------------
 
 
-def encode_train_instruction(instr: TrainInstruction, global_adapter: Arrays) -> RecordDict:
+def _encode_instruction(instr: Any, config_key: str, global_adapter: Arrays) -> RecordDict:
     return RecordDict(
         {
             keys.GLOBAL_ADAPTER: arrays_to_record(global_adapter),
-            keys.TRAIN_CONFIG: ConfigRecord(_to_config(instr)),
+            config_key: ConfigRecord(_to_config(instr)),
         }
     )
 
 
-def decode_train_instruction(content: RecordDict) -> tuple[TrainInstruction, Arrays]:
-    what = "train message"
-    cfg = _record(content, keys.TRAIN_CONFIG, ConfigRecord, what)
+def _decode_instruction(
+    content: RecordDict, cls: type[_T], config_key: str, what: str
+) -> tuple[_T, Arrays]:
+    cfg = _record(content, config_key, ConfigRecord, what)
     _check_schema(cfg.get(keys.SCHEMA), what)
-    instr = _from_config(TrainInstruction, cfg)
+    instr = _from_config(cls, cfg)
     adapter = arrays_from_record(
         _record(content, keys.GLOBAL_ADAPTER, ArrayRecord, what), what=what
     )
+    return instr, adapter
+
+
+def encode_train_instruction(instr: TrainInstruction, global_adapter: Arrays) -> RecordDict:
+    return _encode_instruction(instr, keys.TRAIN_CONFIG, global_adapter)
+
+
+def decode_train_instruction(content: RecordDict) -> tuple[TrainInstruction, Arrays]:
+    what = "train message"
+    instr, adapter = _decode_instruction(content, TrainInstruction, keys.TRAIN_CONFIG, what)
     unknown = set(instr.trainable_keys) - set(adapter)
     if unknown:
         raise ProtocolError(
@@ -285,23 +296,11 @@ def decode_update(content: RecordDict, expected: AdapterSpec) -> ClientUpdate:
 
 
 def encode_eval_instruction(instr: EvalInstruction, global_adapter: Arrays) -> RecordDict:
-    return RecordDict(
-        {
-            keys.GLOBAL_ADAPTER: arrays_to_record(global_adapter),
-            keys.EVAL_CONFIG: ConfigRecord(_to_config(instr)),
-        }
-    )
+    return _encode_instruction(instr, keys.EVAL_CONFIG, global_adapter)
 
 
 def decode_eval_instruction(content: RecordDict) -> tuple[EvalInstruction, Arrays]:
-    what = "evaluate message"
-    cfg = _record(content, keys.EVAL_CONFIG, ConfigRecord, what)
-    _check_schema(cfg.get(keys.SCHEMA), what)
-    instr = _from_config(EvalInstruction, cfg)
-    adapter = arrays_from_record(
-        _record(content, keys.GLOBAL_ADAPTER, ArrayRecord, what), what=what
-    )
-    return instr, adapter
+    return _decode_instruction(content, EvalInstruction, keys.EVAL_CONFIG, "evaluate message")
 
 
 def encode_eval_result(result: EvalResult) -> RecordDict:
