@@ -1,0 +1,273 @@
+"""The SecAgg+ stage messages as frozen dataclasses, with a strict bytes codec (JSON, byte strings
+as hex; never pickle). The Flower layer carries these bytes in a ConfigRecord and the masked vector
+in an ArrayRecord; nothing here knows about Flower.
+
+Stages of one round (U1 ⊇ U2 ⊇ U3 ⊇ U4 are the clients still present after each):
+  1. setup -> advertise       the client trains, makes two X25519 key pairs and a self-mask seed b,
+                              and sends its public keys and a commitment to b          (U1)
+  2. key directory -> shares  the client Shamir-shares b and its masking key to its neighbours,
+                              each bundle sealed with AES-GCM for one neighbour         (U2)
+  3. share delivery -> masked input   the client stores its neighbours' shares and uploads its
+                              encoded update plus self mask plus pairwise masks          (U3)
+  4. unmask request -> shares the client reveals b-shares of surviving neighbours and masking-key
+                              shares of neighbours that dropped after stage 2, never both (U4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar, get_args, get_origin
+
+from privacy.secagg.encoding import EncodingPlan
+
+SESSION_BYTES = 16
+PUBLIC_KEY_BYTES = 32
+HASH_BYTES = 32
+SALT_BYTES = 16
+
+
+class SecAggError(ValueError):
+    """Base class of secure-aggregation errors."""
+
+
+class MessageRejected(SecAggError):
+    """A message from ``node`` is malformed, tampered with, replayed or inconsistent."""
+
+    def __init__(self, node: int, reason: str) -> None:
+        super().__init__(f"client {node}: {reason}")
+        self.node = node
+        self.reason = reason
+
+
+class SecAggAborted(SecAggError):
+    """The round cannot produce the sum; nothing from it is kept. ``culprits`` are clients
+    identified as the cause (to exclude from later rounds), if any."""
+
+    def __init__(self, reason: str, culprits: tuple[int, ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.culprits = culprits
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise SecAggError(what)
+
+
+def _check_bytes(value: bytes, n: int, name: str) -> None:
+    _need(len(value) == n, f"{name} must be {n} bytes, got {len(value)}")
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    round: int
+    session: bytes  # fresh random id of this round's SecAgg session (binds every message)
+    threshold: int
+    plan: EncodingPlan
+    vector_len: int  # ring elements per masked vector (update coordinates + the weight)
+    noise_mu: float = 0.0  # Skellam parameter each client adds per coordinate (0: no DP noise)
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
+        _need(self.round >= 1, f"round must be >= 1, got {self.round}")
+        _need(self.threshold >= 2, f"threshold must be >= 2, got {self.threshold}")
+        _need(self.vector_len >= 2, f"vector_len must be >= 2, got {self.vector_len}")
+        _need(self.noise_mu >= 0, f"noise_mu must be >= 0, got {self.noise_mu}")
+
+
+@dataclass(frozen=True)
+class Peer:
+    node: int
+    x: int  # the peer's Shamir x-coordinate in this round
+
+
+@dataclass(frozen=True)
+class Setup:
+    params: RoundParams
+    node: int
+    x: int
+    neighbours: tuple[Peer, ...]
+
+    def __post_init__(self) -> None:
+        xs = [p.x for p in self.neighbours] + [self.x]
+        nodes = [p.node for p in self.neighbours]
+        _need(all(x >= 1 for x in xs), "share x-coordinates must be >= 1")
+        _need(len(set(xs)) == len(xs), "share x-coordinates must be distinct")
+        _need(len(set(nodes)) == len(nodes), "neighbours must be distinct")
+        _need(self.node not in nodes, "a client cannot be its own neighbour")
+        _need(
+            len(self.neighbours) >= self.params.threshold,
+            f"{len(self.neighbours)} neighbour(s) cannot meet threshold {self.params.threshold}",
+        )
+
+
+@dataclass(frozen=True)
+class Advertise:
+    node: int
+    session: bytes
+    pk_enc: bytes  # X25519 public key for encrypting shares
+    pk_mask: bytes  # X25519 public key for pairwise masks
+    b_commit: bytes  # SHA-256 commitment to the self-mask seed
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
+        _check_bytes(self.pk_enc, PUBLIC_KEY_BYTES, "pk-enc")
+        _check_bytes(self.pk_mask, PUBLIC_KEY_BYTES, "pk-mask")
+        _check_bytes(self.b_commit, HASH_BYTES, "b-commit")
+        _need(self.pk_enc != self.pk_mask, "the two public keys must differ")
+
+
+@dataclass(frozen=True)
+class KeyDirectory:
+    session: bytes
+    entries: tuple[Advertise, ...]  # the neighbours that advertised
+
+
+@dataclass(frozen=True)
+class SealedShares:
+    src: int
+    dst: int
+    ciphertext: bytes  # AES-GCM(nonce || ct), readable only by dst
+    b_hash: bytes  # commitment to the b-share inside (checked when it is revealed)
+    sk_hash: bytes  # commitment to the masking-key share inside
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.b_hash, HASH_BYTES, "b-hash")
+        _check_bytes(self.sk_hash, HASH_BYTES, "sk-hash")
+
+
+@dataclass(frozen=True)
+class ShareBundle:
+    node: int
+    session: bytes
+    items: tuple[SealedShares, ...]
+
+
+@dataclass(frozen=True)
+class ShareDelivery:
+    session: bytes
+    items: tuple[SealedShares, ...]
+
+
+@dataclass(frozen=True)
+class Complaint:
+    node: int  # the neighbour whose shares could not be used
+    reason: str
+
+
+@dataclass(frozen=True)
+class MaskedHeader:
+    """Travels with the masked vector (which goes as an unsigned array, not in here)."""
+
+    node: int
+    session: bytes
+    complaints: tuple[Complaint, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    session: bytes
+    survivors: tuple[int, ...]  # reveal your b-share of these neighbours
+    dropped: tuple[int, ...]  # reveal your masking-key share of these neighbours
+
+
+B_SHARE = "b"
+SK_SHARE = "sk"
+
+
+@dataclass(frozen=True)
+class RevealedShare:
+    target: int
+    kind: str  # B_SHARE or SK_SHARE
+    y: bytes
+    salt: bytes
+
+    def __post_init__(self) -> None:
+        _need(self.kind in (B_SHARE, SK_SHARE), f"share kind must be b or sk, got {self.kind!r}")
+        _check_bytes(self.salt, SALT_BYTES, "salt")
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    node: int
+    session: bytes
+    shares: tuple[RevealedShare, ...]
+
+
+# -- codec ----------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _to_json(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, tuple):
+        return [_to_json(v) for v in obj]
+    return obj
+
+
+def _from_json(value: Any, annotation: Any, name: str) -> Any:
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        _need(isinstance(value, dict), f"{name}: expected an object")
+        hints = typing.get_type_hints(annotation)
+        fields = {f.name for f in dataclasses.fields(annotation)}
+        extra = set(value) - fields
+        _need(not extra, f"{name}: unexpected field(s) {sorted(extra)[:3]}")
+        kwargs = {}
+        for f in dataclasses.fields(annotation):
+            if f.name not in value:
+                _need(f.default is not dataclasses.MISSING, f"{name}.{f.name}: missing")
+                continue
+            kwargs[f.name] = _from_json(value[f.name], hints[f.name], f"{name}.{f.name}")
+        try:
+            return annotation(**kwargs)
+        except SecAggError as exc:
+            raise SecAggError(f"{name}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise SecAggError(f"{name}: {exc}") from None
+    if get_origin(annotation) is tuple:
+        (item, _ellipsis) = get_args(annotation)
+        _need(isinstance(value, list), f"{name}: expected a list")
+        return tuple(_from_json(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if annotation is bytes:
+        _need(isinstance(value, str), f"{name}: expected hex bytes")
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise SecAggError(f"{name}: not valid hex") from None
+    if annotation is int:
+        _need(isinstance(value, int) and not isinstance(value, bool), f"{name}: expected an int")
+        _need(0 <= value < 1 << 64 or name.endswith("bound"), f"{name}: out of range")
+        return value
+    if annotation is float:
+        _need(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            f"{name}: expected a number",
+        )
+        return float(value)
+    if annotation is str:
+        _need(isinstance(value, str), f"{name}: expected a string")
+        return value
+    raise TypeError(f"unsupported field type {annotation!r}")  # programming error
+
+
+def to_bytes(msg: Any) -> bytes:
+    return json.dumps(_to_json(msg), separators=(",", ":"), sort_keys=True).encode()
+
+
+def from_bytes(cls: type[_T], data: bytes) -> _T:
+    """Decode and validate; raises ``SecAggError`` naming the bad field."""
+    if len(data) > 64 << 20:
+        raise SecAggError(f"{cls.__name__}: message of {len(data)} bytes is too large")
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SecAggError(f"{cls.__name__}: not valid JSON ({exc})") from None
+    out: _T = _from_json(raw, cls, cls.__name__)
+    return out
