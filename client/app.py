@@ -20,6 +20,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.data import (
     TokenizedExample,
     heldout_split,
@@ -39,6 +40,7 @@ from client.model import (
 from client.settings import ClientSettings
 from client.train import evaluate, train_round
 from protocol.messages import (
+    ClientUpdate,
     LoraSpec,
     decode_eval_instruction,
     decode_train_instruction,
@@ -119,8 +121,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     base_defaults = dict(defaults or {})
     app = ClientApp()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def local_update(msg: Message, context: Context) -> ClientUpdate:
+        """Decode the train instruction in ``msg``, train, and return the update with metrics."""
         t0 = time.perf_counter()
         instr, global_adapter = decode_train_instruction(msg.content)
         settings, runtime = _prepare(context, instr.lora, base_defaults)
@@ -143,8 +145,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 "weight-bits": _WEIGHT_BITS[settings.quantization],
             }
         )
-        update = type(update)(delta=update.delta, num_examples=update.num_examples, metrics=metrics)
-        return Message(encode_update(update), reply_to=msg)
+        return ClientUpdate(delta=update.delta, num_examples=update.num_examples, metrics=metrics)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(encode_update(local_update(msg, context)), reply_to=msg)
+
+    # Secure aggregation: the same local update, sent masked over four stages (client/secagg.py).
+    secagg.register(app, local_update)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -62,6 +62,36 @@ _RUN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--seed", "seed", int, "seed for sampling, partitioning and initialisation"),
     ("--output-dir", "output-dir", str, "run directory (default runs/<timestamp>)"),
     ("--cache-dir", "cache-dir", str, "model cache (default $FEDTUNE_CACHE or ~/.cache/fedtune)"),
+    ("--secagg-neighbours", "secagg-neighbours", int, "SecAgg+ graph degree k (0: ~3 log2 n)"),
+    ("--secagg-threshold", "secagg-threshold", int, "shares needed to rebuild a secret (0: k/2+1)"),
+    ("--secagg-clip", "secagg-clip", float, "per-coordinate clip range before encoding"),
+    (
+        "--secagg-precision",
+        "secagg-precision",
+        float,
+        "fixed-point step (0: the finest that fits a 32-bit ring)",
+    ),
+    ("--secagg-weight-cap", "secagg-weight-cap", int, "cap on a client's example weight"),
+    (
+        "--inject-dropout",
+        "inject-dropout",
+        float,
+        "simulation: fraction of each round's clients that crash during secure aggregation",
+    ),
+    (
+        "--dropout-stage",
+        "dropout-stage",
+        str,
+        "stage where injected dropouts happen: advertise | share-keys | masked-input | unmask",
+    ),
+]
+# Switches (no value): (flag, run-config key, help).
+_RUN_SWITCHES: list[tuple[str, str, str]] = [
+    (
+        "--secagg",
+        "secagg",
+        "secure aggregation (SecAgg+): the coordinator sees only the sum of the updates",
+    ),
 ]
 
 
@@ -76,12 +106,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{help_text} (default: {shown if shown != '' else 'none'})",
         )
+    for flag, key, help_text in _RUN_SWITCHES:
+        p.add_argument(
+            flag, dest=key, action="store_const", const=True, default=None, help=help_text
+        )
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        key: getattr(args, key) for _, key, _, _ in _RUN_OPTIONS if getattr(args, key) is not None
-    }
+    keys = [key for _, key, _, _ in _RUN_OPTIONS] + [key for _, key, _ in _RUN_SWITCHES]
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:

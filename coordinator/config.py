@@ -43,6 +43,15 @@ class RunConfig:
     central_eval_data: str = ""
     partition_dir: str = ""
     cache_dir: str = ""
+    # -- secure aggregation (README, "Secure aggregation") ------------------------------------
+    secagg: bool = False
+    secagg_neighbours: int = 0  # k of the SecAgg+ graph; 0: about 3 log2(n), capped at n - 1
+    secagg_threshold: int = 0  # t shares rebuild a secret; 0: a strict majority of k
+    secagg_clip: float = 0.5  # per-coordinate clip range of an update before fixed-point encoding
+    secagg_precision: float = 0.0  # quantization step; 0: the finest that fits a 32-bit ring
+    secagg_weight_cap: int = 65536  # example weights (num-examples) are capped at this
+    inject_dropout: float = 0.0  # simulation: fraction of each round's clients made to crash
+    dropout_stage: str = "masked-input"  # advertise | share-keys | masked-input | unmask
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -83,6 +92,7 @@ class RunConfig:
             "heldout-fraction",
             f"must be in [0, 1), got {self.heldout_fraction}",
         )
+        self._check_secagg(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
 
@@ -97,6 +107,46 @@ class RunConfig:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         return out
+
+    def _check_secagg(self, need: Any) -> None:
+        from privacy.secagg.server import STAGES
+
+        need(
+            self.secagg_neighbours >= 0,
+            "secagg-neighbours",
+            f"must be >= 0 (0: automatic), got {self.secagg_neighbours}",
+        )
+        need(
+            self.secagg_threshold == 0 or self.secagg_threshold >= 2,
+            "secagg-threshold",
+            f"must be >= 2 (0: automatic), got {self.secagg_threshold}",
+        )
+        need(self.secagg_clip > 0, "secagg-clip", f"must be > 0, got {self.secagg_clip}")
+        need(
+            self.secagg_precision >= 0,
+            "secagg-precision",
+            f"must be >= 0 (0: automatic), got {self.secagg_precision}",
+        )
+        need(
+            self.secagg_weight_cap >= 1,
+            "secagg-weight-cap",
+            f"must be >= 1, got {self.secagg_weight_cap}",
+        )
+        need(
+            0.0 <= self.inject_dropout < 1.0,
+            "inject-dropout",
+            f"must be in [0, 1), got {self.inject_dropout}",
+        )
+        need(
+            self.dropout_stage in STAGES,
+            "dropout-stage",
+            f"{self.dropout_stage!r} is not one of {', '.join(STAGES)}",
+        )
+        need(
+            self.inject_dropout == 0 or self.secagg,
+            "inject-dropout",
+            "injects dropouts into secure aggregation; it needs --secagg",
+        )
 
     def train_instruction(self, rnd: int) -> TrainInstruction:
         try:

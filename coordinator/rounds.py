@@ -321,6 +321,11 @@ def run_federation(
         rundir.truncate_metrics(int(state["round"]))
         log.info("resuming %s after round %d", run_dir, start - 1)
     spec = AdapterSpec.of(adapter)
+    secure = None
+    if cfg.secagg:  # README "Secure aggregation": the coordinator sees only the sum
+        from coordinator.secagg_round import SecureAggregation
+
+        secure = SecureAggregation(cfg)
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
     eval_nodes = (
@@ -366,7 +371,14 @@ def run_federation(
         t0 = time.monotonic()
         live = sorted(grid.get_node_ids())
         sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
-        new, train_metrics, down, up = train_round(grid, cfg, sampled, adapter, spec, rnd, progress)
+        if secure is not None:
+            new, train_metrics, down, up = secure.train_round(
+                grid, sampled, adapter, spec, rnd, progress
+            )
+        else:
+            new, train_metrics, down, up = train_round(
+                grid, cfg, sampled, adapter, spec, rnd, progress
+            )
         if new is not None:
             adapter = new
         else:

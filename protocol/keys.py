@@ -20,3 +20,12 @@ NUM_EXAMPLES: Final = "num-examples"
 NUM_TOKENS: Final = "num-tokens"
 LOSS: Final = "loss"
 TRAINABLE_KEYS: Final = "trainable-keys"
+
+# -- secure aggregation (privacy/secagg; README "Secure aggregation") -----------------------------
+# One message type per stage: Flower routes "train.<action>" to the ClientApp function registered
+# with @app.train("<action>").
+SECAGG_ACTIONS: Final = ("secagg_setup", "secagg_share", "secagg_mask", "secagg_unmask")
+SECAGG: Final = "secagg"  # ConfigRecord: the stage's message bytes and simulation switches
+SECAGG_PAYLOAD: Final = "payload"  # bytes: a privacy.secagg.messages dataclass
+SECAGG_INJECT_DROPOUT: Final = "inject-dropout"  # bool: simulate this client crashing here
+SECAGG_MASKED: Final = "secagg-masked"  # ArrayRecord: {"masked": uint ring vector}

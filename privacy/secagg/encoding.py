@@ -37,6 +37,7 @@ class EncodingPlan:
     max_clients: int  # sums of at most this many encoded vectors cannot wrap
     ring_bits: int
     noise_bound: int = 0  # |summed DP noise| per coordinate stays below this (integer units)
+    l2_clip: float = 0.0  # > 0: updates are first scaled to L2 norm <= l2_clip (distributed DP)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -49,6 +50,8 @@ class EncodingPlan:
             raise EncodingError(f"max_clients: must be >= 1, got {self.max_clients}")
         if not 2 <= self.ring_bits <= 64:
             raise EncodingError(f"ring bits must be in [2, 64], got {self.ring_bits}")
+        if not (math.isfinite(self.l2_clip) and self.l2_clip >= 0):
+            raise EncodingError(f"clip-norm: must be >= 0, got {self.l2_clip}")
         if self.noise_bound < 0:
             raise EncodingError(f"noise bound must be >= 0, got {self.noise_bound}")
         need = required_bits(self.max_clients, self.level, self.weight_cap, self.noise_bound)
@@ -102,6 +105,7 @@ def plan_encoding(
     noise_std: float = 0.0,
     numel: int = 1,
     overflow_prob: float = 2.0**-40,
+    l2_clip: float = 0.0,
 ) -> EncodingPlan:
     """Choose step and ring bits for ``max_clients`` clients.
 
@@ -131,7 +135,7 @@ def plan_encoding(
                 f"clients needs a {bits}-bit ring (> {MAX_RING_BITS}); use a coarser step or a "
                 "smaller clip"
             )
-        return EncodingPlan(clip, precision, weight_cap, max_clients, bits, bound)
+        return EncodingPlan(clip, precision, weight_cap, max_clients, bits, bound, l2_clip)
 
     limit = (1 << (MAX_RING_BITS - 1)) - 1  # largest centred value in a 32-bit ring
     if max_clients * weight_cap > limit:
@@ -145,7 +149,7 @@ def plan_encoding(
         level = math.ceil(clip / step - 1e-9)
         if required_bits(max_clients, level, weight_cap, noise_bound(step)) <= MAX_RING_BITS:
             return EncodingPlan(
-                clip, step, weight_cap, max_clients, MAX_RING_BITS, noise_bound(step)
+                clip, step, weight_cap, max_clients, MAX_RING_BITS, noise_bound(step), l2_clip
             )
         step *= 1.0001
     raise EncodingError("could not fit the encoding into 32 bits")  # pragma: no cover
@@ -164,7 +168,12 @@ def quantize(
     if weight < 1:
         raise EncodingError(f"weight must be >= 1, got {weight}")
     w = min(int(weight), plan.weight_cap)
-    scaled = np.clip(update.astype(np.float64), -plan.clip, plan.clip) * (w / plan.weight_cap)
+    x = update.astype(np.float64)
+    if plan.l2_clip > 0:
+        norm = float(np.linalg.norm(x))
+        if norm > plan.l2_clip:
+            x *= plan.l2_clip / norm
+    scaled = np.clip(x, -plan.clip, plan.clip) * (w / plan.weight_cap)
     scaled /= plan.step
     low = np.floor(scaled)
     q = low + (rng.random(scaled.shape) < (scaled - low))
