@@ -81,7 +81,9 @@ def test_below_threshold_the_round_fails_cleanly() -> None:
     enc, plan = fleet(10, seed=3)
     nodes = sorted(enc)
     # complete graph, k = 9, t = 5: after 5 leave at unmask only 4 neighbours can answer
-    with pytest.raises(SecAggAborted, match=r"unmask: 4 neighbour\(s\) returned shares .*threshold is 5"):
+    with pytest.raises(
+        SecAggAborted, match=r"unmask: 4 neighbour\(s\) returned shares .*threshold is 5"
+    ):
         run_round(enc, plan, drop={UNMASK: set(nodes[:5])})
     # min-survivors: fewer inputs than required
     with pytest.raises(SecAggAborted, match="masked-input: 3 client"):

@@ -102,7 +102,9 @@ def test_prg_is_deterministic_per_seed_and_uniform() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(3, 12), bits=st.sampled_from([8, 13, 16, 32]), data=st.data())
-def test_pairwise_masks_cancel_over_any_harary_graph(n: int, bits: int, data: st.DataObject) -> None:
+def test_pairwise_masks_cancel_over_any_harary_graph(
+    n: int, bits: int, data: st.DataObject
+) -> None:
     """Each client adds +PRG(s_uv) for neighbours v > u and -PRG(s_uv) for v < u, with s_uv from
     X25519 agreement: summed over all clients every mask cancels exactly, mod 2^bits."""
     k_choices = [k for k in range(2, n) if k % 2 == 0] + [n - 1]

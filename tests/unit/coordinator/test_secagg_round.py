@@ -1,0 +1,248 @@
+"""Secure-aggregation rounds over a Grid (FakeGrid + the real ClientApp stage handlers): the
+result equals FedAvg within quantization error, survives injected dropouts at every stage, fails
+cleanly below threshold, names and excludes misbehaving clients, and the coordinator's whole
+transcript reveals no individual update."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from coordinator.aggregation import fedavg
+from coordinator.config import RunConfig
+from coordinator.progress import Progress
+from coordinator.secagg_round import SecureAggregation
+from privacy.secagg import primitives as P
+from privacy.secagg import shamir
+from privacy.secagg.client import mask_key
+from privacy.secagg.encoding import centred
+from privacy.secagg.messages import Advertise, UnmaskResponse, from_bytes
+from privacy.secagg.server import STAGES
+from protocol import keys
+from protocol.adapter import AdapterSpec
+from tests.secagg_fleet import Fleet
+
+NODES = [2**63 + 11 * i for i in range(10)]
+ADAPTER = {
+    "layers.0.q_proj.lora_A.weight": np.zeros((4, 512), np.float32),
+    "layers.0.q_proj.lora_B.weight": np.zeros((512, 4), np.float32),
+    "layers.1.v_proj.lora_A.weight": np.ones((4, 512), np.float32),
+    "layers.1.v_proj.lora_B.weight": np.zeros((512, 4), np.float32),
+}
+SPEC = AdapterSpec.of(ADAPTER)
+
+
+def config(**kw: Any) -> RunConfig:
+    return RunConfig.from_mapping(
+        {"secagg": True, "clients-per-round": 10, "min-clients": 3, "round-timeout": 1.0, **kw}
+    )
+
+
+def run(fleet: Fleet, cfg: RunConfig, nodes: list[int] | None = None, rnd: int = 1):  # type: ignore[no-untyped-def]
+    secure = SecureAggregation(cfg)
+    new, metrics, down, up = secure.train_round(
+        fleet.grid(), nodes or fleet.nodes, ADAPTER, SPEC, rnd, Progress(1, live=False)
+    )
+    return secure, new, metrics, down, up
+
+
+def fleet_of(n: int = 10, **kw: Any) -> Fleet:
+    nodes = NODES[:n]
+    return Fleet(nodes, {u: 20 * (i + 1) for i, u in enumerate(nodes)}, **kw)
+
+
+def expected(fleet: Fleet, contributors: list[int]) -> tuple[dict[str, np.ndarray], float]:
+    """Plaintext FedAvg of the contributors' deltas, and the quantization error bound: each
+    client's coordinate moves by < one step, and the sum is divided by sum(w) / weight-cap."""
+    weights = [fleet.examples[u] for u in contributors]
+    want = fedavg(ADAPTER, [(fleet.deltas[u], fleet.examples[u]) for u in contributors])
+    return want, len(contributors) * 65536 / sum(weights)
+
+
+def assert_close(
+    new: dict[str, np.ndarray], want: tuple[dict[str, np.ndarray], float], step: float
+) -> None:
+    ref, steps = want
+    for k in ref:
+        np.testing.assert_allclose(new[k], ref[k], atol=steps * step + 1e-7, rtol=0)
+        assert np.abs(new[k] - ref[k]).max() < 1e-5
+
+
+def test_secure_round_equals_fedavg_within_quantization_error() -> None:
+    fleet = fleet_of()
+    _s, new, m, down, up = run(fleet, config())
+    assert m["status"] == "ok" and m["clients_ok"] == 10 and m["failures"] == []
+    assert m["num_examples"] == sum(fleet.examples.values())
+    assert new is not None
+    assert_close(new, expected(fleet, fleet.nodes), m["secagg"]["step"])
+    assert m["secagg"]["stage_counts"] == {"sampled": 10, **{s: 10 for s in STAGES}}
+    assert m["train_loss"] == pytest.approx(np.mean([1.0 + i for i in range(10)]))
+    assert set(m["secagg"]["client_cpu_seconds_max"]) == set(STAGES)
+    numel = SPEC.numel
+    assert up >= 10 * 4 * (numel + 1) and down > 0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_thirty_percent_injected_dropout_at_each_stage(stage: str) -> None:
+    fleet = fleet_of()
+    _s, new, m, _d, _u = run(fleet, config(**{"inject-dropout": 0.3, "dropout-stage": stage}))
+    assert m["status"] == "ok", m.get("reason")
+    dropped = {f["node"] for f in m["failures"]}
+    assert len(dropped) == 3 and all(f["stage"] == stage for f in m["failures"])
+    assert all(f["reason"] == f"injected dropout at stage {stage}" for f in m["failures"])
+    contributors = (
+        fleet.nodes if stage == "unmask" else [u for u in fleet.nodes if u not in dropped]
+    )
+    assert m["clients_ok"] == len(contributors)
+    if stage == "masked-input":
+        assert set(m["secagg"]["recovered"]) == dropped
+    assert new is not None
+    assert_close(new, expected(fleet, contributors), m["secagg"]["step"])
+
+
+def test_below_threshold_fails_cleanly_and_keeps_no_result() -> None:
+    fleet = fleet_of(6)
+    cfg = config(**{"inject-dropout": 0.5, "dropout-stage": "unmask", "clients-per-round": 6})
+    _s, new, m, _d, _u = run(fleet, cfg)
+    assert new is None and m["status"] == "failed"
+    assert "neighbour(s) returned shares" in m["reason"] and "threshold is 3" in m["reason"]
+
+
+def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> None:
+    victim = NODES[4]
+
+    def hook(direction: str, node: int, msg: Message) -> Message | None:
+        if (
+            direction == "up"
+            and node == victim
+            and msg.metadata.message_type == "train.secagg_share"
+        ):
+            rec = msg.content[keys.SECAGG]
+            raw = json.loads(rec[keys.SECAGG_PAYLOAD])
+            ct = bytearray(bytes.fromhex(raw["items"][1]["ciphertext"]))
+            ct[30] ^= 0x01
+            raw["items"][1]["ciphertext"] = ct.hex()
+            msg.content[keys.SECAGG] = ConfigRecord({keys.SECAGG_PAYLOAD: json.dumps(raw).encode()})
+        return msg
+
+    fleet = fleet_of(hook=hook)
+    secure, new, m, _d, _u = run(fleet, config())
+    assert m["status"] == "ok" and new is not None
+    (ex,) = m["secagg"]["excluded"]
+    assert ex["node"] == victim and "authentication failed" in ex["reason"]
+    assert_close(new, expected(fleet, fleet.nodes), m["secagg"]["step"])
+    fleet.hook = None
+    new2, m2, _d, _u = secure.train_round(
+        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 2, Progress(1, live=False)
+    )
+    assert m2["clients_sampled"] == 10 and m2["clients_ok"] == 9
+    assert m2["failures"][0]["node"] == victim and m2["failures"][0]["stage"] == "sampling"
+
+
+def test_malformed_masked_vector_is_rejected_with_the_client_named() -> None:
+    victim = NODES[2]
+
+    def hook(direction: str, node: int, msg: Message) -> Message | None:
+        if (
+            direction == "up"
+            and node == victim
+            and msg.metadata.message_type == "train.secagg_mask"
+        ):
+            arr = msg.content[keys.SECAGG_MASKED]["masked"].numpy()
+            msg.content[keys.SECAGG_MASKED] = ArrayRecord(
+                {"masked": __import__("flwr.app", fromlist=["Array"]).Array(arr.astype(np.float32))}
+            )
+        return msg
+
+    fleet = fleet_of(hook=hook)
+    _s, new, m, _d, _u = run(fleet, config())
+    (f,) = m["failures"]
+    assert f["node"] == victim and f["stage"] == "masked-input" and "expected uint32" in f["reason"]
+    assert new is not None and m["secagg"]["recovered"] == [victim]
+    assert_close(new, expected(fleet, [u for u in fleet.nodes if u != victim]), m["secagg"]["step"])
+
+
+def test_the_coordinator_transcript_reveals_no_individual_update() -> None:
+    """Record every reply the coordinator receives (30% drop after sharing keys, so it also gets
+    masking-key shares), then play the coordinator's best attack: rebuild every secret the
+    revealed shares allow and strip every mask it can from each client's masked vector. What is
+    left is uncorrelated with that client's update; and no client ever had both its self-mask
+    seed and its masking key revealed."""
+    fleet = fleet_of()
+    cfg = config(**{"inject-dropout": 0.3, "dropout-stage": "masked-input"})
+    _s, new, m, _d, _u = run(fleet, cfg)
+    assert m["status"] == "ok" and new is not None
+    t, bits = m["secagg"]["threshold"], m["secagg"]["ring_bits"]
+
+    adverts: dict[int, Advertise] = {}
+    masked: dict[int, np.ndarray] = {}
+    revealed: dict[tuple[int, str], dict[int, int]] = {}
+    x_of = {u: i + 1 for i, u in enumerate(sorted(fleet.nodes))}
+    for direction, node, reply in fleet.record:
+        assert direction == "up"
+        if not reply.has_content():
+            continue
+        kind = reply.metadata.message_type
+        payload = reply.content[keys.SECAGG][keys.SECAGG_PAYLOAD]
+        # Nothing float-valued and update-sized ever reaches the coordinator.
+        for rec in reply.content.values():
+            if isinstance(rec, ArrayRecord):
+                for arr in rec.values():
+                    assert arr.numpy().dtype.kind == "u"
+        if kind == "train.secagg_setup":
+            adverts[node] = from_bytes(Advertise, payload)
+        elif kind == "train.secagg_mask":
+            masked[node] = reply.content[keys.SECAGG_MASKED]["masked"].numpy()
+        elif kind == "train.secagg_unmask":
+            for s in from_bytes(UnmaskResponse, payload).shares:
+                revealed.setdefault((s.target, s.kind), {})[x_of[node]] = shamir.share_from_bytes(
+                    s.y
+                )
+
+    survivors = set(masked)
+    dropped = {f["node"] for f in m["failures"]}
+    assert survivors.isdisjoint(dropped) and len(survivors) == 7
+    for u in fleet.nodes:
+        kinds = {k for (target, k) in revealed if target == u}
+        assert kinds == ({"b"} if u in survivors else {"sk"})  # never both
+
+    # The attack.
+    seeds = {u: shamir.combine(sh, t) for (u, k), sh in revealed.items() if k == "b"}
+    keys_ = {u: shamir.combine(sh, t) for (u, k), sh in revealed.items() if k == "sk"}
+    session = next(iter(adverts.values())).session  # public: it is in every message
+    n = len(next(iter(masked.values())))
+    residuals = {}
+    for u, y in masked.items():
+        residual = y.astype(np.uint32) - P.expand(seeds[u], n, bits)
+        for d, sk in keys_.items():  # pairwise masks with dropped clients are computable
+            if u not in _neighbours_of(d, fleet, adverts):
+                continue
+            mask = P.expand(mask_key(sk, adverts[u].pk_mask, session, d, u), n, bits)
+            residual = residual - mask if u < d else residual + mask
+        residuals[u] = residual
+        values = centred(residual, bits)[:-1].astype(np.float64)
+        flat = np.concatenate([v.ravel() for v in fleet.deltas[u].values()]).astype(np.float64)
+        corr = abs(np.corrcoef(values, flat)[0, 1])
+        assert corr < 0.06, (u, corr)  # ~N(0, 1/sqrt(8192) = 0.011) for independent vectors
+        step = m["secagg"]["step"]
+        assert np.mean(np.abs(values * step - flat * fleet.examples[u] / 65536) < 10 * step) < 0.01
+
+    # Control: the attack strips masks correctly. Summed over the survivors, the pairwise masks
+    # left in each residual cancel and the weighted sum of their updates appears.
+    total = sum(residuals.values(), np.zeros(n, np.uint32))
+    got = centred(total, bits)[:-1] * m["secagg"]["step"]
+    want = sum(
+        np.concatenate([v.ravel() for v in fleet.deltas[u].values()]) * fleet.examples[u] / 65536
+        for u in survivors
+    )
+    np.testing.assert_allclose(got, want, atol=len(survivors) * m["secagg"]["step"])
+
+
+def _neighbours_of(d: int, fleet: Fleet, adverts: dict[int, Advertise]) -> set[int]:
+    """With 10 clients the SecAgg+ graph is complete (k = 9): everyone is everyone's neighbour."""
+    del d, adverts
+    return set(fleet.nodes)
