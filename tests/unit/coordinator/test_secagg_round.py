@@ -136,7 +136,7 @@ def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> 
     assert ex["node"] == victim and "authentication failed" in ex["reason"]
     assert_close(new, expected(fleet, fleet.nodes), m["secagg"]["step"])
     fleet.hook = None
-    new2, m2, _d, _u = secure.train_round(
+    _new2, m2, _d, _u = secure.train_round(
         fleet.grid(), fleet.nodes, ADAPTER, SPEC, 2, Progress(1, live=False)
     )
     assert m2["clients_sampled"] == 10 and m2["clients_ok"] == 9

@@ -1,4 +1,4 @@
-"""Fixed-point ring encoding (no wrap, checked) and distributed DP (Skellam noise and accounting)."""
+"""Fixed-point ring encoding (no wrap, checked) and distributed DP (Skellam noise, accounting)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_auto_precision_fills_32_bits_and_precision_too_fine_is_an_error() -> No
     plan = plan_encoding(100, clip=0.5, weight_cap=65536)
     assert plan.ring_bits == 32 and plan.dtype == np.uint32
     assert 100 * plan.level < 2**31 and 100 * (plan.level + 2) * 1.01 > 2**31 * 0.99
-    with pytest.raises(EncodingError, match="needs a 3[3-9]-bit ring"):
+    with pytest.raises(EncodingError, match=r"needs a 3[3-9]-bit ring"):
         plan_encoding(100, clip=1.0, precision=1e-9)
     small = plan_encoding(10, clip=1.0, precision=1e-3, weight_cap=100)
     assert small.ring_bits == required_bits(10, 1000, 100) == 15 and small.dtype == np.uint16
