@@ -136,14 +136,14 @@ def flower_round(
 ) -> dict[str, Any]:
     from flwr.app import Context, Message, RecordDict
     from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
+    from flwr.common import ndarrays_to_parameters
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
     from flwr.server import ServerConfig
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common import ndarrays_to_parameters
 
     from tests.fakegrid import FakeGrid
 
@@ -241,11 +241,14 @@ def main() -> None:
             row["flower_secaggplus"] = flower_round(deltas, weights, args.dropout)
         rows.append(row)
         p, f = row["plaintext"], row["fedtune_secagg"]
+        mb = 1e6
         line = (
-            f"n={n:4d} plaintext {p['round_seconds']:7.2f}s {p['bytes_up_per_client'] / 1e6:6.2f} MB"
-            f" | fedtune SecAgg+ {f['round_seconds']:7.2f}s {f['bytes_up_per_client'] / 1e6:6.2f} MB"
+            f"n={n:4d} plaintext {p['round_seconds']:7.2f}s {p['bytes_up_per_client'] / mb:6.2f} MB"
+            f" | fedtune SecAgg+ {f['round_seconds']:7.2f}s"
+            f" {f['bytes_up_per_client'] / mb:6.2f} MB"
             f" (x{f['round_seconds'] / p['round_seconds']:.1f} time,"
-            f" x{f['bytes_up_per_client'] / p['bytes_up_per_client']:.3f} bytes, exact={f['exact_sum']})"
+            f" x{f['bytes_up_per_client'] / p['bytes_up_per_client']:.3f} bytes,"
+            f" exact={f['exact_sum']})"
         )
         if "flower_secaggplus" in row:
             fl = row["flower_secaggplus"]

@@ -76,10 +76,10 @@ def test_secagg_equals_plaintext_and_survives_thirty_percent_dropout(
     assert worst <= 4 * step * 65536 / plain[1]["num_examples"] + 1e-6, worst
     assert moved > 100 * worst  # the adapters moved, and moved the same way
 
+    dropout = ("--inject-dropout", "0.3", "--dropout-stage", "masked-input")
     rows = simulate(
-        tmp_path / "dropout", tiny_model_dir, model_cache, "--rounds", "2", "--secagg",
-        "--inject-dropout", "0.3", "--dropout-stage", "masked-input",
-    )  # fmt: skip
+        tmp_path / "drop", tiny_model_dir, model_cache, "--rounds", "2", "--secagg", *dropout
+    )
     for r in rows[1:]:
         assert r["status"] == "ok" and r["clients_sampled"] == 4 and r["clients_ok"] == 3
         (f,) = r["failures"]
