@@ -50,7 +50,7 @@ def simulate(out: Path, model: Path, cache: Path, *extra: str) -> list[dict]:  #
             "--output-dir",
             str(out),
             *extra,
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=900,
