@@ -197,6 +197,7 @@ class SecureAggregation:
             )
         train_metrics: dict[int, dict[str, float]] = {}
         cpu: dict[str, list[float]] = {s: [] for s in STAGES}
+        phase_seconds: dict[str, float] = {}
 
         def run_stage(stage: str, payloads: dict[int, bytes], base: RecordDict | None) -> Exchange:
             nonlocal down, up
@@ -221,6 +222,7 @@ class SecureAggregation:
             )
             down += ex.bytes_down
             up += ex.bytes_up
+            phase_seconds[stage] = ex.seconds
             for node, reply in ex.replies.items():
                 if reply.has_content():
                     m = _metrics(reply)
@@ -273,9 +275,9 @@ class SecureAggregation:
         except SecAggAborted as exc:
             for culprit in exc.culprits:
                 self.excluded.setdefault(culprit, exc.reason)
-            self._report(metrics, session, cpu, train_metrics, None)
+            self._report(metrics, session, cpu, train_metrics, phase_seconds, None)
             return failed(exc.reason)
-        self._report(metrics, session, cpu, train_metrics, result)
+        self._report(metrics, session, cpu, train_metrics, phase_seconds, result)
 
         try:
             decoded = decode_sum(result.ring_sum, plan, len(result.contributors))
@@ -313,6 +315,7 @@ class SecureAggregation:
         session: ServerSession,
         cpu: dict[str, list[float]],
         train_metrics: dict[int, dict[str, float]],
+        phase_seconds: dict[str, float],
         result: SecAggResult | None,
     ) -> None:
         contributors = set(result.contributors) if result else set()
@@ -323,9 +326,17 @@ class SecureAggregation:
         ]
         metrics["clients_ok"] = len(contributors)
         metrics["train_loss"] = float(np.mean(losses)) if losses else None
+        trained = list(train_metrics.values())
         metrics["client_seconds_max"] = max(
-            (m.get("client-seconds", 0.0) for m in train_metrics.values()), default=None
+            (m.get("client-seconds", 0.0) for m in trained), default=None
         )
+        metrics["train_phase_seconds"] = sum(phase_seconds.values())
+        for key, name in (
+            ("client_seconds", "client-seconds"),
+            ("client_load_seconds", "load-seconds"),
+            ("client_train_seconds", "train-seconds"),
+        ):
+            metrics[key] = sum(m.get(name, 0.0) for m in trained)
         metrics["failures"] += [
             {"node": d.node, "stage": d.stage, "reason": d.reason} for d in session.dropouts
         ]
@@ -340,6 +351,7 @@ class SecureAggregation:
             "stage_counts": dict(session.counts),
             "recovered": list(result.recovered) if result else [],
             "excluded": [{"node": d.node, "stage": d.stage, "reason": d.reason} for d in excluded],
+            "phase_seconds": phase_seconds,
             "client_cpu_seconds_max": {s: max(v) for s, v in cpu.items() if v},
             "client_cpu_seconds_mean": {s: float(np.mean(v)) for s, v in cpu.items() if v},
         }
