@@ -57,6 +57,7 @@ log = logging.getLogger("fedtune")
 
 Arrays = dict[str, np.ndarray]
 _ACTION = dict(zip(STAGES, keys.SECAGG_ACTIONS, strict=True))
+DDP_NOISE_UNITS = 2.0**20  # target noise std of the sum, in integer units of the encoding
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,15 @@ class SecureAggregation:
             )
             return plan, 0.0
         # With DP each client counts once (weight 1) and its update is L2-clipped: the
-        # per-coordinate clip is then the L2 clip norm itself.
-        noise_std_max = ddp.noise_multiplier * ddp.clip_norm * math.sqrt(n / ddp.min_clients)
+        # per-coordinate clip is then the L2 clip norm itself. The step puts the target noise std
+        # at DDP_NOISE_UNITS integer units: far finer than the noise, and small enough for exact
+        # Poisson sampling (see privacy.distributed_dp.MAX_POISSON_MEAN).
+        sigma = ddp.noise_multiplier * ddp.clip_norm
+        noise_std_max = sigma * math.sqrt(n / ddp.min_clients)
         plan = plan_encoding(
             n,
             ddp.clip_norm,
-            cfg.secagg_precision,
+            cfg.secagg_precision or sigma / DDP_NOISE_UNITS,
             1,
             noise_std=noise_std_max,
             numel=numel,

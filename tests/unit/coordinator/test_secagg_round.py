@@ -246,3 +246,42 @@ def _neighbours_of(d: int, fleet: Fleet, adverts: dict[int, Advertise]) -> set[i
     """With 10 clients the SecAgg+ graph is complete (k = 9): everyone is everyone's neighbour."""
     del d, adverts
     return set(fleet.nodes)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: float) -> None:
+    """--dp client --secagg: clients L2-clip, add Skellam noise calibrated for min-clients
+    contributors; the coordinator's mean = (sum of clipped updates + noise) / D. The noise left in
+    the result has std z C sqrt(contributors / min-clients) / D, and the release recorded for the
+    accountant carries exactly the contributors' noise (dropped clients' noise never arrived)."""
+    from coordinator.secagg_round import DistributedDp
+    from privacy.distributed_dp import client_mu
+
+    fleet = fleet_of()
+    cfg = config(**{"inject-dropout": dropout, "dropout-stage": "masked-input"})
+    ddp = DistributedDp(
+        noise_multiplier=0.8, clip_norm=0.05, sampling_rate=0.5, denominator=10.0, min_clients=5
+    )
+    secure = SecureAggregation(cfg, ddp)
+    new, m, _d, _u = secure.train_round(
+        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 1, Progress(1, live=False)
+    )
+    assert m["status"] == "ok" and new is not None
+    contributors = [u for u in fleet.nodes if u not in {f["node"] for f in m["failures"]}]
+    assert len(contributors) == (7 if dropout else 10)
+    clipped = []
+    for u in contributors:
+        x = np.concatenate([v.ravel() for v in fleet.deltas[u].values()]).astype(np.float64)
+        clipped.append(x * min(1.0, ddp.clip_norm / np.linalg.norm(x)))
+    clean = sum(clipped) / ddp.denominator
+    got = np.concatenate([(new[k] - ADAPTER[k]).ravel() for k in ADAPTER]).astype(np.float64)
+    noise = got - clean
+    want_std = ddp.noise_multiplier * ddp.clip_norm * np.sqrt(len(contributors) / 5) / 10.0
+    assert abs(noise.mean()) < 5 * want_std / np.sqrt(noise.size)
+    assert noise.std() == pytest.approx(want_std, rel=0.04)  # 8192 samples: ~0.8% std error
+    (release,) = secure.releases
+    mu = client_mu(ddp.noise_multiplier, ddp.clip_norm, m["secagg"]["step"], ddp.min_clients)
+    assert release.mu_total == pytest.approx(mu * len(contributors))
+    assert m["ddp_noise_multiplier"] == pytest.approx(
+        ddp.noise_multiplier * np.sqrt(len(contributors) / 5), rel=1e-3
+    )

@@ -176,3 +176,11 @@ def test_dropped_clients_lower_the_recorded_noise() -> None:
     assert three.mu_total == pytest.approx(five.mu_total * 3 / 5)
     assert ddp.epsilon([three], 1e-5) > ddp.epsilon([five], 1e-5)
     assert ddp.SkellamRelease.from_dict(five.to_dict()) == five
+
+
+def test_large_skellam_means_are_sampled_exactly_in_parts() -> None:
+    """numpy's Poisson drifts above ~1e13 (float64); 5e12 is drawn as 5 parts of 1e12."""
+    x = ddp.sample_skellam(5e12, 200_000, secure_rng()).astype(np.float64)
+    assert abs(x.var() / (2 * 5e12) - 1) < 0.02
+    with pytest.raises(ddp.DistributedDpError, match="coarser step"):
+        ddp.sample_skellam(1e15, 10, secure_rng())
