@@ -243,7 +243,7 @@ def _from_json(value: Any, annotation: Any, name: str) -> Any:
             raise SecAggError(f"{name}: not valid hex") from None
     if annotation is int:
         _need(isinstance(value, int) and not isinstance(value, bool), f"{name}: expected an int")
-        _need(0 <= value < 1 << 64 or name.endswith("bound"), f"{name}: out of range")
+        _need(0 <= value < 1 << 64, f"{name}: out of range")
         return value
     if annotation is float:
         _need(
