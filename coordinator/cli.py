@@ -41,7 +41,8 @@ _RUN_OPTIONS: list[tuple[str, str, type, str]] = [
         "--round-timeout",
         "round-timeout",
         float,
-        "seconds to wait for replies in each phase of a round",
+        "seconds to wait for replies in each phase of a round; fedtune simulate runs a round's "
+        "clients one after another and defaults to 21600 (6 h)",
     ),
     ("--local-steps", "local-steps", int, "optimizer steps per client per round"),
     ("--batch-size", "batch-size", int, "examples per local step"),
@@ -217,12 +218,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import (
         DEFAULT_DATA,
         DEFAULT_PARTITION,
+        SIMULATION_ROUND_TIMEOUT,
         SimulationConfig,
         simulate,
         summary,
     )
 
     overrides = _run_overrides(args)
+    overrides.setdefault("round-timeout", SIMULATION_ROUND_TIMEOUT)
     if "output-dir" in overrides:
         overrides["output-dir"] = str(Path(overrides["output-dir"]).expanduser().resolve())
     elif args.resume:

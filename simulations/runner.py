@@ -39,6 +39,9 @@ log = logging.getLogger("fedtune")
 
 DEFAULT_DATA = "builtin:chatterbot"
 DEFAULT_PARTITION = "natural:category"
+# In simulation a round's clients share this machine's cores and run one after another, so the
+# per-phase timeout must cover all of them; a deployment's default (RunConfig) covers one device.
+SIMULATION_ROUND_TIMEOUT = 6 * 3600.0
 
 
 @dataclass(frozen=True)
