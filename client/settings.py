@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.model import DEFAULT_MODEL, Quantization, default_cache_dir
+from client.defaults import DEFAULT_MODEL, Quantization, default_cache_dir
 
 
 @dataclass(frozen=True)

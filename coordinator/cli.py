@@ -44,6 +44,18 @@ _RUN_OPTIONS: list[tuple[str, str, type, str]] = [
         "seconds to wait for replies in each phase of a round; fedtune simulate runs a round's "
         "clients one after another and defaults to 21600 (6 h)",
     ),
+    (
+        "--node-wait-timeout",
+        "node-wait-timeout",
+        float,
+        "seconds to wait for min-clients nodes before the first round and each round",
+    ),
+    (
+        "--on-round-failure",
+        "on-round-failure",
+        str,
+        "after a round with fewer than min-clients usable updates: continue | stop",
+    ),
     ("--local-steps", "local-steps", int, "optimizer steps per client per round"),
     ("--batch-size", "batch-size", int, "examples per local step"),
     ("--eval-batch-size", "eval-batch-size", int, "examples per evaluation batch"),
@@ -178,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--quantization", default="none", help="nf4 | int8 | none (default none)")
     chat.add_argument("--cache-dir", type=Path, default=None)
+
+    from deploy.cli import add_deploy_commands
+
+    add_deploy_commands(sub, _add_run_options)
     return parser
 
 
@@ -192,6 +208,12 @@ def _setup_logging(verbose: bool) -> None:
     if verbose:
         logging.basicConfig(level=logging.INFO)
         return
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter a user cannot act on (also used by the deployed ServerApp and
+    the device worker, whose output is streamed to the operator)."""
     for name in (
         "flwr",
         "ray",
@@ -274,7 +296,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from client.chat import ChatSession
-    from client.model import Quantization
+    from client.defaults import Quantization
     from coordinator.export import ExportError, find_adapter
 
     adapter_dir, run_model = find_adapter(args.adapter)
@@ -311,16 +333,18 @@ _COMMANDS = {"simulate": cmd_simulate, "export": cmd_export, "chat": cmd_chat}
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    label = getattr(args, "label", args.command)
     try:
-        return _COMMANDS[args.command](args)
+        command = getattr(args, "func", None) or _COMMANDS[args.command]
+        return int(command(args))
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             raise
-        print(f"fedtune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"fedtune {label}: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

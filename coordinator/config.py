@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.model import DEFAULT_MODEL, Quantization
+from client.defaults import DEFAULT_MODEL, Quantization
 from protocol.messages import EvalInstruction, LoraSpec, TrainInstruction
+
+ROUND_FAILURE_POLICIES = ("continue", "stop")
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,9 @@ class RunConfig:
     eval_clients: int = 8  # clients evaluated every round (a fixed, seeded set); 0 = all
     round_timeout: float = 900.0
     node_wait_timeout: float = 120.0  # how long to wait for min-clients nodes to connect
+    # A round with fewer than min-clients usable updates is recorded as failed, then the run
+    # goes on with the unchanged adapter ("continue") or ends with an error ("stop").
+    on_round_failure: str = "continue"
     local_steps: int = 6
     batch_size: int = 4
     eval_batch_size: int = 8
@@ -81,6 +86,11 @@ class RunConfig:
             self.node_wait_timeout > 0,
             "node-wait-timeout",
             f"must be > 0, got {self.node_wait_timeout}",
+        )
+        need(
+            self.on_round_failure in ROUND_FAILURE_POLICIES,
+            "on-round-failure",
+            f"must be one of {', '.join(ROUND_FAILURE_POLICIES)}, got {self.on_round_failure!r}",
         )
         need(
             self.eval_batch_size >= 1,

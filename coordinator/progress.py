@@ -80,6 +80,8 @@ class Progress:
             f"  clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)}"
             f"  up {row.get('bytes_up', 0) / 1e6:.2f} MB  {row.get('seconds', 0):.1f}s"
         )
+        if row.get("status") == "failed":
+            msg += f"  FAILED: {row.get('reason')}"
         if self.live and self._bar is not None:
             self._bar.console.log(msg)
         else:

@@ -141,17 +141,24 @@ def broadcast(
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
+    nodes = live_nodes(grid, needed, timeout, poll)
+    if len(nodes) < needed:
+        raise FederationError(
+            f"only {len(nodes)} client node(s) connected after {timeout:.0f}s; "
+            f"min-clients is {needed}"
+        )
+    return nodes
+
+
+def live_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The connected nodes, once at least ``needed`` are (or whoever is there after
+    ``timeout`` s)."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= needed:
+        if len(nodes) >= needed or time.monotonic() >= deadline:
             return nodes
-        if time.monotonic() >= deadline:
-            raise FederationError(
-                f"only {len(nodes)} client node(s) connected after {timeout:.0f}s; "
-                f"min-clients is {needed}"
-            )
-        time.sleep(poll)
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
 def sample_nodes(nodes: Sequence[int], k: int, seed: int, stream: int) -> list[int]:
@@ -369,13 +376,16 @@ def run_federation(
 
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.monotonic()
-        live = sorted(grid.get_node_ids())
-        sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
-        if secure is not None:
+        live = live_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
+        if len(live) < cfg.min_clients:
+            new, train_metrics, down, up = None, _not_enough_nodes(cfg, len(live)), 0, 0
+        elif secure is not None:
+            sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
             new, train_metrics, down, up = secure.train_round(
                 grid, sampled, adapter, spec, rnd, progress
             )
         else:
+            sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
             new, train_metrics, down, up = train_round(
                 grid, cfg, sampled, adapter, spec, rnd, progress
             )
@@ -398,5 +408,28 @@ def run_federation(
         rundir.append_metrics(row)
         rundir.plot()
         progress.round_done(row)
+        if new is None and cfg.on_round_failure == "stop":
+            raise FederationError(
+                f"round {rnd} failed: {train_metrics['reason']}; stopping the run "
+                "(on-round-failure is 'stop')"
+            )
     rundir.plot()
     return rundir.read_metrics()
+
+
+def _not_enough_nodes(cfg: RunConfig, connected: int) -> dict[str, Any]:
+    """Metrics of a round that could not start: too few nodes connected."""
+    return {
+        "clients_sampled": 0,
+        "clients_ok": 0,
+        "failures": [],
+        "num_examples": 0,
+        "train_loss": None,
+        "client_seconds_max": None,
+        "client_peak_rss_mb_max": None,
+        "status": "failed",
+        "reason": (
+            f"only {connected} client node(s) connected after waiting "
+            f"{cfg.node_wait_timeout:g}s; min-clients is {cfg.min_clients}"
+        ),
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,24 @@ from flwr.serverapp import Grid, ServerApp
 from coordinator.config import RunConfig, resolve_output_dir
 from coordinator.progress import Progress
 from coordinator.rounds import run_federation
+
+log = logging.getLogger("fedtune")
+
+
+def _log_to_stderr() -> None:
+    """A deployed ServerApp runs in Flower's own process, where nobody configured logging:
+    send fedtune's progress lines to stderr, which Flower streams to `fedtune coordinator run`.
+    (Under `fedtune simulate` the CLI already did this, and nothing changes.)"""
+    if log.handlers:
+        return
+    from coordinator.cli import quiet_libraries
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    quiet_libraries()
 
 
 def make_server_app(
@@ -28,6 +48,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_to_stderr()
         cfg = RunConfig.from_mapping({**context.run_config, **fixed})
         out = resolve_output_dir(cfg)
         record = config_record or {"run": cfg.to_mapping()}

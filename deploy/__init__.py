@@ -1,0 +1,1 @@
+"""fedtune deployment: keys, a coordinator (Flower SuperLink) and device clients (SuperNodes)."""

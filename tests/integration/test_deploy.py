@@ -1,0 +1,298 @@
+"""A real deployment on loopback: `fedtune keys`, a TLS + node-auth coordinator, three device
+clients (tiny model) and a two-round run; a fourth device with an unregistered key is refused;
+one device is killed (SIGKILL, its whole process tree) as round 2 starts and the round completes
+with the other two (min-clients 2).
+
+Every wait is bounded, every process started here is stopped in the fixture's teardown, and
+only 127.0.0.1 with random free ports is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from deploy.processes import free_port, stop_tree
+
+pytestmark = pytest.mark.integration
+
+ROUND_TIMEOUT = 40  # seconds per phase; the killed client costs at most this per phase
+START_TIMEOUT = 180.0
+RUN_TIMEOUT = 600.0
+
+
+def fedtune_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "coordinator.cli", *args]
+
+
+@dataclass
+class Proc:
+    """A started process whose merged output is collected line by line on a thread."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, name: str, cmd: list[str], log_dir: Path) -> Proc:
+        popen = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # its own process group: a test can kill the whole device
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        proc = cls(name, popen)
+        log_file = (log_dir / f"{name}.log").open("w")
+
+        def pump() -> None:
+            assert popen.stdout is not None
+            for line in popen.stdout:
+                proc.lines.append(line.rstrip("\n"))
+                log_file.write(line)
+                log_file.flush()
+            log_file.close()
+
+        proc._thread = threading.Thread(target=pump, daemon=True)
+        proc._thread.start()
+        return proc
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := rx.search(line):
+                    return m
+            if self.popen.poll() is not None and self._thread and not self._thread.is_alive():
+                break
+            time.sleep(0.2)
+        tail = "\n".join(self.lines[-30:])
+        raise AssertionError(f"{self.name}: no line matching {pattern!r} in time; output:\n{tail}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tail = "\n".join(self.lines[-30:])
+            raise AssertionError(f"{self.name} still running after {timeout}s:\n{tail}") from None
+        if self._thread:
+            self._thread.join(timeout=10)
+        return code
+
+
+@dataclass
+class Deployment:
+    root: Path
+    run_dir: Path
+    run: Proc
+    run_code: int
+    rogue: Proc
+    rogue_code: int
+    killed_node: int
+    node_ids: dict[str, int]
+
+
+def write_shards(out: Path, n: int) -> list[Path]:
+    from client.data import load_records
+
+    rows = load_records("builtin:chatterbot")
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(rows))
+    paths = []
+    for i in range(n):
+        path = out / f"shard-{i}.jsonl"
+        with path.open("w") as fh:
+            for j in idx[i * 60 : (i + 1) * 60]:
+                fh.write(json.dumps(rows[int(j)]) + "\n")
+        paths.append(path)
+    return paths
+
+
+def _kill_group_now(proc: Proc) -> list[psutil.Process]:
+    """SIGKILL a device outright: its supervisor, worker and SuperNode, no cleanup."""
+    family = [psutil.Process(proc.popen.pid)]
+    with contextlib.suppress(psutil.Error):
+        family += family[0].children(recursive=True)
+    os.killpg(proc.popen.pid, signal.SIGKILL)
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return family
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tiny_model_dir: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deploy")
+    logs = root / "logs"
+    logs.mkdir()
+    keys = root / "keys"
+    devices = ["--device", "d1", "--device", "d2", "--device", "d3", "--device", "d4"]
+    res = subprocess.run(
+        fedtune_cmd("keys", "--out", str(keys), *devices),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    authorized = root / "authorized"
+    authorized.mkdir()
+    for d in ("d1", "d2", "d3"):  # d4 is never registered
+        (authorized / f"{d}.pub").write_bytes((keys / "nodes" / f"{d}.pub").read_bytes())
+    shards = write_shards(root, 4)
+
+    fleet = f"127.0.0.1:{free_port()}"
+    control = f"127.0.0.1:{free_port()}"
+    started: list[Proc] = []
+    seen_pids: set[int] = set()
+
+    def track() -> None:
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                seen_pids.update(c.pid for c in psutil.Process(p.popen.pid).children(True))
+            seen_pids.add(p.popen.pid)
+
+    def start(name: str, *args: str) -> Proc:
+        proc = Proc.start(name, fedtune_cmd(*args), logs)
+        started.append(proc)
+        return proc
+
+    def client(name: str, shard: Path) -> Proc:
+        return start(
+            name, "client", "start", "--coordinator", fleet,
+            "--root-cert", str(keys / "ca.pem"), "--key", str(keys / "nodes" / f"{name}.key"),
+            "--data", str(shard), "--cache-dir", str(model_cache),
+            "--state-dir", str(root / "state" / name),
+            "--threads", "1", "--max-wait", "120",
+        )  # fmt: skip
+
+    try:
+        coord = start(
+            "coordinator", "coordinator", "start", "--keys", str(keys),
+            "--authorized-keys", str(authorized), "--fleet-address", fleet,
+            "--control-address", control, "--state-dir", str(root / "coord"),
+        )  # fmt: skip
+        # Devices start while the coordinator is still coming up: they retry with backoff.
+        devices = {d: client(d, shards[i]) for i, d in enumerate(("d1", "d2", "d3"))}
+        rogue = client("d4", shards[3])
+        coord.wait_for(r"coordinator ready", START_TIMEOUT)
+        assert coord.wait_for(r"(\d+) device key\(s\) registered", 1).group(1) == "3"
+        node_ids = {
+            d: int(p.wait_for(r"joined coordinator \S+ as node (\d+)", START_TIMEOUT).group(1))
+            for d, p in devices.items()
+        }
+        rogue_code = rogue.wait_exit(START_TIMEOUT)
+        track()
+
+        run_dir = root / "run"
+        run = start(
+            "run", "coordinator", "run", "--state-dir", str(root / "coord"),
+            "--model", str(tiny_model_dir), "--cache-dir", str(model_cache),
+            "--rounds", "2", "--clients-per-round", "3", "--min-clients", "2",
+            "--local-steps", "3", "--seq-len", "64", "--lr", "0.01",
+            "--round-timeout", str(ROUND_TIMEOUT), "--node-wait-timeout", "120",
+            "--output-dir", str(run_dir), "--poll-interval", "1",
+        )  # fmt: skip
+        # Round 1 is over (its row is logged) and round 2's messages are about to go out.
+        run.wait_for(r"round 1/2: train_loss", RUN_TIMEOUT)
+        track()
+        _kill_group_now(devices["d3"])
+        run_code = run.wait_exit(RUN_TIMEOUT)
+        track()
+        yield Deployment(
+            root=root,
+            run_dir=run_dir,
+            run=run,
+            run_code=run_code,
+            rogue=rogue,
+            rogue_code=rogue_code,
+            killed_node=node_ids["d3"],
+            node_ids=node_ids,
+        )
+    finally:
+        track()
+        for proc in reversed(started):
+            stop_tree(proc.popen, timeout=15)
+        alive = [p for p in seen_pids if psutil.pid_exists(p) and _not_zombie(p)]
+        for pid in alive:  # anything that escaped its tree (it would be a bug) dies here
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        assert not alive, f"processes outlived their parents: {alive}"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _rows(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rounds_complete_and_write_the_run_directory(deployment: Deployment) -> None:
+    d = deployment
+    assert d.run_code == 0, "\n".join(d.run.lines[-40:])
+    assert f"run directory: {d.run_dir}" in d.run.lines
+    config = json.loads((d.run_dir / "config.json").read_text())["run"]
+    assert config["rounds"] == 2 and config["min-clients"] == 2
+    rows = _rows(d.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval_clients_ok"] == 3 and np.isfinite(rows[0]["eval_loss"])
+    r1 = rows[1]
+    assert r1["status"] == "ok" and r1["clients_sampled"] == 3 and r1["clients_ok"] == 3
+    assert r1["failures"] == [] and r1["update_norm"] > 0
+    assert r1["bytes_up"] > 0 and r1["bytes_down"] > 0
+    assert json.loads((d.run_dir / "state.json").read_text())["round"] == 2
+    assert (d.run_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert (d.run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_is_streamed_to_the_operator(deployment: Deployment) -> None:
+    out = "\n".join(deployment.run.lines)
+    assert "round 1/2 train: waiting for 3 client(s)" in out
+    for node in deployment.node_ids.values():
+        assert f"round 1/2 train: client {node} ok" in out
+
+
+def test_killed_client_does_not_stall_round_2(deployment: Deployment) -> None:
+    rows = _rows(deployment.run_dir)
+    r2 = rows[2]
+    assert r2["status"] == "ok"
+    assert r2["clients_sampled"] == 3 and r2["clients_ok"] == 2
+    assert [f["node"] for f in r2["failures"]] == [deployment.killed_node]
+    reason = r2["failures"][0]["reason"]
+    assert reason == f"no reply within {ROUND_TIMEOUT}s" or "Node Unavailable" in reason
+    # The coordinator said which client it dropped and why, while the run went on.
+    assert any(
+        f"round 2: client {deployment.killed_node} dropped" in line for line in deployment.run.lines
+    )
+    assert r2["update_norm"] > 0
+
+
+def test_unregistered_device_is_refused(deployment: Deployment) -> None:
+    assert deployment.rogue_code == 3, "\n".join(deployment.rogue.lines[-20:])
+    last = deployment.rogue.lines[-1]
+    assert last.startswith("fedtune client start: error: coordinator 127.0.0.1:")
+    assert "refused this device" in last and "d4.pub" in last and "not registered" in last
+    assert not any("joined coordinator" in line for line in deployment.rogue.lines)

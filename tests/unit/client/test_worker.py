@@ -1,0 +1,243 @@
+"""The device worker and the forwarding ClientApp: the wire between them, errors and timeouts
+that come back as error replies, and the same update as the in-process ClientApp computes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.worker import (
+    Worker,
+    WorkerConfig,
+    WorkerError,
+    call,
+    default_handler,
+    recv_frame,
+    send_frame,
+    socket_path,
+)
+
+Handler = Callable[[str, dict[str, Any], bytes], bytes]
+
+
+@pytest.fixture()
+def serve(tmp_path: Path) -> Iterator[Callable[[Handler], Path]]:
+    workers: list[tuple[Worker, threading.Thread]] = []
+
+    def start(handler: Handler) -> Path:
+        path = tmp_path / f"w{len(workers)}.sock"
+        w = Worker(WorkerConfig(socket=path, io_timeout=5), handler)
+        w.listen()
+        t = threading.Thread(target=w.serve_forever, daemon=True)
+        t.start()
+        workers.append((w, t))
+        return path
+
+    yield start
+    for w, t in workers:
+        w.stop.set()
+        t.join(timeout=5)
+        assert not t.is_alive()
+
+
+def test_frames_round_trip_and_reject_garbage() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        send_frame(a, {"op": "train", "x": [1, 2]}, b"\x00\x01payload")
+        assert recv_frame(b) == ({"op": "train", "x": [1, 2]}, b"\x00\x01payload")
+        a.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        with pytest.raises(WorkerError, match="not a fedtune worker frame"):
+            recv_frame(b)
+
+
+def test_replies_errors_and_pings(serve: Callable[[Handler], Path]) -> None:
+    def handler(op: str, header: dict[str, Any], body: bytes) -> bytes:
+        if header["node_config"].get("fail"):
+            raise ValueError("data path /x does not exist")
+        return body[::-1]
+
+    path = serve(handler)
+    reply, out = call(path, {"op": "train", "node_config": {}}, b"abc", timeout=5)
+    assert reply["ok"] is True and out == b"cba" and reply["seconds"] >= 0
+    reply, out = call(path, {"op": "evaluate", "node_config": {"fail": 1}}, b"abc", timeout=5)
+    assert reply == {"ok": False, "error": "ValueError: data path /x does not exist",
+                     "seconds": reply["seconds"]}  # fmt: skip
+    assert out == b""
+    reply, _ = call(path, {"op": "ping"}, b"", timeout=5)
+    assert reply["ok"] is True and reply["served"] == 1  # the failed call does not count
+    reply, _ = call(path, {"op": "rm -rf"}, b"", timeout=5)
+    assert reply["ok"] is False and reply["error"] == "unknown worker operation 'rm -rf'"
+
+
+def test_socket_is_private(serve: Callable[[Handler], Path]) -> None:
+    path = serve(lambda op, h, b: b)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_missing_and_slow_workers_are_bounded(
+    serve: Callable[[Handler], Path], tmp_path: Path
+) -> None:
+    with pytest.raises(WorkerError, match="device worker is not running"):
+        call(tmp_path / "nobody.sock", {"op": "ping"}, b"", timeout=1)
+
+    def slow(op: str, header: dict[str, Any], body: bytes) -> bytes:
+        time.sleep(3)
+        return b""
+
+    path = serve(slow)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"device worker gave no reply within 0\.5s"):
+        call(path, {"op": "train"}, b"", timeout=0.5)
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_long_state_dirs_get_a_short_socket_path(tmp_path: Path) -> None:
+    short = socket_path(tmp_path / "s")
+    assert short == tmp_path / "s" / "worker.sock"
+    deep = tmp_path / ("x" * 120)
+    long_path = socket_path(deep)
+    assert len(str(long_path)) < 100 and long_path == socket_path(deep)
+    assert long_path != socket_path(tmp_path / ("y" * 120))
+
+
+def test_memory_limit_turns_an_oversized_allocation_into_an_error() -> None:
+    code = (
+        "from client.worker import apply_memory_limit, _reason\n"
+        "import numpy as np\n"
+        "apply_memory_limit(512 * 2**20)\n"
+        "try:\n"
+        "    np.ones(2**31, dtype=np.uint8)\n"
+        "except MemoryError as exc:\n"
+        "    print(_reason(exc, 512 * 2**20))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.startswith("device memory limit max-memory=512MiB exceeded (MemoryError")
+
+
+# ------------------------------------------------------------------ the real handler, tiny model
+
+
+def _train_content(
+    tiny_model_dir: Path, model_cache: Path
+) -> tuple[RecordDict, dict[str, Any], Any]:
+    from client.model import Quantization, attach_lora, get_adapter, load_base, resolve_model
+    from coordinator.config import RunConfig
+    from protocol.messages import encode_train_instruction
+
+    cfg = RunConfig.from_mapping(
+        {
+            "model": str(tiny_model_dir),
+            "quantization": "none",
+            "local-steps": 2,
+            "seq-len": 64,
+            "lora-rank": 2,
+            "cache-dir": str(model_cache),
+        }
+    )
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    adapter = get_adapter(attach_lora(base.model, cfg.lora, seed=0))
+    from protocol.adapter import AdapterSpec
+
+    content = encode_train_instruction(cfg.train_instruction(1), adapter)
+    return content, cfg.to_mapping(), AdapterSpec.of(adapter)
+
+
+def test_worker_computes_what_the_clientapp_computes(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path, serve: Callable[[Handler], Path]
+) -> None:
+    from client.app import handle_train
+    from protocol.messages import decode_update
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(
+            f'{{"instruction": "Say {i}", "response": "The number is {i}."}}\n' for i in range(20)
+        )
+    )
+    content, run_config, spec = _train_content(tiny_model_dir, model_cache)
+    node_config = {"data-path": str(data), "cache-dir": str(model_cache),
+                   "state-dir": str(tmp_path / "state")}  # fmt: skip
+    direct = handle_train(content, node_config, run_config)
+
+    path = serve(default_handler())
+    # The coordinator's own paths in the run config must not leak into the device's settings.
+    remote_run_config = {**run_config, "cache-dir": "/coordinator/only/cache"}
+    reply, out = call(
+        path,
+        {"op": "train", "node_config": node_config, "run_config": remote_run_config},
+        recorddict_to_proto(content).SerializeToString(),
+        timeout=120,
+    )
+    assert reply["ok"], reply
+    via_worker = recorddict_from_proto(ProtoRecordDict.FromString(out))
+    a, b = decode_update(direct, spec), decode_update(via_worker, spec)
+    assert a.num_examples == b.num_examples > 0
+    for k in a.delta:
+        np.testing.assert_array_equal(a.delta[k], b.delta[k])
+        assert np.abs(a.delta[k]).sum() > 0
+
+
+# ------------------------------------------------------------------ the forwarding ClientApp
+
+
+def _context(node_config: dict[str, Any]) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={"round-timeout": 5.0})  # fmt: skip
+
+
+def _message(content: RecordDict, kind: str) -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    msg = Message(content=content, dst_node_id=7, message_type=kind, group_id="1")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    return msg
+
+
+def test_device_app_forwards_and_turns_failures_into_error_replies(
+    serve: Callable[[Handler], Path], tmp_path: Path
+) -> None:
+    from flwr.app import ConfigRecord
+
+    from client.device_app import app
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def handler(op: str, header: dict[str, Any], body: bytes) -> bytes:
+        seen.append((op, header))
+        if op == "evaluate":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        content = recorddict_from_proto(ProtoRecordDict.FromString(body))
+        content["echo"] = ConfigRecord({"ok": 1})
+        return bytes(recorddict_to_proto(content).SerializeToString())
+
+    path = serve(handler)
+    content = RecordDict({"config": ConfigRecord({"x": 3})})
+    ctx = _context({"worker-socket": str(path), "data-path": "/data"})
+
+    reply = app(_message(content, MessageType.TRAIN), ctx)
+    assert not reply.has_error()
+    assert reply.content["echo"]["ok"] == 1 and reply.content["config"]["x"] == 3
+    assert seen[0][0] == "train" and seen[0][1]["node_config"]["data-path"] == "/data"
+    assert seen[0][1]["run_config"] == {"round-timeout": 5.0}
+
+    reply = app(_message(content, MessageType.EVALUATE), ctx)
+    assert reply.has_error()
+    assert reply.error.reason == "RuntimeError: DefaultCPUAllocator: can't allocate memory"
+
+    gone = _context({"worker-socket": str(tmp_path / "gone.sock")})
+    reply = app(_message(content, MessageType.TRAIN), gone)
+    assert reply.has_error() and "device worker is not running" in reply.error.reason
