@@ -136,9 +136,13 @@ def summarize(rows: list[dict[str, Any]], n: int) -> dict[str, Any]:
     later = [r for r in rows if r["round"] >= 1]
     secs = [r["seconds"] for r in later]
     payload = sum(r["bytes_up"] + r["bytes_down"] for r in rows)
+    ok = sum(r.get("clients_ok", 0) for r in later) or 1
     return {
         "round0_s": rows[0]["seconds"],
         "round_mean_s": statistics.mean(secs),
+        "train_phase_mean_s": statistics.mean(r.get("train_phase_seconds", 0.0) for r in later),
+        "load_s_per_client_round": sum(r.get("client_load_seconds", 0.0) for r in later) / ok,
+        "train_s_per_client_round": sum(r.get("client_train_seconds", 0.0) for r in later) / ok,
         "round_max_s": max(secs),
         "rounds_ok": sum(r.get("status") == "ok" for r in later),
         "payload_per_client_round": payload / (n * len(rows)),
@@ -245,6 +249,8 @@ def fmt(r: dict[str, Any]) -> str:
     return (
         f"{r['mode']:<20} N={r['clients']:<2} round0 {r['round0_s']:6.1f}s  rounds 1..: mean "
         f"{r['round_mean_s']:6.1f}s max {r['round_max_s']:6.1f}s  ok {r['rounds_ok']}  "
+        f"train phase {r['train_phase_mean_s']:6.1f}s  per client-round: load "
+        f"{r['load_s_per_client_round']:5.1f}s train {r['train_s_per_client_round']:5.1f}s  "
         f"wire/client-round {'-' if wire is None else f'{wire / 1e6:7.3f} MB'}  "
         f"payload/client-round {r['payload_per_client_round'] / 1e6:6.3f} MB  "
         f"client peak RSS {r['client_peak_rss_mb']:6.0f} MB  "

@@ -426,6 +426,10 @@ def _not_enough_nodes(cfg: RunConfig, connected: int) -> dict[str, Any]:
         "num_examples": 0,
         "train_loss": None,
         "client_seconds_max": None,
+        "train_phase_seconds": 0.0,
+        "client_seconds": 0.0,
+        "client_load_seconds": 0.0,
+        "client_train_seconds": 0.0,
         "client_peak_rss_mb_max": None,
         "status": "failed",
         "reason": (
