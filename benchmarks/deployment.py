@@ -20,7 +20,7 @@ seed and round settings. Printed per configuration:
 * the ratio deployment / simulator of the mean round latency (measured in the same process
   run, so machine load affects both).
 
-``--worker-compare`` runs the deployment twice with N clients: with the long-lived worker and
+``--worker-compare`` runs the deployment twice with the smallest N: with the long-lived worker and
 with ``--no-worker`` (Flower's per-message process loads the model every time), and prints the
 per-round latency of both and their ratio.
 
@@ -287,7 +287,8 @@ def main() -> int:
             sim = simulate(a, n, work)
             print(fmt(sim), flush=True)
             results.append(sim)
-            modes = [True, False] if a.worker_compare else [True]
+            compare = a.worker_compare and n == min(a.clients)
+            modes = [True, False] if compare else [True]
             for worker in modes:
                 dep = deploy(a, n, work, worker)
                 print(fmt(dep), flush=True)
@@ -297,7 +298,7 @@ def main() -> int:
                     flush=True,
                 )
                 results.append(dep)
-            if a.worker_compare:
+            if compare:
                 w, nw = results[-2], results[-1]
                 print(
                     f"  per-message process without worker / with worker, mean round: "
