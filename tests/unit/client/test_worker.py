@@ -241,3 +241,33 @@ def test_device_app_forwards_and_turns_failures_into_error_replies(
     gone = _context({"worker-socket": str(tmp_path / "gone.sock")})
     reply = app(_message(content, MessageType.TRAIN), gone)
     assert reply.has_error() and "device worker is not running" in reply.error.reason
+
+
+@pytest.mark.integration
+def test_worker_process_prepares_the_model_then_serves(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`python -m client.worker` as `fedtune client start` runs it: it listens at once, builds
+    the device's model cache in a child process, then answers."""
+    from deploy.processes import stop_tree
+
+    cache = tmp_path / "cache"
+    sock = tmp_path / "w.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.worker", "--socket", str(sock),
+         "--prepare-first", str(tiny_model_dir), "int8", str(cache)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert sock.exists(), "the worker must listen before the slow work"
+        reply, _ = call(sock, {"op": "ping"}, b"", timeout=300)  # waits out the preparation
+        assert reply["ok"] is True and reply["served"] == 0
+        assert list(cache.glob("models/*/int8/config.json")), "the int8 cache entry was built"
+    finally:
+        stop_tree(proc, timeout=10)
+    out = proc.stdout.read() if proc.stdout else ""
+    assert "is cached in" in out and "ready on" in out
+    assert not sock.exists(), "the socket is removed on shutdown"
