@@ -10,6 +10,8 @@ A SuperNode started without a worker (no ``worker-socket`` in its node config, e
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -41,14 +43,16 @@ def _forward(msg: Message, context: Context, op: str) -> Message:
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     body = recorddict_to_proto(msg.content).SerializeToString()
+    timeout = _timeout(context)
     header = {
         "op": op,
         "node_config": dict(context.node_config),
         "run_config": dict(context.run_config),
         "run_id": context.run_id,
+        "deadline": time.time() + timeout,
     }
     try:
-        reply, out = call(str(socket_path), header, body, timeout=_timeout(context))
+        reply, out = call(str(socket_path), header, body, timeout=timeout)
     except WorkerError as exc:
         return Message(
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg

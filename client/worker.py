@@ -11,9 +11,10 @@ Wire format on the socket (both directions), never pickle::
 
     b"FTW1" | header length (u32, big endian) | body length (u64) | header (JSON) | body
 
-The request header names the operation (``train``, ``evaluate``, ``ping``) and carries the
-node and run config; the body is the message's ``RecordDict`` as Flower's own protobuf. The
-reply header says ``ok`` or gives the ``error``; its body is the reply ``RecordDict``.
+The request header names the operation (``train``, ``evaluate``, ``ping``), carries the
+node and run config and a wall-clock ``deadline`` after which the sender no longer waits; the
+body is the message's ``RecordDict`` as Flower's own protobuf. The reply header says ``ok`` or
+gives the ``error``; its body is the reply ``RecordDict``.
 
 This module's top level imports only the standard library: the per-message ClientApp process
 imports it and must stay light. ``serve`` imports the ML stack.
@@ -229,8 +230,13 @@ class Worker:
         t0 = time.perf_counter()
         reply: dict[str, Any]
         out = b""
+        deadline = header.get("deadline")
         if op == "ping":
             reply = {"ok": True, "pid": os.getpid(), "served": self.served}
+        elif isinstance(deadline, int | float) and time.time() > deadline:
+            # Queued behind slow work until its sender gave up: computing it would only delay
+            # the next, still-wanted message.
+            reply = {"ok": False, "error": "request expired before the device worker reached it"}
         elif op not in OPS:
             reply = {"ok": False, "error": f"unknown worker operation {op!r}"}
         else:

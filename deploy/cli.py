@@ -217,6 +217,11 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
 
     endpoint = _endpoint(args)
     overrides = _run_overrides(args)
+    if overrides.get("client-quantization"):
+        raise ValueError(
+            "client-quantization: applies to simulated fleets; in a deployment each device "
+            "chooses with `fedtune client start --quantization`"
+        )
     cfg = RunConfig.from_mapping(overrides)
     out = resolve_output_dir(cfg).expanduser().resolve()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()

@@ -30,7 +30,7 @@ from deploy.processes import free_port, stop_tree
 
 pytestmark = pytest.mark.integration
 
-ROUND_TIMEOUT = 40  # seconds per phase; the killed client costs at most this per phase
+ROUND_TIMEOUT = 60  # seconds per phase; the killed client costs at most this per phase
 START_TIMEOUT = 180.0
 RUN_TIMEOUT = 600.0
 

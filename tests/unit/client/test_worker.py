@@ -80,6 +80,12 @@ def test_replies_errors_and_pings(serve: Callable[[Handler], Path]) -> None:
     assert reply["ok"] is True and reply["served"] == 1  # the failed call does not count
     reply, _ = call(path, {"op": "rm -rf"}, b"", timeout=5)
     assert reply["ok"] is False and reply["error"] == "unknown worker operation 'rm -rf'"
+    # A request whose sender has already given up is not computed.
+    reply, _ = call(path, {"op": "train", "node_config": {}, "deadline": time.time() - 1}, b"x", 5)
+    assert reply["ok"] is False
+    assert reply["error"] == "request expired before the device worker reached it"
+    reply, _ = call(path, {"op": "ping"}, b"", timeout=5)
+    assert reply["served"] == 1
 
 
 def test_socket_is_private(serve: Callable[[Handler], Path]) -> None:

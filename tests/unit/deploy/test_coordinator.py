@@ -170,3 +170,19 @@ def test_endpoint_from_state_dir(tmp_path: Path) -> None:
     (tmp_path / "coordinator.json").write_text("{")
     with pytest.raises(CoordinatorError, match="cannot be read"):
         ControlEndpoint.from_state_dir(tmp_path)
+
+
+def test_simulation_only_option_is_refused_not_ignored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "coordinator.json").write_text(
+        '{"control_address": "127.0.0.1:1", "insecure": true}'
+    )
+    code = main(["coordinator", "run", "--state-dir", str(tmp_path),
+                 "--client-quantization", "nf4,int8"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [
+        "fedtune coordinator run: error: client-quantization: applies to simulated fleets; in a "
+        "deployment each device chooses with `fedtune client start --quantization`"
+    ]
