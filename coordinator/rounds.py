@@ -87,7 +87,7 @@ def exchange(
     rnd: int,
     timeout: float,
     on_reply: Callable[[int, Message], None] | None = None,
-    poll_interval: float = 0.2,
+    poll_interval: float = 0.5,
 ) -> Exchange:
     """Send one message per node and wait (at most ``timeout`` s) for the replies."""
     out = Exchange(timeout=timeout)
@@ -98,11 +98,18 @@ def exchange(
         messages.append(
             Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
         )
-    ids = list(grid.push_messages(messages))
-    pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True) if mid}
     deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
+    ids = _retry_until(deadline, poll_interval, "send", lambda: list(grid.push_messages(messages)))
+    pending = {
+        mid: msg.metadata.dst_node_id for mid, msg in zip(ids or [], messages, strict=False) if mid
+    }
+    if ids is None:  # never sent: every node counts as missing, the warning said why
+        pending = {str(i): msg.metadata.dst_node_id for i, msg in enumerate(messages)}
+    while ids is not None and pending and time.monotonic() < deadline:
+        pulled = _retry_until(
+            deadline, poll_interval, "collect replies", lambda: grid.pull_messages(list(pending))
+        )
+        for reply in pulled or []:
             mid = reply.metadata.reply_to_message_id
             if mid not in pending:
                 continue
@@ -117,6 +124,26 @@ def exchange(
     out.missing = sorted(pending.values())
     out.seconds = time.monotonic() - t0
     return out
+
+
+R = TypeVar("R")
+
+
+def _retry_until(deadline: float, pause: float, what: str, call: Callable[[], R]) -> R | None:
+    """``call()``, retried after transient transport errors (a busy SuperLink answers 500 when
+    its database is locked) until ``deadline``; None if it never succeeded."""
+    failures = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # HTTP/gRPC errors of whichever Grid is in use
+            failures += 1
+            if failures == 1:
+                log.warning("could not %s (%s); retrying until the round timeout", what, exc)
+            if time.monotonic() + pause >= deadline:
+                log.error("gave up trying to %s after %d attempts: %s", what, failures, exc)
+                return None
+            time.sleep(pause)
 
 
 def broadcast(

@@ -358,7 +358,7 @@ class Device:
         from client.worker import socket_path
 
         self.socket = socket_path(self.state) if cfg.worker else None
-        self.env = flower_env(self.state / "flwr", _thread_env(cfg.threads))
+        self.env = flower_env(self.state / "flwr", _thread_env(cfg.threads), fast_tasks=True)
 
     # -- worker --------------------------------------------------------------------------
 

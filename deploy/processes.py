@@ -41,7 +41,9 @@ def executable(name: str) -> Path:
     return path
 
 
-def flower_env(flwr_home: Path | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def flower_env(
+    flwr_home: Path | None, extra: Mapping[str, str] | None = None, *, fast_tasks: bool = False
+) -> dict[str, str]:
     """Environment for Flower's processes: this environment's bin first on PATH (SuperLink and
     SuperNode start ``flower-superexec`` by name) and an optional private ``FLWR_HOME``."""
     env = dict(os.environ)
@@ -54,9 +56,11 @@ def flower_env(flwr_home: Path | None, extra: Mapping[str, str] | None = None) -
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # Nor ask PyPI for newer Flower releases (fedtune pins 1.39.x on purpose).
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    # SuperExec checks for new ClientApp/ServerApp tasks every second by default; a local
-    # check is cheap and a quarter second less latency per message is not.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
+    if fast_tasks:
+        # A SuperNode's SuperExec checks for new ClientApp tasks every second by default; on a
+        # device that check is local and in memory, and the wait is per message. (Not on the
+        # coordinator: there every check is a write to the SuperLink's database.)
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
     env.update(extra or {})
     return env
 

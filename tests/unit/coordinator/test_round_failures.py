@@ -113,3 +113,44 @@ def test_round_without_enough_connected_nodes_fails_with_the_reason(
     assert not [
         m for m in grid.sent if m.metadata.group_id == "2" and m.metadata.message_type == "train"
     ]
+
+
+class BusyGrid(FakeGrid):
+    """A coordinator whose database is briefly locked: some pushes and pulls fail."""
+
+    def __init__(self, handlers, fail_push: int, fail_pull: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(handlers)
+        self.fail_push, self.fail_pull = fail_push, fail_pull
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        if self.fail_push:
+            self.fail_push -= 1
+            raise RuntimeError("500 Internal Server Error: database is locked")
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        if self.fail_pull:
+            self.fail_pull -= 1
+            raise RuntimeError("500 Internal Server Error: database is locked")
+        return super().pull_messages(message_ids)
+
+
+def test_transient_transport_errors_do_not_end_the_run(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    from flwr.app import RecordDict
+
+    from coordinator.rounds import exchange
+
+    grid = BusyGrid({n: client(i) for i, n in enumerate(NODES[:2])}, fail_push=1, fail_pull=2)
+    cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run", rounds=1,
+                  **{"clients-per-round": 2, "round-timeout": 10.0})  # fmt: skip
+    rows = run_federation(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
+    assert rows[1]["status"] == "ok" and rows[1]["clients_ok"] == 2
+    assert grid.fail_push == 0 and grid.fail_pull == 0
+
+    # A coordinator that stays down: the phase ends at its timeout with every node missing.
+    down = BusyGrid({NODES[0]: client(0)}, fail_push=10**6, fail_pull=0)
+    ex = exchange(down, {NODES[0]: RecordDict()}, MessageType.TRAIN, 1, timeout=0.3,
+                  poll_interval=0.05)  # fmt: skip
+    assert ex.replies == {} and ex.missing == [NODES[0]]
