@@ -163,6 +163,8 @@ def run_args(a: argparse.Namespace, n: int) -> list[str]:
 def deploy(a: argparse.Namespace, n: int, work: Path, worker: bool) -> dict[str, Any]:
     tag = f"deploy-n{n}{'' if worker else '-noworker'}"
     base = work / tag
+    if base.exists():
+        shutil.rmtree(base)
     logs = base / "logs"
     logs.mkdir(parents=True)
     keys = base / "keys"
@@ -277,26 +279,35 @@ def main() -> int:
     p.add_argument("--worker-compare", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--out", type=Path, default=None, help="also write results as JSON here")
+    p.add_argument("--work", type=Path, default=None, help="reuse a kept work directory")
+    p.add_argument(
+        "--no-simulate",
+        action="store_true",
+        help="skip the simulator (its shards must already be in --work)",
+    )
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+    work = a.work or Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
     results = []
     print(f"work dir {work}; {os.cpu_count()} CPUs; MemAvailable {mem_available_mb():.0f} MB",
           flush=True)  # fmt: skip
     try:
         for n in a.clients:
-            sim = simulate(a, n, work)
-            print(fmt(sim), flush=True)
-            results.append(sim)
+            sim = None
+            if not a.no_simulate:
+                sim = simulate(a, n, work)
+                print(fmt(sim), flush=True)
+                results.append(sim)
             compare = a.worker_compare and n == min(a.clients)
             modes = [True, False] if compare else [True]
             for worker in modes:
                 dep = deploy(a, n, work, worker)
                 print(fmt(dep), flush=True)
-                print(
-                    f"  ratio deploy/simulate mean round latency: "
-                    f"{dep['round_mean_s'] / sim['round_mean_s']:.2f}",
-                    flush=True,
-                )
+                if sim is not None:
+                    print(
+                        f"  ratio deploy/simulate mean round latency: "
+                        f"{dep['round_mean_s'] / sim['round_mean_s']:.2f}",
+                        flush=True,
+                    )
                 results.append(dep)
             if compare:
                 w, nw = results[-2], results[-1]

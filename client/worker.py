@@ -3,18 +3,19 @@
 Flower 1.39 runs every message in a fresh ``flwr-clientapp`` process. Importing torch,
 transformers and peft and loading the quantized base takes 10-15 s per message on a small CPU,
 more than a short training round. So on a device the ClientApp (``client.device_app``) is a thin
-forwarder: it hands the message content to this worker over a local Unix socket and returns the
-worker's reply. The worker runs the same ``client.app.handle_train``/``handle_evaluate`` as the
-simulator's ClientApp, so what it computes is identical; only where the model lives changes.
+forwarder: it hands each message and the node's context to this worker over a local Unix socket
+and returns the worker's reply. The worker runs the simulator's ClientApp (``client.app.app``)
+on the message, so what it computes is identical; only where the model lives changes.
 
 Wire format on the socket (both directions), never pickle::
 
     b"FTW1" | header length (u32, big endian) | body length (u64) | header (JSON) | body
 
-The request header names the operation (``train``, ``evaluate``, ``ping``), carries the
-node and run config and a wall-clock ``deadline`` after which the sender no longer waits; the
-body is the message's ``RecordDict`` as Flower's own protobuf. The reply header says ``ok`` or
-gives the ``error``; its body is the reply ``RecordDict``.
+The request header names the operation (``message`` or ``ping``) and a wall-clock
+``deadline`` after which the sender no longer waits; the body holds the Flower ``Message`` and
+the node's ``Context`` as Flower's own protobufs (``pack``: length-prefixed parts). The reply
+header says ``ok`` or gives the ``error``; its body holds the reply ``Message`` and the updated
+``Context`` (its ``state`` carries stage-to-stage protocol state such as secure aggregation's).
 
 This module's top level imports only the standard library: the per-message ClientApp process
 imports it and must stay light. ``serve`` imports the ML stack.
@@ -43,9 +44,10 @@ log = logging.getLogger("fedtune")
 
 MAGIC = b"FTW1"
 _PREFIX = struct.Struct(">4sIQ")
+_PART = struct.Struct(">Q")
 MAX_HEADER = 1 << 20
 MAX_BODY = 1 << 30
-OPS = ("train", "evaluate", "ping")
+OPS = ("message", "ping")
 # Run-config keys that describe the coordinator's machine, never the device's.
 COORDINATOR_ONLY_KEYS = ("output-dir", "cache-dir", "central-eval-data", "partition-dir")
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -90,6 +92,25 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     if not isinstance(header, dict):
         raise WorkerError("frame header is not a JSON object")
     return header, _recv_exact(sock, n_body)
+
+
+def pack(*parts: bytes) -> bytes:
+    """Several byte strings in one body: each prefixed by its length (u64, big endian)."""
+    return b"".join(_PART.pack(len(p)) + p for p in parts)
+
+
+def unpack(body: bytes) -> list[bytes]:
+    parts, i = [], 0
+    while i < len(body):
+        if i + _PART.size > len(body):
+            raise WorkerError("truncated body")
+        (n,) = _PART.unpack_from(body, i)
+        i += _PART.size
+        if i + n > len(body):
+            raise WorkerError("truncated body")
+        parts.append(body[i : i + n])
+        i += n
+    return parts
 
 
 def call(
@@ -153,23 +174,33 @@ Handler = Callable[[str, dict[str, Any], bytes], bytes]
 
 
 def default_handler() -> Handler:
-    """Decode the body, run ``client.app``'s handler, encode the reply (imports the ML stack)."""
-    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    """Run ``client.app``'s ClientApp on the forwarded message and context (imports the ML
+    stack); returns the reply and the context as Flower protobufs."""
+    from flwr.common.serde import (
+        context_from_proto,
+        context_to_proto,
+        message_from_proto,
+        message_to_proto,
+    )
+    from flwr.proto.message_pb2 import Context as ProtoContext
+    from flwr.proto.message_pb2 import Message as ProtoMessage
 
-    from client.app import handle_evaluate, handle_train
+    from client.app import app as client_app
 
     def handle(op: str, header: dict[str, Any], body: bytes) -> bytes:
-        content = recorddict_from_proto(ProtoRecordDict.FromString(body))
-        node_config = dict(header.get("node_config") or {})
-        run_config = {
-            k: v
-            for k, v in dict(header.get("run_config") or {}).items()
-            if k not in COORDINATOR_ONLY_KEYS
+        parts = unpack(body)
+        if len(parts) != 2:
+            raise WorkerError(f"expected a message and a context, got {len(parts)} parts")
+        msg = message_from_proto(ProtoMessage.FromString(parts[0]))
+        context = context_from_proto(ProtoContext.FromString(parts[1]))
+        context.run_config = {
+            k: v for k, v in context.run_config.items() if k not in COORDINATOR_ONLY_KEYS
         }
-        fn = handle_train if op == "train" else handle_evaluate
-        reply = fn(content, node_config, run_config)
-        return bytes(recorddict_to_proto(reply).SerializeToString())
+        reply = client_app(msg, context)
+        return pack(
+            message_to_proto(reply).SerializeToString(),
+            context_to_proto(context).SerializeToString(),
+        )
 
     return handle
 

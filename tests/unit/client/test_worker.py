@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.worker import (
@@ -25,9 +31,11 @@ from client.worker import (
     WorkerError,
     call,
     default_handler,
+    pack,
     recv_frame,
     send_frame,
     socket_path,
+    unpack,
 )
 
 Handler = Callable[[str, dict[str, Any], bytes], bytes]
@@ -70,9 +78,9 @@ def test_replies_errors_and_pings(serve: Callable[[Handler], Path]) -> None:
         return body[::-1]
 
     path = serve(handler)
-    reply, out = call(path, {"op": "train", "node_config": {}}, b"abc", timeout=5)
+    reply, out = call(path, {"op": "message", "node_config": {}}, b"abc", timeout=5)
     assert reply["ok"] is True and out == b"cba" and reply["seconds"] >= 0
-    reply, out = call(path, {"op": "evaluate", "node_config": {"fail": 1}}, b"abc", timeout=5)
+    reply, out = call(path, {"op": "message", "node_config": {"fail": 1}}, b"abc", timeout=5)
     assert reply == {"ok": False, "error": "ValueError: data path /x does not exist",
                      "seconds": reply["seconds"]}  # fmt: skip
     assert out == b""
@@ -81,7 +89,9 @@ def test_replies_errors_and_pings(serve: Callable[[Handler], Path]) -> None:
     reply, _ = call(path, {"op": "rm -rf"}, b"", timeout=5)
     assert reply["ok"] is False and reply["error"] == "unknown worker operation 'rm -rf'"
     # A request whose sender has already given up is not computed.
-    reply, _ = call(path, {"op": "train", "node_config": {}, "deadline": time.time() - 1}, b"x", 5)
+    reply, _ = call(
+        path, {"op": "message", "node_config": {}, "deadline": time.time() - 1}, b"x", 5
+    )
     assert reply["ok"] is False
     assert reply["error"] == "request expired before the device worker reached it"
     reply, _ = call(path, {"op": "ping"}, b"", timeout=5)
@@ -106,7 +116,7 @@ def test_missing_and_slow_workers_are_bounded(
     path = serve(slow)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"device worker gave no reply within 0\.5s"):
-        call(path, {"op": "train"}, b"", timeout=0.5)
+        call(path, {"op": "message"}, b"", timeout=0.5)
     assert time.monotonic() - t0 < 2.5
 
 
@@ -138,13 +148,52 @@ def test_memory_limit_turns_an_oversized_allocation_into_an_error() -> None:
 # ------------------------------------------------------------------ the real handler, tiny model
 
 
-def _train_content(
-    tiny_model_dir: Path, model_cache: Path
-) -> tuple[RecordDict, dict[str, Any], Any]:
+def _context(node_config: dict[str, Any], run_config: dict[str, Any]) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config=run_config)  # fmt: skip
+
+
+def _message(content: RecordDict, kind: str) -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    msg = Message(content=content, dst_node_id=7, message_type=kind, group_id="1")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
+def _wire(msg: Message, ctx: Context) -> bytes:
+    return pack(
+        message_to_proto(msg).SerializeToString(), context_to_proto(ctx).SerializeToString()
+    )
+
+
+def _unwire(out: bytes) -> tuple[Message, Context]:
+    m, c = unpack(out)
+    return message_from_proto(ProtoMessage.FromString(m)), context_from_proto(
+        ProtoContext.FromString(c)
+    )
+
+
+def test_pack_round_trip_and_truncation() -> None:
+    assert unpack(pack(b"", b"abc", b"\x00" * 9)) == [b"", b"abc", b"\x00" * 9]
+    with pytest.raises(WorkerError, match="truncated body"):
+        unpack(pack(b"abcdef")[:-1])
+
+
+def test_worker_computes_what_the_clientapp_computes(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path, serve: Callable[[Handler], Path]
+) -> None:
+    from client.app import app as client_app
     from client.model import Quantization, attach_lora, get_adapter, load_base, resolve_model
     from coordinator.config import RunConfig
-    from protocol.messages import encode_train_instruction
+    from protocol.adapter import AdapterSpec
+    from protocol.messages import decode_update, encode_train_instruction
 
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(
+            f'{{"instruction": "Say {i}", "response": "The number is {i}."}}\n' for i in range(20)
+        )
+    )
     cfg = RunConfig.from_mapping(
         {
             "model": str(tiny_model_dir),
@@ -157,41 +206,25 @@ def _train_content(
     )
     base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
     adapter = get_adapter(attach_lora(base.model, cfg.lora, seed=0))
-    from protocol.adapter import AdapterSpec
-
+    spec = AdapterSpec.of(adapter)
     content = encode_train_instruction(cfg.train_instruction(1), adapter)
-    return content, cfg.to_mapping(), AdapterSpec.of(adapter)
-
-
-def test_worker_computes_what_the_clientapp_computes(
-    tiny_model_dir: Path, model_cache: Path, tmp_path: Path, serve: Callable[[Handler], Path]
-) -> None:
-    from client.app import handle_train
-    from protocol.messages import decode_update
-
-    data = tmp_path / "d.jsonl"
-    data.write_text(
-        "".join(
-            f'{{"instruction": "Say {i}", "response": "The number is {i}."}}\n' for i in range(20)
-        )
-    )
-    content, run_config, spec = _train_content(tiny_model_dir, model_cache)
     node_config = {"data-path": str(data), "cache-dir": str(model_cache),
                    "state-dir": str(tmp_path / "state")}  # fmt: skip
-    direct = handle_train(content, node_config, run_config)
+    direct = client_app(
+        _message(content, MessageType.TRAIN), _context(node_config, cfg.to_mapping())
+    )
 
     path = serve(default_handler())
     # The coordinator's own paths in the run config must not leak into the device's settings.
-    remote_run_config = {**run_config, "cache-dir": "/coordinator/only/cache"}
+    remote_run_config = {**cfg.to_mapping(), "cache-dir": "/coordinator/only/cache"}
+    msg = _message(content, MessageType.TRAIN)
     reply, out = call(
-        path,
-        {"op": "train", "node_config": node_config, "run_config": remote_run_config},
-        recorddict_to_proto(content).SerializeToString(),
-        timeout=120,
+        path, {"op": "message"}, _wire(msg, _context(node_config, remote_run_config)), timeout=120
     )
     assert reply["ok"], reply
-    via_worker = recorddict_from_proto(ProtoRecordDict.FromString(out))
-    a, b = decode_update(direct, spec), decode_update(via_worker, spec)
+    via_worker, _ = _unwire(out)
+    assert via_worker.metadata.reply_to_message_id == msg.metadata.message_id
+    a, b = decode_update(direct.content, spec), decode_update(via_worker.content, spec)
     assert a.num_examples == b.num_examples > 0
     for k in a.delta:
         np.testing.assert_array_equal(a.delta[k], b.delta[k])
@@ -201,50 +234,39 @@ def test_worker_computes_what_the_clientapp_computes(
 # ------------------------------------------------------------------ the forwarding ClientApp
 
 
-def _context(node_config: dict[str, Any]) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
-                   run_config={"round-timeout": 5.0})  # fmt: skip
-
-
-def _message(content: RecordDict, kind: str) -> Message:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    msg = Message(content=content, dst_node_id=7, message_type=kind, group_id="1")
-    msg.metadata.__dict__["_message_id"] = "m1"
-    return msg
-
-
-def test_device_app_forwards_and_turns_failures_into_error_replies(
+def test_device_app_forwards_any_message_type_and_the_context_state(
     serve: Callable[[Handler], Path], tmp_path: Path
 ) -> None:
     from flwr.app import ConfigRecord
 
     from client.device_app import app
 
-    seen: list[tuple[str, dict[str, Any]]] = []
+    seen: list[str] = []
 
     def handler(op: str, header: dict[str, Any], body: bytes) -> bytes:
-        seen.append((op, header))
-        if op == "evaluate":
+        msg, ctx = _unwire(body)
+        seen.append(msg.metadata.message_type)
+        if msg.metadata.message_type == MessageType.EVALUATE:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
-        content = recorddict_from_proto(ProtoRecordDict.FromString(body))
-        content["echo"] = ConfigRecord({"ok": 1})
-        return bytes(recorddict_to_proto(content).SerializeToString())
+        ctx.state["stage"] = ConfigRecord({"n": len(seen)})  # e.g. secure aggregation's state
+        reply = RecordDict({"echo": ConfigRecord({"x": msg.content["config"]["x"]})})
+        return _wire(Message(reply, reply_to=msg), ctx)
 
     path = serve(handler)
     content = RecordDict({"config": ConfigRecord({"x": 3})})
-    ctx = _context({"worker-socket": str(path), "data-path": "/data"})
+    ctx = _context({"worker-socket": str(path), "data-path": "/data"}, {"round-timeout": 5.0})
 
-    reply = app(_message(content, MessageType.TRAIN), ctx)
-    assert not reply.has_error()
-    assert reply.content["echo"]["ok"] == 1 and reply.content["config"]["x"] == 3
-    assert seen[0][0] == "train" and seen[0][1]["node_config"]["data-path"] == "/data"
-    assert seen[0][1]["run_config"] == {"round-timeout": 5.0}
+    for kind in (MessageType.TRAIN, "train.secagg_setup"):
+        reply = app(_message(content, kind), ctx)
+        assert not reply.has_error() and reply.content["echo"]["x"] == 3
+    assert seen == ["train", "train.secagg_setup"]
+    assert ctx.state["stage"]["n"] == 2  # the worker's context state came back
 
     reply = app(_message(content, MessageType.EVALUATE), ctx)
     assert reply.has_error()
     assert reply.error.reason == "RuntimeError: DefaultCPUAllocator: can't allocate memory"
 
-    gone = _context({"worker-socket": str(tmp_path / "gone.sock")})
+    gone = _context({"worker-socket": str(tmp_path / "gone.sock")}, {"round-timeout": 5.0})
     reply = app(_message(content, MessageType.TRAIN), gone)
     assert reply.has_error() and "device worker is not running" in reply.error.reason
 
