@@ -78,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cost-steps", type=int, default=6, help="steps per method in part 2")
     p.add_argument("--skip-utility", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--skip-noise-table", action="store_true")
     p.add_argument("--cost-first", action="store_true", help="run part 2 before part 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -126,10 +127,13 @@ def run_utility(
     initial = get_adapter(model)
     results = []
     settings: list[tuple[str, float | None, bool]] = []
-    for ffa in (False, True):
-        settings.append(("no DP", None, ffa))
-        for e in [float(x) for x in args.epsilons.split(",") if x]:
-            settings.append((f"eps={e:g}", e, ffa))
+    # Most informative first (no DP, then the largest epsilon), each with and without FFA-LoRA,
+    # so a run cut short on a busy machine still has matched pairs.
+    targets: list[float | None] = [None]
+    targets += sorted((float(x) for x in args.epsilons.split(",") if x), reverse=True)
+    for e in targets:
+        for ffa in (False, True):
+            settings.append(("no DP" if e is None else f"eps={e:g}", e, ffa))
     for label, eps, ffa in settings:
         values = {
             "rounds": args.rounds,
@@ -366,7 +370,7 @@ def main() -> None:
         "lora": sum(v.size for v in g.values()),
         "ffa": sum(v.size for k, v in g.items() if ".lora_B." in k),
     }
-    table = noise_table(args, numel)
+    table = [] if args.skip_noise_table else noise_table(args, numel)
     report["noise"] = table
     print(f"{'population':>10} {'per round':>9} {'eps':>4} {'z':>7} {'noise/signal LoRA':>18} FFA")
     for r in table:
