@@ -365,3 +365,24 @@ def test_an_empty_poisson_cohort_still_releases_noise(
     noise = np.concatenate([(new[k] - g[k]).ravel() for k in g])
     assert noise.std() == pytest.approx(1.0 * 0.5 / 2.0, rel=0.1)
     assert dp.ledger.releases == 1
+
+
+def test_adaptive_clip_norm_is_saved_with_the_round(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    grid = FakeGrid({n: client(i) for i, n in enumerate(NODES)})
+    extra = {"noise-multiplier": 0.5, "adaptive-clip": True, "clip-count-stddev": 1.0}
+    cfg = cfg_for(tiny_model_dir, model_cache, out, rounds=2, **DP, **extra)
+    rows = run_federation(grid, cfg, out, progress=Progress(2, live=False))
+    assert rows[1]["dp_clip_norm"] == 0.5  # the initial C
+    assert rows[2]["dp_clip_norm"] == pytest.approx(rows[1]["dp_next_clip_norm"])
+    state = json.loads((out / "state.json").read_text())["privacy"]
+    assert state["clip_norm"] == pytest.approx(rows[2]["dp_next_clip_norm"])
+    privacy = json.loads((out / "config.json").read_text())["privacy"]
+    assert privacy["adaptive_clip"] == {
+        "target_quantile": 0.5,
+        "learning_rate": 0.2,
+        "count_stddev": 1.0,
+    }
+    assert privacy["sum_noise_multiplier"] == pytest.approx((0.5**-2 - 2.0**-2) ** -0.5)
