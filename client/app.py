@@ -128,14 +128,27 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         settings, runtime = _prepare(context, instr.lora, base_defaults)
         t_load = time.perf_counter() - t0
         data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
-        update = train_round(
-            runtime.model,
-            data.train,
-            instr,
-            global_adapter,
-            pad_id=runtime.pad_id,
-            client_seed=data.seed,
-        )
+        if instr.sample_dp.enabled:  # DP-SGD, with this client's ledger in its state dir
+            from client.dpsgd import private_round
+
+            update = private_round(
+                runtime.model,
+                data.train,
+                instr,
+                global_adapter,
+                pad_id=runtime.pad_id,
+                client_seed=data.seed,
+                state_dir=settings.state_dir,
+            )
+        else:
+            update = train_round(
+                runtime.model,
+                data.train,
+                instr,
+                global_adapter,
+                pad_id=runtime.pad_id,
+                client_seed=data.seed,
+            )
         metrics = dict(update.metrics)
         metrics.update(
             {

@@ -70,11 +70,11 @@ def batch_schedule(
     return [np.asarray(order[i * size : (i + 1) * size]) for i in range(steps)]
 
 
-def response_loss(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and their count."""
+def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy at each labelled position (N,), and the example each position
+    belongs to (N,)."""
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    n_tokens = int(keep.sum())
     base = cast("PreTrainedModel", model.get_base_model())
     if getattr(base.config, "model_type", None) in _PLAIN_HEAD_MODEL_TYPES:
         decoder = cast(torch.nn.Module, base.get_decoder())
@@ -86,8 +86,24 @@ def response_loss(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, int]:
     else:
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits = full[:, :-1][keep]
-    loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss_sum, n_tokens
+    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return losses, keep.nonzero()[:, 0]
+
+
+def response_loss(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and their count."""
+    losses, _ = token_losses(model, batch)
+    return losses.sum(), int(losses.numel())
+
+
+def per_example_loss(model: PeftModel, batch: Batch) -> torch.Tensor:
+    """Each example's mean loss per response token (B,): the unit DP-SGD clips. Examples without
+    a labelled token contribute 0."""
+    losses, owner = token_losses(model, batch)
+    n = batch.input_ids.shape[0]
+    sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, owner, losses)
+    counts = torch.bincount(owner, minlength=n).to(losses.dtype)
+    return sums / counts.clamp(min=1)
 
 
 def _client_rng(instr: TrainInstruction, client_seed: int) -> np.random.Generator:

@@ -8,10 +8,12 @@ the clients' adapters.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
+Update = tuple[Arrays, float]  # (adapter delta, FedAvg weight)
 
 
 def weighted_mean(updates: Sequence[tuple[Arrays, float]]) -> dict[str, np.ndarray]:
@@ -51,3 +53,20 @@ def fedavg(
 ) -> dict[str, np.ndarray]:
     """The next global adapter: FedAvg of the clients' deltas, weighted by example counts."""
     return apply_delta(global_adapter, weighted_mean(updates))
+
+
+class Aggregator(Protocol):
+    """The round loop's aggregation step: (global adapter, decoded updates) -> (next global
+    adapter, metrics for the round's row). Wrappers (client-level DP) take another Aggregator and
+    change what it sees, as Flower's DP strategy wrappers do."""
+
+    def __call__(
+        self, global_adapter: Arrays, updates: Sequence[Update]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
+
+
+def fedavg_aggregator(
+    global_adapter: Arrays, updates: Sequence[Update]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """FedAvg as an ``Aggregator``: no extra metrics."""
+    return fedavg(global_adapter, updates), {}

@@ -7,17 +7,38 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from client.defaults import DEFAULT_MODEL, Quantization
-from protocol.messages import EvalInstruction, LoraSpec, TrainInstruction
+from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
 
 ROUND_FAILURE_POLICIES = ("continue", "stop")
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
+
+
+class DpMode(StrEnum):
+    """Differential privacy for a run: off, per client (coordinator-side DP-FedAvg) or per
+    training example (DP-SGD on every client)."""
+
+    NONE = "none"
+    CLIENT = "client"
+    SAMPLE = "sample"
+
+    @classmethod
+    def parse(cls, value: str, *, field: str = "dp") -> DpMode:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"{field}: {value!r} is not one of {choices}") from None
+
+
+ACCOUNTANTS = ("rdp", "pld")
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,20 @@ class RunConfig:
     secagg_weight_cap: int = 65536  # example weights (num-examples) are capped at this
     inject_dropout: float = 0.0  # simulation: fraction of each round's clients made to crash
     dropout_stage: str = "masked-input"  # advertise | share-keys | masked-input | unmask
+    # -- differential privacy (README, "Differential privacy") --------------------------------
+    dp: DpMode = DpMode.NONE
+    noise_multiplier: float = 0.0  # client: z on the clipped sum; sample: DP-SGD sigma
+    clip_norm: float = 1.0  # client: L2 bound per client update; sample: per example gradient
+    adaptive_clip: bool = False  # client: Andrew et al. 2021 quantile-tracking clip norm
+    clip_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clip_count_stddev: float = 0.0  # 0: expected clients per round / 20 (the paper's choice)
+    target_epsilon: float = 0.0  # 0: none; client: calibrate noise-multiplier for `rounds`
+    max_epsilon: float = 0.0  # 0: none; stop before a round would exceed it
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)
+    population: int = 0  # clients in the population; 0: the nodes connected at the start
+    ffa_lora: bool = False  # FFA-LoRA: A frozen at the shared init, only B trained and sent
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -103,6 +138,7 @@ class RunConfig:
             f"must be in [0, 1), got {self.heldout_fraction}",
         )
         self._check_secagg(need)
+        self._check_privacy(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
 
@@ -158,6 +194,98 @@ class RunConfig:
             "injects dropouts into secure aggregation; it needs --secagg",
         )
 
+    def _check_privacy(self, need: Any) -> None:
+        need(self.clip_norm > 0, "clip-norm", f"must be > 0, got {self.clip_norm}")
+        # Not combined yet: secure aggregation has its own round (coordinator/secagg_round.py);
+        # client-level DP there means client-side (Skellam) noise, whose accounting is
+        # privacy/distributed_dp.py, and FFA-LoRA needs its trainable keys in that round.
+        need(
+            not (self.secagg and self.dp is DpMode.CLIENT),
+            "dp",
+            "'client' with --secagg (noise added by the clients) is not wired yet; run "
+            "--dp client without --secagg (noise added by the coordinator)",
+        )
+        need(
+            not (self.secagg and self.ffa_lora),
+            "ffa-lora",
+            "is not wired into secure-aggregation rounds yet; drop --secagg or --ffa-lora",
+        )
+        need(
+            self.noise_multiplier >= 0,
+            "noise-multiplier",
+            f"must be > 0, got {self.noise_multiplier}",
+        )
+        need(0.0 < self.delta < 1.0, "delta", f"must be in (0, 1), got {self.delta}")
+        need(
+            self.target_epsilon >= 0,
+            "target-epsilon",
+            f"must be > 0 (or 0 for none), got {self.target_epsilon}",
+        )
+        need(
+            self.max_epsilon >= 0,
+            "max-epsilon",
+            f"must be > 0 (or 0 for none), got {self.max_epsilon}",
+        )
+        need(
+            self.accountant in ACCOUNTANTS,
+            "accountant",
+            f"{self.accountant!r} is not one of {', '.join(ACCOUNTANTS)}",
+        )
+        need(self.population >= 0, "population", f"must be >= 0, got {self.population}")
+        need(
+            0.0 < self.clip_quantile < 1.0,
+            "clip-quantile",
+            f"must be in (0, 1), got {self.clip_quantile}",
+        )
+        need(
+            self.clip_learning_rate > 0,
+            "clip-learning-rate",
+            f"must be > 0, got {self.clip_learning_rate}",
+        )
+        need(
+            self.clip_count_stddev >= 0,
+            "clip-count-stddev",
+            f"must be >= 0 (0: clients-per-round / 20), got {self.clip_count_stddev}",
+        )
+        if self.dp is DpMode.NONE:
+            for key, on in (
+                ("noise-multiplier", self.noise_multiplier > 0),
+                ("target-epsilon", self.target_epsilon > 0),
+                ("max-epsilon", self.max_epsilon > 0),
+                ("adaptive-clip", self.adaptive_clip),
+            ):
+                need(not on, key, "needs --dp client or --dp sample (dp is 'none')")
+            return
+        need(
+            not (self.noise_multiplier > 0 and self.target_epsilon > 0),
+            "noise-multiplier",
+            "give either noise-multiplier or target-epsilon, not both",
+        )
+        if self.dp is DpMode.SAMPLE:
+            need(
+                self.noise_multiplier > 0,
+                "noise-multiplier",
+                f"dp 'sample' needs a noise multiplier > 0, got {self.noise_multiplier}",
+            )
+            need(
+                self.target_epsilon == 0,
+                "target-epsilon",
+                "is for dp 'client'; with dp 'sample' use noise-multiplier and max-epsilon "
+                "(each client stops training when its own epsilon would pass it)",
+            )
+            need(not self.adaptive_clip, "adaptive-clip", "is for dp 'client' only")
+            return
+        need(
+            self.noise_multiplier > 0 or self.target_epsilon > 0,
+            "noise-multiplier",
+            "dp 'client' needs a noise multiplier > 0 or a target-epsilon, got neither",
+        )
+
+    @property
+    def count_stddev(self) -> float:
+        """Noise std on the adaptive-clipping count (Andrew et al.: expected cohort / 20)."""
+        return self.clip_count_stddev or self.clients_per_round / 20.0
+
     def train_instruction(self, rnd: int) -> TrainInstruction:
         try:
             return TrainInstruction(
@@ -169,9 +297,21 @@ class RunConfig:
                 learning_rate=self.learning_rate,
                 max_grad_norm=self.max_grad_norm,
                 seed=self.seed,
+                sample_dp=self.sample_dp(),
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from exc
+
+    def sample_dp(self) -> SampleDP:
+        if self.dp is not DpMode.SAMPLE:
+            return SampleDP()
+        return SampleDP(
+            noise_multiplier=self.noise_multiplier,
+            clip_norm=self.clip_norm,
+            delta=self.delta,
+            max_epsilon=self.max_epsilon,
+            accountant=self.accountant,
+        )
 
     def eval_instruction(self, rnd: int) -> EvalInstruction:
         return EvalInstruction(
@@ -212,9 +352,10 @@ class RunConfig:
             if f.name == "lora" or key not in values:
                 continue
             raw = values[key]
-            if f.name == "quantization":
+            if f.name in ("quantization", "dp"):
+                parse = Quantization.parse if f.name == "quantization" else DpMode.parse
                 try:
-                    kwargs[f.name] = Quantization.parse(str(raw))
+                    kwargs[f.name] = parse(str(raw))
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from exc
             else:
@@ -235,7 +376,7 @@ class RunConfig:
                         "lora-targets": ",".join(value.target_modules),
                     }
                 )
-            elif isinstance(value, Quantization):
+            elif isinstance(value, StrEnum):
                 out[f.name.replace("_", "-")] = value.value
             else:
                 out[f.name.replace("_", "-")] = value

@@ -8,6 +8,7 @@ aggregation. The aggregation itself is the pure function in ``coordinator.aggreg
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -20,8 +21,9 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.aggregation import fedavg
-from coordinator.config import RunConfig
+from coordinator.aggregation import Aggregator, fedavg_aggregator
+from coordinator.config import DpMode, RunConfig
+from coordinator.dp import ClientDPSettings, ClientLevelDP, resolve_client_dp
 from coordinator.progress import Progress
 from coordinator.rundir import RunDirectory
 from protocol.adapter import AdapterSpec
@@ -91,6 +93,8 @@ def exchange(
 ) -> Exchange:
     """Send one message per node and wait (at most ``timeout`` s) for the replies."""
     out = Exchange(timeout=timeout)
+    if not contents:  # e.g. an empty Poisson-sampled cohort under client-level DP
+        return out
     t0 = time.monotonic()
     messages = []
     for node, content in contents.items():
@@ -289,11 +293,21 @@ def train_round(
     spec: AdapterSpec,
     rnd: int,
     progress: Progress,
+    *,
+    aggregate: Aggregator = fedavg_aggregator,
+    trainable_keys: Sequence[str] = (),
+    min_clients: int | None = None,
 ) -> tuple[Arrays | None, dict[str, Any], int, int]:
     """Send the global adapter to ``nodes``, collect and validate updates, aggregate.
 
+    ``aggregate`` is the aggregation step (FedAvg, or FedAvg wrapped in client-level DP);
+    ``trainable_keys`` restricts what clients train and send (FFA-LoRA: the B matrices);
+    ``min_clients`` overrides cfg.min_clients (DP releases every round: 0).
     Returns (new adapter or None if the round failed, metrics, bytes down, bytes up)."""
     instr = cfg.train_instruction(rnd)
+    if trainable_keys:
+        instr = dataclasses.replace(instr, trainable_keys=tuple(trainable_keys))
+    needed = cfg.min_clients if min_clients is None else min_clients
     expected = spec.subset(instr.trainable_keys) if instr.trainable_keys else spec
     content = encode_train_instruction(instr, adapter)
     ex = broadcast(grid, cfg, nodes, content, MessageType.TRAIN, rnd, progress)
@@ -320,16 +334,41 @@ def train_round(
             (u.metrics.get("peak-rss-mb", 0.0) for u in ok), default=None
         ),
     }
-    if len(ok) < cfg.min_clients:
+    client_eps = [u.metrics["client-epsilon"] for u in ok if "client-epsilon" in u.metrics]
+    if client_eps:  # sample-level DP: each client's own cumulative epsilon
+        metrics["client_epsilon_max"] = max(client_eps)
+    if len(ok) < needed:
         metrics["status"] = "failed"
-        metrics["reason"] = f"{len(ok)} usable update(s), min-clients is {cfg.min_clients}"
+        metrics["reason"] = f"{len(ok)} usable update(s), min-clients is {needed}"
         return None, metrics, ex.bytes_down, ex.bytes_up
-    new = fedavg(adapter, [(u.delta, u.num_examples) for u in ok])
+    new, agg_metrics = aggregate(adapter, [(u.delta, u.num_examples) for u in ok])
+    metrics.update(agg_metrics)
     metrics["status"] = "ok"
     metrics["update_norm"] = float(
         np.sqrt(sum(float(np.sum((new[k] - adapter[k]).astype(np.float64) ** 2)) for k in adapter))
     )
     return new, metrics, ex.bytes_down, ex.bytes_up
+
+
+def _client_dp(
+    cfg: RunConfig,
+    connected: int,
+    update_keys: Sequence[str],
+    saved_state: dict[str, Any] | None,
+) -> ClientLevelDP | None:
+    """Client-level DP for this run, or None. A resumed run continues its saved ledger with the
+    settings it started with (a changed ``rounds`` does not recalibrate the noise)."""
+    if cfg.dp is not DpMode.CLIENT:
+        return None
+    if saved_state is not None and "privacy" in saved_state:
+        settings = ClientDPSettings.from_record(saved_state["privacy"]["settings"])
+        if cfg.max_epsilon > 0:  # the one setting a resumed run may change
+            limits = [e for e in (cfg.max_epsilon, settings.target_epsilon) if e]
+            settings = dataclasses.replace(settings, max_epsilon=min(limits))
+        dp = ClientLevelDP(settings, update_keys)
+        dp.load_state_dict(saved_state["privacy"])
+        return dp
+    return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys)
 
 
 def run_federation(
@@ -360,8 +399,31 @@ def run_federation(
         from coordinator.secagg_round import SecureAggregation
 
         secure = SecureAggregation(cfg)
+    # FFA-LoRA (Sun et al. 2024): A stays at the shared initialisation; only B is trained and sent.
+    trainable = tuple(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else ()
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
+    dp = _client_dp(cfg, len(nodes), trainable or spec.names, saved[0] if saved else None)
+    if dp is not None:
+        rundir.update_config("privacy", dp.settings.to_record())
+        log.info(
+            "client-level DP: noise multiplier %.4g, clip norm %.4g, q = %d/%d, delta %g (%s)",
+            dp.settings.noise_multiplier,
+            dp.clip_norm,
+            cfg.clients_per_round,
+            dp.settings.population,
+            dp.settings.delta,
+            dp.settings.accountant.value,
+        )
+
+    def privacy_state() -> dict[str, Any]:
+        return {"privacy": dp.state_dict()} if dp is not None else {}
+
+    def privacy_row() -> dict[str, Any]:
+        if dp is None:
+            return {}
+        return {"epsilon": dp.epsilon(), "delta": dp.settings.delta}
+
     eval_nodes = (
         nodes if cfg.eval_clients == 0 else sample_nodes(nodes, cfg.eval_clients, cfg.seed, 0)
     )
@@ -386,7 +448,7 @@ def run_federation(
     if start == 1:
         t0 = time.monotonic()
         row, down, up = evaluate_all(0)
-        rundir.save_round(0, functools.partial(server.write_peft, adapter))
+        rundir.save_round(0, functools.partial(server.write_peft, adapter), privacy_state())
         rundir.append_metrics(
             {
                 "round": 0,
@@ -397,15 +459,38 @@ def run_federation(
                 "bytes_down": down,
                 "bytes_up": up,
                 "seconds": time.monotonic() - t0,
+                **privacy_row(),
             }
         )
         progress.round_done(rundir.read_metrics()[-1])
 
     for rnd in range(start, cfg.rounds + 1):
+        if dp is not None and not dp.budget_allows_next_round():
+            reason = (
+                f"round {rnd} would take epsilon from {dp.epsilon():.4g} to "
+                f"{dp.epsilon_after_next_round():.4g}, past the limit {dp.settings.max_epsilon:g}"
+            )
+            log.warning("stopping: %s", reason)
+            rundir.mark_stopped(reason)
+            break
         t0 = time.monotonic()
         live = live_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
         if len(live) < cfg.min_clients:
             new, train_metrics, down, up = None, _not_enough_nodes(cfg, len(live)), 0, 0
+        elif dp is not None:
+            sampled = dp.sample(live)
+            new, train_metrics, down, up = train_round(
+                grid,
+                cfg,
+                sampled,
+                adapter,
+                spec,
+                rnd,
+                progress,
+                aggregate=dp,
+                trainable_keys=trainable,
+                min_clients=0,  # skipping a round would reveal how many clients took part
+            )
         elif secure is not None:
             sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
             new, train_metrics, down, up = secure.train_round(
@@ -414,7 +499,7 @@ def run_federation(
         else:
             sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
             new, train_metrics, down, up = train_round(
-                grid, cfg, sampled, adapter, spec, rnd, progress
+                grid, cfg, sampled, adapter, spec, rnd, progress, trainable_keys=trainable
             )
         if new is not None:
             adapter = new
@@ -423,7 +508,7 @@ def run_federation(
                 "round %d failed: %s; the global adapter is unchanged", rnd, train_metrics["reason"]
             )
         eval_row, edown, eup = evaluate_all(rnd)
-        rundir.save_round(rnd, functools.partial(server.write_peft, adapter))
+        rundir.save_round(rnd, functools.partial(server.write_peft, adapter), privacy_state())
         row = {
             "round": rnd,
             **train_metrics,
@@ -431,6 +516,7 @@ def run_federation(
             "bytes_down": down + edown,
             "bytes_up": up + eup,
             "seconds": time.monotonic() - t0,
+            **privacy_row(),
         }
         rundir.append_metrics(row)
         rundir.plot()

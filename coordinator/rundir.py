@@ -87,7 +87,8 @@ class RunDirectory:
             diffs = [
                 k
                 for k in new_cfg
-                if k not in ("rounds", "output-dir") and saved_cfg.get(k) != new_cfg[k]
+                if k not in ("rounds", "output-dir", "max-epsilon")
+                and saved_cfg.get(k) != new_cfg[k]
             ]
             if diffs:
                 raise RunDirError(
@@ -97,6 +98,19 @@ class RunDirectory:
         path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path / CONFIG, dict(config))
         return run
+
+    def update_config(self, section: str, data: Mapping[str, Any]) -> None:
+        """Add (or replace) one top-level section of config.json, e.g. the privacy settings
+        resolved once the population is known."""
+        current = json.loads((self.path / CONFIG).read_text())
+        current[section] = dict(data)
+        write_json_atomic(self.path / CONFIG, current)
+
+    def mark_stopped(self, reason: str) -> None:
+        """Note in state.json why the run stopped before its last round."""
+        state = json.loads(self.state_path.read_text())
+        state["stopped"] = reason
+        write_json_atomic(self.state_path, state)
 
     @property
     def state_path(self) -> Path:

@@ -51,6 +51,45 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class SampleDP:
+    """Sample-level DP-SGD settings for local training; ``noise_multiplier == 0`` means off.
+
+    Each local step Poisson-samples examples with rate batch_size / local examples, clips every
+    example's gradient of the LoRA parameters to ``clip_norm`` and adds N(0, (noise_multiplier *
+    clip_norm)^2). The client keeps its own ledger and refuses a round that would take its
+    epsilon past ``max_epsilon`` (0: no limit)."""
+
+    noise_multiplier: float = 0.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+    accountant: str = "rdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+            "sample_dp.noise_multiplier",
+            f"must be >= 0, got {self.noise_multiplier}",
+        )
+        _require(self.clip_norm > 0, "sample_dp.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _require(0.0 < self.delta < 1.0, "sample_dp.delta", f"must be in (0, 1), got {self.delta}")
+        _require(
+            self.max_epsilon >= 0,
+            "sample_dp.max_epsilon",
+            f"must be >= 0, got {self.max_epsilon}",
+        )
+        _require(
+            self.accountant in ("rdp", "pld"),
+            "sample_dp.accountant",
+            f"must be rdp or pld, got {self.accountant!r}",
+        )
+
+
+@dataclass(frozen=True)
 class TrainInstruction:
     """One round of local training, as sent by the coordinator."""
 
@@ -64,6 +103,7 @@ class TrainInstruction:
     seed: int = 0
     # Adapter tensors the client trains and returns; empty means all of them.
     trainable_keys: tuple[str, ...] = ()
+    sample_dp: SampleDP = field(default_factory=SampleDP)
     schema_version: int = keys.SCHEMA_VERSION
 
     def __post_init__(self) -> None:

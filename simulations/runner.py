@@ -30,7 +30,8 @@ from client.model import (
     weight_module_names,
 )
 from client.settings import partition_file
-from coordinator.config import ConfigError, RunConfig, resolve_output_dir
+from coordinator.config import ConfigError, DpMode, RunConfig, resolve_output_dir
+from coordinator.dp import resolve_client_dp
 from coordinator.progress import Progress
 from coordinator.rundir import write_json_atomic
 from simulations.partition import PartitionSpec, partition
@@ -81,9 +82,32 @@ def write_partitions(
     return index
 
 
+def check_privacy(cfg: RunConfig, client_rows: list[int], *, resuming: bool = False) -> None:
+    """Reject privacy settings that cannot work for this fleet before Ray starts (the server
+    checks again with the connected population; a resumed run keeps its saved settings)."""
+    if cfg.dp is DpMode.CLIENT and not resuming:
+        resolve_client_dp(cfg, len(client_rows))
+    if cfg.dp is DpMode.SAMPLE:
+        smallest = min(client_rows)
+        if not cfg.delta < 1.0 / smallest:
+            raise ConfigError(
+                f"delta: {cfg.delta:g} must be below 1/(examples of the smallest client) = "
+                f"1/{smallest}"
+            )
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("flwr", "torch", "transformers", "peft", "bitsandbytes", "torchao"):
+    for pkg in (
+        "flwr",
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "torchao",
+        "opacus",
+        "dp-accounting",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
@@ -109,6 +133,7 @@ def simulate(
     n = len(index)
     if sim.run.clients_per_round > n:
         raise ConfigError(f"clients-per-round: {sim.run.clients_per_round} exceeds the {n} clients")
+    check_privacy(sim.run, [int(c["rows"]) for c in index], resuming=sim.resume)
 
     cache = Path(sim.run.cache_dir).expanduser() if sim.run.cache_dir else default_cache_dir()
     source = resolve_model(sim.run.model)
@@ -173,7 +198,12 @@ def summary(run_dir: Path) -> Mapping[str, Any]:
         json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
     ]
     first, last = rows[0], rows[-1]
+    state_file = run_dir / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     return {
+        "epsilon": last.get("epsilon"),
+        "delta": last.get("delta"),
+        "stopped": state.get("stopped"),
         "rounds": last["round"],
         "eval_loss_round0": first.get("eval_loss"),
         "eval_loss_final": last.get("eval_loss"),

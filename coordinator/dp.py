@@ -1,0 +1,299 @@
+"""Client-level differential privacy on the coordinator (DP-FedAvg, McMahan et al. 2018).
+
+``ClientLevelDP`` wraps the round's aggregation step: it clips each client's update (all the
+adapter tensors it sent, as one vector) to L2 norm C, adds N(0, (z_sum C)^2) to the sum, divides
+by the fixed expected cohort size D = q * population and hands that single noisy mean update to
+the inner aggregator (FedAvg applies it as it is). It also Poisson-samples each round's cohort
+with rate q from a secret generator (amplification by sampling needs the cohort to be secret) and
+records every release in a client-level ``PrivacyLedger``.
+
+``resolve_client_dp`` turns the run configuration and the population into the settings actually
+used (calibrating z for ``target-epsilon`` when asked); they go to ``config.json`` so epsilon can
+be recomputed from the run directory alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregation import Aggregator, Arrays, Update, fedavg_aggregator
+from coordinator.config import ConfigError, RunConfig
+from privacy.accounting import (
+    AccountantKind,
+    GaussianRelease,
+    PrivacyConfigError,
+    PrivacyLedger,
+    PrivacyUnit,
+    calibrate_noise_multiplier,
+)
+from privacy.mechanisms import (
+    AdaptiveClipping,
+    dp_mean,
+    flatten,
+    next_clip_norm,
+    noisy_unclipped_fraction,
+    poisson_sample,
+    secure_rng,
+    sum_noise_multiplier,
+    unflatten,
+)
+
+log = logging.getLogger("fedtune")
+
+
+@dataclass(frozen=True)
+class ClientDPSettings:
+    """What client-level DP actually uses in a run (recorded in config.json)."""
+
+    noise_multiplier: float  # z of the whole release (what the accountant sees)
+    clip_norm: float  # the initial clip norm C (adaptive clipping moves it)
+    sampling_rate: float  # q: each client takes part in a round with this probability
+    denominator: float  # D = q * population: the fixed divisor of the noisy sum
+    population: int
+    delta: float
+    accountant: AccountantKind
+    target_epsilon: float | None = None
+    max_epsilon: float | None = None  # stop before a round would exceed this
+    calibrated_rounds: int | None = None  # rounds z was calibrated for (target-epsilon)
+    adaptive: AdaptiveClipping | None = None
+
+    @property
+    def sum_noise_multiplier(self) -> float:
+        """Multiplier of the noise on the clipped sum (= z unless adaptive clipping shares the
+        budget with its noisy count)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return sum_noise_multiplier(self.noise_multiplier, self.adaptive.count_stddev)
+
+    def release(self) -> GaussianRelease:
+        return GaussianRelease(self.noise_multiplier, self.sampling_rate)
+
+    def to_record(self) -> dict[str, Any]:
+        try:
+            library = f"dp-accounting {metadata.version('dp-accounting')}"
+        except metadata.PackageNotFoundError:  # pragma: no cover - it is a dependency
+            library = "dp-accounting"
+        return {
+            "unit": PrivacyUnit.CLIENT.value,
+            "mechanism": "poisson-gaussian",
+            "adjacency": "add-or-remove one client",
+            "noise_multiplier": self.noise_multiplier,
+            "sum_noise_multiplier": self.sum_noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "sampling_rate": self.sampling_rate,
+            "denominator": self.denominator,
+            "population": self.population,
+            "delta": self.delta,
+            "accountant": self.accountant.value,
+            "accountant_library": library,
+            "target_epsilon": self.target_epsilon,
+            "max_epsilon": self.max_epsilon,
+            "calibrated_rounds": self.calibrated_rounds,
+            "adaptive_clip": None
+            if self.adaptive is None
+            else {
+                "target_quantile": self.adaptive.target_quantile,
+                "learning_rate": self.adaptive.learning_rate,
+                "count_stddev": self.adaptive.count_stddev,
+            },
+        }
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> ClientDPSettings:
+        ad = rec.get("adaptive_clip")
+        return cls(
+            noise_multiplier=float(rec["noise_multiplier"]),
+            clip_norm=float(rec["clip_norm"]),
+            sampling_rate=float(rec["sampling_rate"]),
+            denominator=float(rec["denominator"]),
+            population=int(rec["population"]),
+            delta=float(rec["delta"]),
+            accountant=AccountantKind(str(rec["accountant"])),
+            target_epsilon=rec.get("target_epsilon"),
+            max_epsilon=rec.get("max_epsilon"),
+            calibrated_rounds=rec.get("calibrated_rounds"),
+            adaptive=None
+            if ad is None
+            else AdaptiveClipping(
+                float(ad["target_quantile"]), float(ad["learning_rate"]), float(ad["count_stddev"])
+            ),
+        )
+
+
+def resolve_client_dp(cfg: RunConfig, population: int) -> ClientDPSettings:
+    """Check the client-level DP settings against the population and calibrate z if asked.
+
+    Raises ``ConfigError`` naming the setting (z <= 0, C <= 0, delta >= 1/population, a target
+    epsilon that cannot be reached in ``rounds`` rounds, ...)."""
+    try:
+        return _resolve(cfg, population)
+    except PrivacyConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _resolve(cfg: RunConfig, population: int) -> ClientDPSettings:
+    population = cfg.population or population
+    if population < 1:
+        raise ConfigError(f"population: must be >= 1, got {population}")
+    if cfg.clients_per_round > population:
+        raise ConfigError(
+            f"clients-per-round: {cfg.clients_per_round} exceeds the population of {population}"
+        )
+    if cfg.clip_norm <= 0:
+        raise ConfigError(f"clip-norm: must be > 0, got {cfg.clip_norm}")
+    if not 0 < cfg.delta < 1.0 / population:
+        raise ConfigError(
+            f"delta: {cfg.delta:g} must be below 1/population = 1/{population} = "
+            f"{1.0 / population:.3g} (a larger delta allows releasing one client's data whole)"
+        )
+    q = cfg.clients_per_round / population
+    kind = AccountantKind.parse(cfg.accountant)
+    adaptive = None
+    if cfg.adaptive_clip:
+        adaptive = AdaptiveClipping(cfg.clip_quantile, cfg.clip_learning_rate, cfg.count_stddev)
+    target = cfg.target_epsilon or None
+    if target is not None:
+        # With adaptive clipping z must stay below 2 x count stddev (the count's own share).
+        ceiling = 2.0 * adaptive.count_stddev * (1 - 1e-9) if adaptive else None
+        try:
+            z = calibrate_noise_multiplier(
+                target,
+                cfg.delta,
+                q,
+                cfg.rounds,
+                kind,
+                **({"max_noise_multiplier": ceiling} if ceiling else {}),
+            )
+        except PrivacyConfigError as exc:
+            hint = (
+                f" (adaptive clipping caps the noise multiplier at 2 x clip-count-stddev = "
+                f"{ceiling:.3g}; raise clip-count-stddev)"
+                if ceiling
+                else ""
+            )
+            raise ConfigError(f"{exc}{hint}") from exc
+    else:
+        z = cfg.noise_multiplier
+        if not z > 0:
+            raise ConfigError(f"noise-multiplier: must be > 0, got {z}")
+    limits = [e for e in (cfg.max_epsilon, cfg.target_epsilon) if e > 0]
+    settings = ClientDPSettings(
+        noise_multiplier=z,
+        clip_norm=cfg.clip_norm,
+        sampling_rate=q,
+        denominator=float(cfg.clients_per_round),
+        population=population,
+        delta=cfg.delta,
+        accountant=kind,
+        target_epsilon=target,
+        max_epsilon=min(limits) if limits else None,
+        calibrated_rounds=cfg.rounds if target is not None else None,
+        adaptive=adaptive,
+    )
+    settings.sum_noise_multiplier  # noqa: B018  (raises if adaptive clipping cannot afford z)
+    return settings
+
+
+class ClientLevelDP:
+    """An ``Aggregator`` wrapper that makes each round a client-level DP release.
+
+    ``update_keys`` are the tensors clients send (all adapter tensors, or only B with FFA-LoRA);
+    clipping treats them as one vector. ``rng_factory`` gives the noise generator of each release
+    (OS-seeded by default; tests pass a seeded one)."""
+
+    def __init__(
+        self,
+        settings: ClientDPSettings,
+        update_keys: Sequence[str],
+        inner: Aggregator = fedavg_aggregator,
+        *,
+        rng_factory: Callable[[], np.random.Generator] = secure_rng,
+    ) -> None:
+        self.settings = settings
+        self.update_keys = tuple(update_keys)
+        self.inner = inner
+        self.rng_factory = rng_factory
+        self.ledger = PrivacyLedger(PrivacyUnit.CLIENT)
+        self.clip_norm = settings.clip_norm
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.settings.delta, self.settings.accountant)
+
+    def epsilon_after_next_round(self) -> float:
+        nxt = self.ledger.with_event(self.settings.release())
+        return nxt.epsilon(self.settings.delta, self.settings.accountant)
+
+    def budget_allows_next_round(self) -> bool:
+        limit = self.settings.max_epsilon
+        return limit is None or self.epsilon_after_next_round() <= limit
+
+    # -- the round --------------------------------------------------------------------------
+
+    def sample(self, nodes: Sequence[int]) -> list[int]:
+        """This round's cohort: every node with probability q, from a secret generator."""
+        return poisson_sample(nodes, self.settings.sampling_rate, self.rng_factory())
+
+    def __call__(
+        self, global_adapter: Arrays, updates: Sequence[Update]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        s = self.settings
+        like = {k: global_adapter[k] for k in self.update_keys}
+        size = sum(int(v.size) for v in like.values())
+        vectors = []
+        for delta, _weight in updates:  # weights are ignored: each client counts once
+            if set(delta) != set(self.update_keys):
+                raise ValueError("an update does not hold exactly the expected tensors")
+            vectors.append(flatten({k: delta[k] for k in self.update_keys}))
+        rng = self.rng_factory()
+        clip = self.clip_norm
+        result = dp_mean(
+            vectors,
+            size,
+            clip_norm=clip,
+            noise_multiplier=s.sum_noise_multiplier,
+            denominator=s.denominator,
+            rng=rng,
+        )
+        metrics: dict[str, Any] = {
+            "dp_clip_norm": clip,
+            "dp_noise_std": result.noise_std / s.denominator,  # std per coordinate of the mean
+        }
+        if s.adaptive is not None:
+            fraction = noisy_unclipped_fraction(
+                result.norms, clip, s.adaptive.count_stddev, s.denominator, rng
+            )
+            self.clip_norm = next_clip_norm(clip, fraction, s.adaptive)
+            metrics["dp_unclipped_fraction_noisy"] = fraction
+            metrics["dp_next_clip_norm"] = self.clip_norm
+        self.ledger.record(s.release())
+        mean_delta = unflatten(result.mean, like)
+        new, inner_metrics = self.inner(global_adapter, [(mean_delta, 1.0)])
+        return new, {**inner_metrics, **metrics}
+
+    # -- persistence (saved with every round in state.json) ----------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_record(),
+            "ledger": self.ledger.to_dict(),
+            "clip_norm": self.clip_norm,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ledger = PrivacyLedger.from_dict(state["ledger"])
+        if ledger.unit is not PrivacyUnit.CLIENT:
+            raise ConfigError(f"saved privacy ledger is {ledger.unit.value}-level, not client")
+        self.ledger = ledger
+        clip = float(state.get("clip_norm", self.settings.clip_norm))
+        if not (math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"saved clip norm {clip!r} is not a positive number")
+        self.clip_norm = clip
