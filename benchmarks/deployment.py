@@ -49,8 +49,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy.keys import KeysConfig, create_keys  # noqa: E402
-from deploy.processes import free_port, stop_tree  # noqa: E402
+from client.processes import free_port, stop_tree  # noqa: E402
+from protocol.credentials import KeysConfig, create_keys  # noqa: E402
 
 
 def fedtune(*args: str) -> list[str]:

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--quantization", default="none", help="nf4 | int8 | none (default none)")
     chat.add_argument("--cache-dir", type=Path, default=None)
 
-    from deploy.cli import add_deploy_commands
+    from coordinator.deploy_cli import add_deploy_commands
 
     add_deploy_commands(sub, _add_run_options)
     return parser

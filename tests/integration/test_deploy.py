@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import pytest
 
-from deploy.processes import free_port, stop_tree
+from client.processes import free_port, stop_tree
 
 pytestmark = pytest.mark.integration
 

@@ -277,7 +277,7 @@ def test_worker_process_prepares_the_model_then_serves(
 ) -> None:
     """`python -m client.worker` as `fedtune client start` runs it: it listens at once, builds
     the device's model cache in a child process, then answers."""
-    from deploy.processes import stop_tree
+    from client.processes import stop_tree
 
     cache = tmp_path / "cache"
     sock = tmp_path / "w.sock"

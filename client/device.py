@@ -28,9 +28,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from deploy.keys import KeysError, load_certificate, load_node_private_key
-from deploy.probe import CertificateMismatch, Unreachable, probe
-from deploy.processes import (
+from client.probe import CertificateMismatch, Unreachable, probe
+from client.processes import (
     Backoff,
     LineReader,
     executable,
@@ -40,6 +39,7 @@ from deploy.processes import (
     split_address,
     stop_tree,
 )
+from protocol.credentials import KeysError, load_certificate, load_node_private_key
 
 log = logging.getLogger("fedtune")
 
@@ -479,7 +479,7 @@ class Device:
 def _key_hint(key: Path | None) -> str:
     if key is None:
         return "no --key given"
-    from deploy.keys import fingerprint
+    from protocol.credentials import fingerprint
 
     try:
         fp = fingerprint(load_node_private_key(key).public_key())

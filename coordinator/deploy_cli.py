@@ -51,7 +51,7 @@ def _add_keys(sub: Any) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from deploy.keys import KeysConfig, create_keys
+    from protocol.credentials import KeysConfig, create_keys
 
     if args.devices < 0:
         raise ValueError(f"devices: must be >= 0, got {args.devices}")
@@ -76,7 +76,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _add_coordinator(sub: Any, add_run_options: AddRunOptions) -> None:
-    from deploy.coordinator import DEFAULT_CONTROL_ADDRESS, DEFAULT_FLEET_ADDRESS
+    from coordinator.superlink import DEFAULT_CONTROL_ADDRESS, DEFAULT_FLEET_ADDRESS
 
     coord = sub.add_parser("coordinator", help="run a coordinator (Flower SuperLink) and runs")
     csub = coord.add_subparsers(dest="coordinator_command", required=True, metavar="ACTION")
@@ -169,7 +169,7 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
 
 
 def _endpoint(args: argparse.Namespace) -> Any:
-    from deploy.coordinator import ControlEndpoint, default_coordinator_dir
+    from coordinator.superlink import ControlEndpoint, default_coordinator_dir
 
     if args.control_address:
         if not args.insecure and args.root_cert is None:
@@ -179,7 +179,7 @@ def _endpoint(args: argparse.Namespace) -> Any:
 
 
 def cmd_coordinator_start(args: argparse.Namespace) -> int:
-    from deploy.coordinator import CoordinatorConfig, default_coordinator_dir, start
+    from coordinator.superlink import CoordinatorConfig, default_coordinator_dir, start
 
     kw: dict[str, Any] = {
         "state_dir": args.state_dir or default_coordinator_dir(),
@@ -213,7 +213,7 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
     )
     from coordinator.cli import _run_overrides
     from coordinator.config import RunConfig, resolve_output_dir
-    from deploy.submit import SubmitConfig, run_summary, submit
+    from coordinator.submit import SubmitConfig, run_summary, submit
 
     endpoint = _endpoint(args)
     overrides = _run_overrides(args)
@@ -252,7 +252,7 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_nodes(args: argparse.Namespace) -> int:
-    from deploy.coordinator import list_nodes
+    from coordinator.superlink import list_nodes
 
     nodes = list_nodes(_endpoint(args))
     if not nodes:
@@ -316,7 +316,7 @@ def _add_client(sub: Any) -> None:
 
 
 def cmd_client_start(args: argparse.Namespace) -> int:
-    from deploy.device import build_config, parse_size, start
+    from client.device import build_config, parse_size, start
 
     flags = {
         "coordinator": args.coordinator,

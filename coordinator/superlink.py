@@ -24,16 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from deploy.keys import (
-    CA_CERT,
-    COORDINATOR_CERT,
-    COORDINATOR_KEY,
-    AuthorizedKey,
-    KeysError,
-    check_server_files,
-    read_authorized_keys,
-)
-from deploy.processes import (
+from client.processes import (
     LineReader,
     ProcessError,
     executable,
@@ -42,6 +33,15 @@ from deploy.processes import (
     spawn,
     split_address,
     stop_tree,
+)
+from protocol.credentials import (
+    CA_CERT,
+    COORDINATOR_CERT,
+    COORDINATOR_KEY,
+    AuthorizedKey,
+    KeysError,
+    check_server_files,
+    read_authorized_keys,
 )
 
 log = logging.getLogger("fedtune")

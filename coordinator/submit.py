@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import RunConfig
-from deploy.coordinator import ControlEndpoint, CoordinatorError, describe_http_error
+from coordinator.superlink import ControlEndpoint, CoordinatorError, describe_http_error
 
 log = logging.getLogger("fedtune")
 

@@ -18,8 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from client.probe import CertificateMismatch, Unreachable, probe
+from client.processes import free_port
 from coordinator.cli import main
-from deploy.keys import (
+from protocol.credentials import (
     KeysConfig,
     KeysError,
     check_server_files,
@@ -29,8 +31,6 @@ from deploy.keys import (
     public_key_pem,
     read_authorized_keys,
 )
-from deploy.probe import CertificateMismatch, Unreachable, probe
-from deploy.processes import free_port
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import tomli
 
 from coordinator.cli import main
 from coordinator.config import RunConfig
-from deploy.coordinator import (
+from coordinator.submit import DEVICE_APP, SERVER_APP, build_fab, show_log_line
+from coordinator.superlink import (
     ControlEndpoint,
     CoordinatorConfig,
     CoordinatorError,
     sync_registry,
 )
-from deploy.keys import KeysConfig, create_keys, read_authorized_keys
-from deploy.submit import DEVICE_APP, SERVER_APP, build_fab, show_log_line
+from protocol.credentials import KeysConfig, create_keys, read_authorized_keys
 
 
 @pytest.fixture(scope="module")

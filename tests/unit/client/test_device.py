@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import main
-from deploy.device import (
+from client.device import (
     DeviceConfig,
     SettingsError,
     build_config,
@@ -19,8 +18,9 @@ from deploy.device import (
     read_settings_file,
     supernode_command,
 )
-from deploy.keys import KeysConfig, create_keys
-from deploy.processes import Backoff, free_port, split_address
+from client.processes import Backoff, free_port, split_address
+from coordinator.cli import main
+from protocol.credentials import KeysConfig, create_keys
 
 
 @pytest.fixture(scope="module")

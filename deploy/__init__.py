@@ -1,1 +1,0 @@
-"""fedtune deployment: keys, a coordinator (Flower SuperLink) and device clients (SuperNodes)."""
