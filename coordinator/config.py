@@ -196,14 +196,21 @@ class RunConfig:
 
     def _check_privacy(self, need: Any) -> None:
         need(self.clip_norm > 0, "clip-norm", f"must be > 0, got {self.clip_norm}")
-        # Not combined yet: secure aggregation has its own round (coordinator/secagg_round.py);
-        # client-level DP there means client-side (Skellam) noise, whose accounting is
-        # privacy/distributed_dp.py, and FFA-LoRA needs its trainable keys in that round.
+        # Secure aggregation has its own round (coordinator/secagg_round.py): client-level DP
+        # there is distributed DP (Skellam noise added by the clients, accounted in RDP by
+        # privacy/distributed_dp.py); FFA-LoRA needs its trainable keys in that round.
+        ddp = self.secagg and self.dp is DpMode.CLIENT
         need(
-            not (self.secagg and self.dp is DpMode.CLIENT),
-            "dp",
-            "'client' with --secagg (noise added by the clients) is not wired yet; run "
-            "--dp client without --secagg (noise added by the coordinator)",
+            not (ddp and self.accountant != "rdp"),
+            "accountant",
+            f"{self.accountant!r} cannot account --dp client --secagg: the distributed Skellam "
+            "noise has an RDP bound only; use --accountant rdp",
+        )
+        need(
+            not (ddp and self.adaptive_clip),
+            "adaptive-clip",
+            "is not supported with --dp client --secagg (the clip-count query would need its own "
+            "secure sum); use a fixed --clip-norm",
         )
         need(
             not (self.secagg and self.ffa_lora),

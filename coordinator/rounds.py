@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from coordinator.aggregation import Aggregator, fedavg_aggregator
 from coordinator.config import DpMode, RunConfig
+from coordinator.ddp import DistributedClientDP, DistributedDpSettings, resolve_distributed_dp
 from coordinator.dp import ClientDPSettings, ClientLevelDP, resolve_client_dp
 from coordinator.progress import Progress
 from coordinator.rundir import RunDirectory
@@ -355,18 +356,32 @@ def _client_dp(
     connected: int,
     update_keys: Sequence[str],
     saved_state: dict[str, Any] | None,
-) -> ClientLevelDP | None:
-    """Client-level DP for this run, or None. A resumed run continues its saved ledger with the
+    numel: int,
+) -> ClientLevelDP | DistributedClientDP | None:
+    """Client-level DP for this run, or None: noise added by the coordinator, or by the clients
+    with ``--secagg`` (distributed DP). A resumed run continues its saved ledger with the
     settings it started with (a changed ``rounds`` does not recalibrate the noise)."""
     if cfg.dp is not DpMode.CLIENT:
         return None
-    if saved_state is not None and "privacy" in saved_state:
-        settings = ClientDPSettings.from_record(saved_state["privacy"]["settings"])
-        if cfg.max_epsilon > 0:  # the one setting a resumed run may change
-            limits = [e for e in (cfg.max_epsilon, settings.target_epsilon) if e]
+    saved = saved_state["privacy"] if saved_state is not None and "privacy" in saved_state else None
+    limits = [cfg.max_epsilon] if cfg.max_epsilon > 0 else []  # a resumed run may change it
+    if cfg.secagg:
+        if saved is None:
+            return DistributedClientDP(resolve_distributed_dp(cfg, connected, numel))
+        dsettings = DistributedDpSettings.from_record(saved["settings"])
+        if limits:
+            limits += [dsettings.target_epsilon] if dsettings.target_epsilon else []
+            dsettings = dataclasses.replace(dsettings, max_epsilon=min(limits))
+        ddp = DistributedClientDP(dsettings)
+        ddp.load_state_dict(saved)
+        return ddp
+    if saved is not None:
+        settings = ClientDPSettings.from_record(saved["settings"])
+        if limits:
+            limits += [settings.target_epsilon] if settings.target_epsilon else []
             settings = dataclasses.replace(settings, max_epsilon=min(limits))
         dp = ClientLevelDP(settings, update_keys)
-        dp.load_state_dict(saved_state["privacy"])
+        dp.load_state_dict(saved)
         return dp
     return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys)
 
@@ -394,17 +409,31 @@ def run_federation(
         rundir.truncate_metrics(int(state["round"]))
         log.info("resuming %s after round %d", run_dir, start - 1)
     spec = AdapterSpec.of(adapter)
-    secure = None
-    if cfg.secagg:  # README "Secure aggregation": the coordinator sees only the sum
-        from coordinator.secagg_round import SecureAggregation
-
-        secure = SecureAggregation(cfg)
     # FFA-LoRA (Sun et al. 2024): A stays at the shared initialisation; only B is trained and sent.
     trainable = tuple(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else ()
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
-    dp = _client_dp(cfg, len(nodes), trainable or spec.names, saved[0] if saved else None)
-    if dp is not None:
+    dp = _client_dp(
+        cfg, len(nodes), trainable or spec.names, saved[0] if saved else None, spec.numel
+    )
+    secure = None
+    if cfg.secagg:  # README "Secure aggregation": the coordinator sees only the sum
+        from coordinator.secagg_round import SecureAggregation
+
+        ddp = dp.settings.mechanism() if isinstance(dp, DistributedClientDP) else None
+        secure = SecureAggregation(cfg, ddp)
+    if isinstance(dp, DistributedClientDP):
+        rundir.update_config("privacy", dp.settings.to_record())
+        log.info(
+            "distributed DP (Skellam noise added by the clients): noise multiplier %.4g, clip "
+            "norm %.4g, %d per round of %d, delta %g (rdp)",
+            dp.settings.noise_multiplier,
+            dp.settings.clip_norm,
+            dp.settings.cohort,
+            dp.settings.population,
+            dp.settings.delta,
+        )
+    elif dp is not None:
         rundir.update_config("privacy", dp.settings.to_record())
         log.info(
             "client-level DP: noise multiplier %.4g, clip norm %.4g, q = %d/%d, delta %g (%s)",
@@ -422,7 +451,10 @@ def run_federation(
     def privacy_row() -> dict[str, Any]:
         if dp is None:
             return {}
-        return {"epsilon": dp.epsilon(), "delta": dp.settings.delta}
+        row = {"epsilon": dp.epsilon(), "delta": dp.settings.delta}
+        if isinstance(dp, DistributedClientDP):  # against the coordinator: no amplification
+            row["epsilon_unamplified"] = dp.epsilon_unamplified()
+        return row
 
     eval_nodes = (
         nodes if cfg.eval_clients == 0 else sample_nodes(nodes, cfg.eval_clients, cfg.seed, 0)
@@ -465,6 +497,11 @@ def run_federation(
         progress.round_done(rundir.read_metrics()[-1])
 
     for rnd in range(start, cfg.rounds + 1):
+        live = live_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
+        if secure is not None:  # misbehaving clients are not sampled again
+            live = [n for n in live if n not in secure.excluded]
+        if isinstance(dp, DistributedClientDP):
+            dp.pool = len(live)  # the next cohort is drawn from these
         if dp is not None and not dp.budget_allows_next_round():
             reason = (
                 f"round {rnd} would take epsilon from {dp.epsilon():.4g} to "
@@ -474,10 +511,9 @@ def run_federation(
             rundir.mark_stopped(reason)
             break
         t0 = time.monotonic()
-        live = live_nodes(grid, cfg.min_clients, cfg.node_wait_timeout)
         if len(live) < cfg.min_clients:
             new, train_metrics, down, up = None, _not_enough_nodes(cfg, len(live)), 0, 0
-        elif dp is not None:
+        elif isinstance(dp, ClientLevelDP):
             sampled = dp.sample(live)
             new, train_metrics, down, up = train_round(
                 grid,
@@ -491,6 +527,16 @@ def run_federation(
                 trainable_keys=trainable,
                 min_clients=0,  # skipping a round would reveal how many clients took part
             )
+        elif secure is not None and isinstance(dp, DistributedClientDP):
+            # Distributed DP: a uniform cohort from a secret generator (the accountant's
+            # sampling); the round's release (noise of the actual contributors) goes to the ledger.
+            sampled = dp.sample(live)
+            released = len(secure.releases)
+            new, train_metrics, down, up = secure.train_round(
+                grid, sampled, adapter, spec, rnd, progress, population=len(live)
+            )
+            for release in secure.releases[released:]:
+                dp.record(release)
         elif secure is not None:
             sampled = sample_nodes(live, cfg.clients_per_round, cfg.seed, rnd)
             new, train_metrics, down, up = secure.train_round(

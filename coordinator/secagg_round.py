@@ -18,9 +18,7 @@ mean delta (or, with distributed DP, the noisy sum over a fixed denominator).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +27,10 @@ from flwr.serverapp import Grid
 
 from coordinator.aggregation import apply_delta
 from coordinator.config import RunConfig
+from coordinator.ddp import DistributedDp
 from coordinator.progress import Progress
 from coordinator.rounds import Exchange, exchange, sample_nodes
-from privacy.distributed_dp import SkellamRelease, client_mu, release_for_round
+from privacy.distributed_dp import SkellamRelease, plan_noisy_encoding, release_for_round
 from privacy.secagg.encoding import (
     EncodingError,
     EncodingPlan,
@@ -57,32 +56,6 @@ log = logging.getLogger("fedtune")
 
 Arrays = dict[str, np.ndarray]
 _ACTION = dict(zip(STAGES, keys.SECAGG_ACTIONS, strict=True))
-DDP_NOISE_UNITS = 2.0**20  # target noise std of the sum, in integer units of the encoding
-
-
-@dataclass(frozen=True)
-class DistributedDp:
-    """Client-level DP with the noise added by the clients (``--dp client --secagg``).
-
-    Each client clips its update to L2 norm ``clip_norm`` and adds Skellam noise so that the sum
-    of any ``min_clients`` contributions carries noise std ``noise_multiplier * clip_norm``; the
-    noisy sum is divided by the fixed ``denominator`` (the expected cohort size)."""
-
-    noise_multiplier: float
-    clip_norm: float
-    sampling_rate: float
-    denominator: float
-    min_clients: int
-
-    def __post_init__(self) -> None:
-        for name in ("noise_multiplier", "clip_norm", "denominator"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name.replace('_', '-')}: must be > 0, got {value}")
-        if not 0 < self.sampling_rate <= 1:
-            raise ValueError(f"sampling rate: must be in (0, 1], got {self.sampling_rate}")
-        if self.min_clients < 1:
-            raise ValueError(f"min-clients: must be >= 1, got {self.min_clients}")
 
 
 def _payload(reply: Message) -> bytes:
@@ -127,21 +100,10 @@ class SecureAggregation:
             )
             return plan, 0.0
         # With DP each client counts once (weight 1) and its update is L2-clipped: the
-        # per-coordinate clip is then the L2 clip norm itself. The step puts the target noise std
-        # at DDP_NOISE_UNITS integer units: far finer than the noise, and small enough for exact
-        # Poisson sampling (see privacy.distributed_dp.MAX_POISSON_MEAN).
-        sigma = ddp.noise_multiplier * ddp.clip_norm
-        noise_std_max = sigma * math.sqrt(n / ddp.min_clients)
-        plan = plan_encoding(
-            n,
-            ddp.clip_norm,
-            cfg.secagg_precision or sigma / DDP_NOISE_UNITS,
-            1,
-            noise_std=noise_std_max,
-            numel=numel,
-            l2_clip=ddp.clip_norm,
+        # per-coordinate clip is then the L2 clip norm itself (privacy.distributed_dp).
+        return plan_noisy_encoding(
+            n, ddp.noise_multiplier, ddp.clip_norm, ddp.cohort, numel, cfg.secagg_precision
         )
-        return plan, client_mu(ddp.noise_multiplier, ddp.clip_norm, plan.step, ddp.min_clients)
 
     def train_round(
         self,
@@ -151,7 +113,11 @@ class SecureAggregation:
         spec: AdapterSpec,
         rnd: int,
         progress: Progress,
+        *,
+        population: int = 0,
     ) -> tuple[Arrays | None, dict[str, Any], int, int]:
+        """One secure round over ``nodes``. With distributed DP, ``population`` is how many
+        clients the cohort was drawn from (0: ``nodes`` is the whole population)."""
         cfg = self.cfg
         instr = cfg.train_instruction(rnd)
         expected = spec.subset(instr.trainable_keys) if instr.trainable_keys else spec
@@ -295,10 +261,10 @@ class SecureAggregation:
             release = release_for_round(
                 mu,
                 len(result.contributors),
+                max(population, len(nodes)),
                 self.ddp.clip_norm,
                 plan.step,
                 expected.numel,
-                self.ddp.sampling_rate,
             )
             self.releases.append(release)
             metrics["ddp_noise_multiplier"] = release.effective_noise_multiplier

@@ -13,13 +13,15 @@ all the data of one client; q = clients per round / population) or sample-level 
 one training example of one client; q = batch size / local examples). Both use add-or-remove-one
 adjacency, which is what Poisson sampling with a fixed denominator gives.
 
-For distributed DP (noise added by the clients before secure summation) record one event per
-round with ``distributed_noise_multiplier(...)`` of the clients that actually contributed: when
-clients drop out, less noise reaches the sum, and the ledger records the smaller multiplier.
+Distributed DP (noise added by the clients before secure summation, ``--dp client --secagg``)
+records one ``privacy.distributed_dp.SkellamRelease`` per round with the noise of the clients that
+actually contributed; such a ledger is accounted in RDP only (the multi-dimensional Skellam
+mechanism has an RDP bound, no PLD).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import dp_accounting as dpa
+import numpy as np
 from dp_accounting import mechanism_calibration, pld, rdp
+
+from privacy.distributed_dp import RDP_ORDERS, DistributedDpError, SkellamRelease, epsilon_from_rdp
 
 
 class PrivacyConfigError(ValueError):
@@ -91,9 +96,10 @@ class GaussianRelease:
         if self.mechanism != "poisson-gaussian":
             raise PrivacyConfigError(f"mechanism: unknown {self.mechanism!r}")
 
-    def same_release(self, other: GaussianRelease) -> bool:
+    def same_release(self, other: object) -> bool:
         return (
-            self.noise_multiplier == other.noise_multiplier
+            isinstance(other, GaussianRelease)
+            and self.noise_multiplier == other.noise_multiplier
             and self.sampling_rate == other.sampling_rate
             and self.mechanism == other.mechanism
         )
@@ -116,6 +122,18 @@ class GaussianRelease:
         )
 
 
+Release = GaussianRelease | SkellamRelease
+
+
+def release_from_dict(data: Mapping[str, Any]) -> Release:
+    if str(data.get("mechanism", "poisson-gaussian")) == "poisson-gaussian":
+        return GaussianRelease.from_dict(data)
+    try:
+        return SkellamRelease.from_dict(data)
+    except DistributedDpError as exc:
+        raise PrivacyConfigError(str(exc)) from exc
+
+
 @dataclass
 class PrivacyLedger:
     """Every noisy release so far, in order, for one unit of privacy.
@@ -124,18 +142,16 @@ class PrivacyLedger:
     accountant treats them the same way and the file stays small)."""
 
     unit: PrivacyUnit
-    events: list[GaussianRelease] = field(default_factory=list)
+    events: list[Release] = field(default_factory=list)
 
-    def record(self, event: GaussianRelease) -> None:
+    def record(self, event: Release) -> None:
         if self.events and self.events[-1].same_release(event):
             last = self.events[-1]
-            self.events[-1] = GaussianRelease(
-                last.noise_multiplier, last.sampling_rate, last.count + event.count
-            )
+            self.events[-1] = dataclasses.replace(last, count=last.count + event.count)
         else:
             self.events.append(event)
 
-    def with_event(self, event: GaussianRelease) -> PrivacyLedger:
+    def with_event(self, event: Release) -> PrivacyLedger:
         """A copy with ``event`` recorded (to ask "what if we release once more?")."""
         out = PrivacyLedger(self.unit, list(self.events))
         out.record(event)
@@ -155,7 +171,7 @@ class PrivacyLedger:
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacyLedger:
         return cls(
             PrivacyUnit(str(data["unit"])),
-            [GaussianRelease.from_dict(e) for e in data.get("events", [])],
+            [release_from_dict(e) for e in data.get("events", [])],
         )
 
     def save(self, path: Path) -> None:
@@ -211,15 +227,34 @@ def _check_delta(delta: float) -> None:
         raise PrivacyConfigError(f"delta: must be in (0, 1), got {delta}")
 
 
-def epsilon(events: Iterable[GaussianRelease], delta: float, kind: AccountantKind) -> float:
-    """Smallest epsilon such that the releases in ``events`` are (epsilon, delta)-DP."""
+def epsilon(events: Iterable[Release], delta: float, kind: AccountantKind) -> float:
+    """Smallest epsilon such that the releases in ``events`` are (epsilon, delta)-DP.
+
+    Distributed (Skellam) releases are accounted in RDP at integer orders, composed with any
+    Gaussian releases of the same ledger."""
     _check_delta(delta)
     events = list(events)
     if not events:
         return 0.0
-    acc = make_accountant(kind)
-    acc.compose(to_dp_event(events))
-    return float(acc.get_epsilon(delta))
+    gaussian = [e for e in events if isinstance(e, GaussianRelease)]
+    skellam = [e for e in events if isinstance(e, SkellamRelease)]
+    if not skellam:
+        acc = make_accountant(kind)
+        acc.compose(to_dp_event(gaussian))
+        return float(acc.get_epsilon(delta))
+    if kind is not AccountantKind.RDP:
+        raise PrivacyConfigError(
+            "accountant: the distributed Skellam mechanism (--dp client --secagg) is accounted "
+            f"in RDP only (there is no PLD for it), got {kind.value!r}"
+        )
+    total = np.zeros(len(RDP_ORDERS))
+    if gaussian:
+        acc = rdp.RdpAccountant(orders=[float(o) for o in RDP_ORDERS])
+        acc.compose(to_dp_event(gaussian))
+        total += np.asarray(acc.rdp)
+    for e in skellam:
+        total += e.rdp(RDP_ORDERS)
+    return epsilon_from_rdp(total, delta, RDP_ORDERS)
 
 
 def calibrate_noise_multiplier(
@@ -278,31 +313,3 @@ def calibrate_noise_multiplier(
     while eps_at(z) > target_epsilon:
         z += tol
     return z
-
-
-# ------------------------------------------------------------------------- distributed noise
-
-
-def per_client_noise_std(
-    noise_multiplier: float, clip_norm: float, min_contributing_clients: int
-) -> float:
-    """Noise std each client adds to its clipped update so that the sum of the updates of any
-    ``min_contributing_clients`` clients carries noise std >= noise_multiplier * clip_norm."""
-    if min_contributing_clients < 1:
-        raise PrivacyConfigError(
-            f"min contributing clients: must be >= 1, got {min_contributing_clients}"
-        )
-    return noise_multiplier * clip_norm / math.sqrt(min_contributing_clients)
-
-
-def distributed_noise_multiplier(
-    per_client_std: float, clip_norm: float, contributing_clients: int
-) -> float:
-    """The noise multiplier actually achieved when ``contributing_clients`` clients each added
-    independent N(0, per_client_std^2) noise to updates clipped to ``clip_norm`` and only their
-    sum is revealed: the sum's noise std is sqrt(contributing_clients) * per_client_std."""
-    if contributing_clients < 1:
-        raise PrivacyConfigError(f"contributing clients: must be >= 1, got {contributing_clients}")
-    if clip_norm <= 0:
-        raise PrivacyConfigError(f"clip-norm: must be > 0, got {clip_norm}")
-    return math.sqrt(contributing_clients) * per_client_std / clip_norm

@@ -31,6 +31,7 @@ from client.model import (
 )
 from client.settings import partition_file
 from coordinator.config import ConfigError, DpMode, RunConfig, resolve_output_dir
+from coordinator.ddp import check_population
 from coordinator.dp import resolve_client_dp
 from coordinator.progress import Progress
 from coordinator.rundir import write_json_atomic
@@ -86,7 +87,10 @@ def check_privacy(cfg: RunConfig, client_rows: list[int], *, resuming: bool = Fa
     """Reject privacy settings that cannot work for this fleet before Ray starts (the server
     checks again with the connected population; a resumed run keeps its saved settings)."""
     if cfg.dp is DpMode.CLIENT and not resuming:
-        resolve_client_dp(cfg, len(client_rows))
+        if cfg.secagg:  # distributed DP: calibration needs the adapter size (on the server)
+            check_population(cfg, len(client_rows))
+        else:
+            resolve_client_dp(cfg, len(client_rows))
     if cfg.dp is DpMode.SAMPLE:
         smallest = min(client_rows)
         if not cfg.delta < 1.0 / smallest:

@@ -250,21 +250,19 @@ def _neighbours_of(d: int, fleet: Fleet, adverts: dict[int, Advertise]) -> set[i
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: float) -> None:
-    """--dp client --secagg: clients L2-clip, add Skellam noise calibrated for min-clients
-    contributors; the coordinator's mean = (sum of clipped updates + noise) / D. The noise left in
-    the result has std z C sqrt(contributors / min-clients) / D, and the release recorded for the
-    accountant carries exactly the contributors' noise (dropped clients' noise never arrived)."""
+    """--dp client --secagg: clients L2-clip, add Skellam noise calibrated for the cohort of 10;
+    the coordinator's mean = (sum of clipped updates + noise) / D. The noise left in the result
+    has std z C sqrt(contributors / 10) / D, and the release recorded for the accountant carries
+    exactly the contributors' noise (dropped clients' noise never arrived) and the pool size."""
     from coordinator.secagg_round import DistributedDp
-    from privacy.distributed_dp import client_mu
+    from privacy.distributed_dp import client_mu, sensitivities
 
     fleet = fleet_of()
     cfg = config(**{"inject-dropout": dropout, "dropout-stage": "masked-input"})
-    ddp = DistributedDp(
-        noise_multiplier=0.8, clip_norm=0.05, sampling_rate=0.5, denominator=10.0, min_clients=5
-    )
+    ddp = DistributedDp(noise_multiplier=0.8, clip_norm=0.05, denominator=10.0, cohort=10)
     secure = SecureAggregation(cfg, ddp)
     new, m, _d, _u = secure.train_round(
-        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 1, Progress(1, live=False)
+        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 1, Progress(1, live=False), population=40
     )
     assert m["status"] == "ok" and new is not None
     contributors = [u for u in fleet.nodes if u not in {f["node"] for f in m["failures"]}]
@@ -276,12 +274,18 @@ def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: floa
     clean = sum(clipped) / ddp.denominator
     got = np.concatenate([(new[k] - ADAPTER[k]).ravel() for k in ADAPTER]).astype(np.float64)
     noise = got - clean
-    want_std = ddp.noise_multiplier * ddp.clip_norm * np.sqrt(len(contributors) / 5) / 10.0
+    want_std = ddp.noise_multiplier * ddp.clip_norm * np.sqrt(len(contributors) / 10) / 10.0
     assert abs(noise.mean()) < 5 * want_std / np.sqrt(noise.size)
     assert noise.std() == pytest.approx(want_std, rel=0.04)  # 8192 samples: ~0.8% std error
     (release,) = secure.releases
-    mu = client_mu(ddp.noise_multiplier, ddp.clip_norm, m["secagg"]["step"], ddp.min_clients)
+    step = m["secagg"]["step"]
+    assert step == pytest.approx(0.8 * 0.05 / 2**20)
+    mu = client_mu(ddp.noise_multiplier, ddp.clip_norm, step, 10)
     assert release.mu_total == pytest.approx(mu * len(contributors))
+    assert (release.contributors, release.population) == (len(contributors), 40)
+    l1, l2 = sensitivities(0.05, step, SPEC.numel)
+    assert (release.l1_sensitivity, release.l2_sensitivity) == (l1, l2)
+    assert m["ddp_release"] == release.to_dict()
     assert m["ddp_noise_multiplier"] == pytest.approx(
-        ddp.noise_multiplier * np.sqrt(len(contributors) / 5), rel=1e-3
+        ddp.noise_multiplier * np.sqrt(len(contributors) / 10), rel=1e-3
     )

@@ -21,9 +21,7 @@ from privacy.accounting import (
     PrivacyLedger,
     PrivacyUnit,
     calibrate_noise_multiplier,
-    distributed_noise_multiplier,
     epsilon,
-    per_client_noise_std,
 )
 
 
@@ -180,14 +178,32 @@ def test_ledger_round_trips_through_disk(tmp_path: Path) -> None:
         PrivacyLedger.load(path, PrivacyUnit.SAMPLE)
 
 
-def test_distributed_noise_accounts_for_dropped_clients() -> None:
-    """Secure aggregation adds noise on clients: planned for >= 8 survivors, the sum has noise
-    multiplier z; if only 6 of them contribute it has sqrt(6/8) z, and the ledger must say so."""
-    s = per_client_noise_std(noise_multiplier=1.2, clip_norm=0.5, min_contributing_clients=8)
-    assert s == pytest.approx(1.2 * 0.5 / math.sqrt(8))
-    assert distributed_noise_multiplier(s, 0.5, 8) == pytest.approx(1.2)
-    fewer = distributed_noise_multiplier(s, 0.5, 6)
-    assert fewer == pytest.approx(1.2 * math.sqrt(6 / 8))
-    full = epsilon([GaussianRelease(1.2, 0.1, 10)], 1e-5, AccountantKind.RDP)
-    dropped = epsilon([GaussianRelease(fewer, 0.1, 10)], 1e-5, AccountantKind.RDP)
-    assert dropped > full
+def test_ledger_holds_skellam_releases_and_accounts_them_in_rdp_only(tmp_path: Path) -> None:
+    """A distributed-DP ledger round-trips through disk (identical rounds merge), its epsilon is
+    the Skellam accountant's (composed with Gaussian events by adding RDP), and PLD refuses it."""
+    from privacy import distributed_dp as ddp
+
+    sk = ddp.SkellamRelease(2e12, 3e9, 1.2e6, contributors=9, population=40)
+    ledger = PrivacyLedger(PrivacyUnit.CLIENT)
+    for _ in range(3):
+        ledger.record(sk)
+    ledger.record(ddp.SkellamRelease(2e12, 3e9, 1.2e6, contributors=7, population=40))
+    assert [e.count for e in ledger.events] == [3, 1]
+    path = tmp_path / "ledger.json"
+    ledger.save(path)
+    back = PrivacyLedger.load(path, PrivacyUnit.CLIENT)
+    assert back == ledger
+    assert back.epsilon(1e-5, AccountantKind.RDP) == pytest.approx(
+        ddp.epsilon(ledger.events, 1e-5), rel=1e-12
+    )  # type: ignore[arg-type]
+    with pytest.raises(PrivacyConfigError, match="RDP only"):
+        back.epsilon(1e-5, AccountantKind.PLD)
+    # Mixed with a Gaussian release: RDP adds order by order before the conversion.
+    g = GaussianRelease(1.1, 0.2, 5)
+    acc = rdp.RdpAccountant(orders=[float(o) for o in ddp.RDP_ORDERS])
+    acc.compose(
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.2, dpa.GaussianDpEvent(1.1)), 5)
+    )
+    want = ddp.epsilon([sk], 1e-5, extra_rdp=acc._rdp)
+    assert epsilon([g, sk], 1e-5, AccountantKind.RDP) == pytest.approx(want, rel=1e-12)
+    assert want > max(epsilon([g], 1e-5, AccountantKind.RDP), ddp.epsilon([sk], 1e-5))
