@@ -256,6 +256,8 @@ class DistributedClientDP:
         current pool (``self.pool``, set by the round loop before it asks)."""
         s = self.settings
         sampled = min(s.cohort, self.pool)
+        if sampled < 1:  # nobody to sample: the round will release nothing
+            return self.epsilon()
         events = [e for e in self.ledger.events if isinstance(e, SkellamRelease)]
         spent = sum((e.rdp(RDP_ORDERS) for e in events), np.zeros(len(RDP_ORDERS)))
         worst = 0.0

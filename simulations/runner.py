@@ -31,10 +31,11 @@ from client.model import (
 )
 from client.settings import partition_file
 from coordinator.config import ConfigError, DpMode, RunConfig, resolve_output_dir
-from coordinator.ddp import check_population
+from coordinator.ddp import check_population, resolve_distributed_dp
 from coordinator.dp import resolve_client_dp
 from coordinator.progress import Progress
 from coordinator.rundir import write_json_atomic
+from protocol.messages import LoraSpec
 from simulations.partition import PartitionSpec, partition
 
 log = logging.getLogger("fedtune")
@@ -100,6 +101,26 @@ def check_privacy(cfg: RunConfig, client_rows: list[int], *, resuming: bool = Fa
             )
 
 
+def lora_numel(base_dir: Path, spec: LoraSpec) -> int:
+    """Values in the LoRA adapter of ``spec`` on the checkpoint in ``base_dir`` (headers only):
+    r * (in + out) for every weight matrix of a targeted module."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                module, _, leaf = key.rpartition(".")
+                if leaf != "weight" or not any(
+                    module == t or module.endswith("." + t) for t in spec.target_modules
+                ):
+                    continue
+                shape = fh.get_slice(key).get_shape()
+                if len(shape) == 2:
+                    total += spec.rank * (int(shape[0]) + int(shape[1]))
+    return total
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in (
@@ -144,7 +165,12 @@ def simulate(
     modes = sim.run.client_quantizations()
     log.info("preparing model %s (%s) in cache %s", source.label, ",".join(modes), cache)
     prepare(source, [Quantization.NONE, sim.run.quantization, *modes], cache)
-    check_lora_targets(weight_module_names(ensure_base(source, cache)), sim.run.lora)
+    base_dir = ensure_base(source, cache)
+    check_lora_targets(weight_module_names(base_dir), sim.run.lora)
+    if sim.run.dp is DpMode.CLIENT and sim.run.secagg and not sim.resume:
+        # Distributed DP calibrates for the adapter size: refuse an unreachable target here,
+        # before Ray starts (the coordinator resolves the same settings again).
+        resolve_distributed_dp(sim.run, n, lora_numel(base_dir, sim.run.lora))
 
     flat = {
         **sim.run.to_mapping(),

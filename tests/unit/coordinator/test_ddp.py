@@ -276,3 +276,14 @@ def test_cohorts_are_uniform_without_replacement() -> None:
         assert len(set(pick)) == 3
         counts[pick] += 1
     np.testing.assert_allclose(counts / 4000, 0.3, atol=0.03)
+
+
+def test_simulate_counts_the_adapter_size_from_checkpoint_headers(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """``fedtune simulate`` calibrates before Ray starts from the checkpoint's headers: the count
+    equals the coordinator's adapter."""
+    from simulations.runner import lora_numel
+
+    cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run")
+    assert lora_numel(tiny_model_dir, cfg.lora) == numel_of(cfg) > 0
