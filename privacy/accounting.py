@@ -15,8 +15,9 @@ adjacency, which is what Poisson sampling with a fixed denominator gives.
 
 Distributed DP (noise added by the clients before secure summation, ``--dp client --secagg``)
 records one ``privacy.distributed_dp.SkellamRelease`` per round with the noise of the clients that
-actually contributed; such a ledger is accounted in RDP only (the multi-dimensional Skellam
-mechanism has an RDP bound, no PLD).
+actually contributed; its adjacency is zero-out and its sampling uniform without replacement
+(``privacy.distributed_dp`` explains why), and such a ledger is accounted in RDP only (the
+multi-dimensional Skellam mechanism has an RDP bound, no PLD).
 """
 
 from __future__ import annotations
