@@ -206,7 +206,7 @@ def flower_round(
     )
     server_ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     ctx = LegacyContext(server_ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
-    # Same graph degree and threshold as fedtune (Flower counts the client itself as a share).
+    # Same graph degree, k + 1 shares (both count the client itself) and threshold as fedtune.
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=min(k + 1, n), reconstruction_threshold=default_threshold(k), timeout=60

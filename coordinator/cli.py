@@ -76,7 +76,7 @@ _RUN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--output-dir", "output-dir", str, "run directory (default runs/<timestamp>)"),
     ("--cache-dir", "cache-dir", str, "model cache (default $FEDTUNE_CACHE or ~/.cache/fedtune)"),
     ("--secagg-neighbours", "secagg-neighbours", int, "SecAgg+ graph degree k (0: ~3 log2 n)"),
-    ("--secagg-threshold", "secagg-threshold", int, "shares needed to rebuild a secret (0: k/2+1)"),
+    ("--secagg-threshold", "secagg-threshold", int, "shares to rebuild a secret (0: >(k+1)/2)"),
     ("--secagg-clip", "secagg-clip", float, "per-coordinate clip range before encoding"),
     (
         "--secagg-precision",

@@ -72,7 +72,7 @@ class RunConfig:
     # -- secure aggregation (README, "Secure aggregation") ------------------------------------
     secagg: bool = False
     secagg_neighbours: int = 0  # k of the SecAgg+ graph; 0: about 3 log2(n), capped at n - 1
-    secagg_threshold: int = 0  # t shares rebuild a secret; 0: a strict majority of k
+    secagg_threshold: int = 0  # t shares rebuild a secret; 0: a strict majority of k + 1
     secagg_clip: float = 0.5  # per-coordinate clip range of an update before fixed-point encoding
     secagg_precision: float = 0.0  # quantization step; 0: the finest that fits a 32-bit ring
     secagg_weight_cap: int = 65536  # example weights (num-examples) are capped at this

@@ -5,6 +5,12 @@ The state is a frozen dataclass that serialises to bytes (``to_bytes``/``from_by
 ``Context.state``). Every step checks the round's session id and what it has been asked, and
 refuses with ``SecAggError`` rather than reveal more than the protocol allows: in particular a
 client answers one unmask request per round and never reveals both shares of one neighbour.
+
+A client splits its self-mask seed b and its masking key into k + 1 shares: one sealed for each
+neighbour and one it keeps. At unmasking it reveals its own b-share along with its neighbours', so
+a surviving client whose neighbours dropped still counts itself towards the t shares of b. Its own
+key share is discarded at once: the key is only rebuilt for a client that dropped, which cannot
+answer then, and a live client never lets a share of its own key out.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class ClientState:
     directory: tuple[Advertise, ...] = ()
     held: tuple[HeldShares, ...] = ()
     partners: tuple[int, ...] = ()  # neighbours whose pairwise masks are in this client's input
+    own_b_y: bytes = b""  # this client's own share of its b (the (k+1)-th share)
+    own_b_salt: bytes = b""
 
 
 def share_aad(session: bytes, rnd: int, src: int, dst: int) -> bytes:
@@ -128,13 +136,17 @@ def share_keys(state: ClientState, directory: KeyDirectory) -> tuple[ClientState
     if any(e.session != setup.params.session for e in entries):
         raise SecAggError("share keys: a directory entry belongs to another session")
     t = setup.params.threshold
-    if len(entries) < t:
-        raise SecAggError(f"share keys: {len(entries)} neighbour(s) left, threshold is {t}")
+    if len(entries) + 1 < t:
+        raise SecAggError(
+            f"share keys: {len(entries)} neighbour(s) left, with this client {len(entries) + 1} "
+            f"share holder(s), threshold is {t}"
+        )
 
-    holders = [xs[n] for n in nodes]
+    holders = [xs[n] for n in nodes] + [setup.x]  # the neighbours, and this client itself
     b_shares = shamir.split(state.b_seed, t, holders)
-    sk_shares = shamir.split(state.sk_mask, t, holders)
+    sk_shares = shamir.split(state.sk_mask, t, holders)  # the own key share is never used
     session, rnd, me = setup.params.session, setup.params.round, setup.node
+    own_b_y, own_b_salt = shamir.share_to_bytes(b_shares[setup.x]), P.random_bytes(SALT_BYTES)
     items = []
     for e in entries:
         x = xs[e.node]
@@ -151,7 +163,9 @@ def share_keys(state: ClientState, directory: KeyDirectory) -> tuple[ClientState
                 sk_hash=share_hash(SK_SHARE, session, me, e.node, sk_y, sk_salt),
             )
         )
-    return replace(state, stage=SHARED, directory=entries), ShareBundle(me, session, tuple(items))
+    own_b_hash = share_hash(B_SHARE, session, me, me, own_b_y, own_b_salt)
+    new = replace(state, stage=SHARED, directory=entries, own_b_y=own_b_y, own_b_salt=own_b_salt)
+    return new, ShareBundle(me, session, tuple(items), own_b_hash)
 
 
 # -- stage 3 --------------------------------------------------------------------------------------
@@ -196,9 +210,10 @@ def masked_input(
     strangers = [s for s in srcs if s not in directory]
     if strangers:
         raise SecAggError(f"masked input: shares from {strangers[0]}, not a neighbour")
-    if len(srcs) < params.threshold:
+    if len(srcs) + 1 < params.threshold:
         raise SecAggError(
-            f"masked input: {len(srcs)} neighbour(s) shared keys, threshold is {params.threshold}"
+            f"masked input: {len(srcs)} neighbour(s) shared keys, with this client "
+            f"{len(srcs) + 1} share holder(s), threshold is {params.threshold}"
         )
     held, complaints = [], []
     for item in delivery.items:
@@ -240,18 +255,32 @@ def unmask(state: ClientState, request: UnmaskRequest) -> tuple[ClientState, Unm
         )
     if me in dropped:
         raise SecAggError("unmask: this client is listed as dropped")
+    if me not in survivors:  # its input is in the sum: its own b-share is part of the unmasking
+        raise SecAggError("unmask: this client is not listed as a survivor")
     partners = set(state.partners)
-    outsiders = (survivors | dropped) - partners
+    outsiders = (survivors | dropped) - partners - {me}
     if outsiders:
         raise SecAggError(f"unmask: {sorted(outsiders)[0]} is not a masking partner")
     if len(survivors) < t:  # then this client's own self mask could not be removed either
-        raise SecAggError(f"unmask: only {len(survivors)} neighbour(s) survive, threshold is {t}")
+        raise SecAggError(
+            f"unmask: only {len(survivors)} client(s) (this one included) survive, threshold is {t}"
+        )
     shares = []
     for h in state.held:
         if h.src in survivors:
             shares.append(RevealedShare(h.src, B_SHARE, h.b_y, h.b_salt))
         elif h.src in dropped:
             shares.append(RevealedShare(h.src, SK_SHARE, h.sk_y, h.sk_salt))
+    shares.append(RevealedShare(me, B_SHARE, state.own_b_y, state.own_b_salt))
     # The round is over for this client: forget its secrets.
-    done = replace(state, stage=DONE, sk_enc=b"", sk_mask=b"", b_seed=b"", held=())
+    done = replace(
+        state,
+        stage=DONE,
+        sk_enc=b"",
+        sk_mask=b"",
+        b_seed=b"",
+        held=(),
+        own_b_y=b"",
+        own_b_salt=b"",
+    )
     return done, UnmaskResponse(me, request.session, tuple(shares))

@@ -4,6 +4,7 @@ Each client exchanges keys and shares only with its k neighbours in a random k-r
 Harary graph (clients on a ring, each joined to the k/2 nearest on either side) laid over a
 uniformly random ordering of the round's clients. k grows like log n, so a client's work and
 traffic grow like log n instead of n. With k >= n - 1 the graph is complete (the original SecAgg).
+A client's secrets are split into k + 1 Shamir shares: one per neighbour and one it keeps.
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ def default_degree(n: int) -> int:
 
 
 def default_threshold(k: int) -> int:
-    """A strict majority of a client's neighbours (at least 2)."""
-    return max(2, k // 2 + 1)
+    """A strict majority of the k + 1 holders of a client's shares (its k neighbours and itself),
+    at least 2.
+
+    Each holder reveals at most one share of a given client (of its self-mask seed b if it is
+    told the client survived, of its masking key if told it dropped; the client itself only ever
+    reveals its own b-share). Unmasking one client's input needs t shares of b *and* t of the key,
+    from 2t distinct holders; t > (k + 1) / 2 makes that impossible with k + 1 holders that each
+    answer one unmask request per round.
+    """
+    return max(2, (k + 1) // 2 + 1)
 
 
 @dataclass(frozen=True)

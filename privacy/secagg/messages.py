@@ -5,12 +5,14 @@ in an ArrayRecord; nothing here knows about Flower.
 Stages of one round (U1 ⊇ U2 ⊇ U3 ⊇ U4 are the clients still present after each):
   1. setup -> advertise       the client trains, makes two X25519 key pairs and a self-mask seed b,
                               and sends its public keys and a commitment to b          (U1)
-  2. key directory -> shares  the client Shamir-shares b and its masking key to its neighbours,
-                              each bundle sealed with AES-GCM for one neighbour         (U2)
+  2. key directory -> shares  the client Shamir-shares b and its masking key into k + 1 shares,
+                              one per neighbour (each bundle sealed with AES-GCM for that
+                              neighbour) and one it keeps, committing to its own b-share (U2)
   3. share delivery -> masked input   the client stores its neighbours' shares and uploads its
                               encoded update plus self mask plus pairwise masks          (U3)
-  4. unmask request -> shares the client reveals b-shares of surviving neighbours and masking-key
-                              shares of neighbours that dropped after stage 2, never both (U4)
+  4. unmask request -> shares the client reveals b-shares of surviving neighbours and its own
+                              b-share, and masking-key shares of neighbours that dropped after
+                              stage 2; never both for one client, never its own key share (U4)
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ class Setup:
         _need(len(set(nodes)) == len(nodes), "neighbours must be distinct")
         _need(self.node not in nodes, "a client cannot be its own neighbour")
         _need(
-            len(self.neighbours) >= self.params.threshold,
-            f"{len(self.neighbours)} neighbour(s) cannot meet threshold {self.params.threshold}",
+            len(self.neighbours) + 1 >= self.params.threshold,
+            f"{len(self.neighbours)} neighbour(s) and the client itself cannot meet threshold "
+            f"{self.params.threshold}",
         )
 
 
@@ -144,6 +147,10 @@ class ShareBundle:
     node: int
     session: bytes
     items: tuple[SealedShares, ...]
+    own_b_hash: bytes  # commitment to the b-share the client keeps (checked when it reveals it)
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.own_b_hash, HASH_BYTES, "own-b-hash")
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,7 @@ class MaskedHeader:
 @dataclass(frozen=True)
 class UnmaskRequest:
     session: bytes
-    survivors: tuple[int, ...]  # reveal your b-share of these neighbours
+    survivors: tuple[int, ...]  # reveal your b-share of these (neighbours, and yourself)
     dropped: tuple[int, ...]  # reveal your masking-key share of these neighbours
 
 

@@ -5,11 +5,16 @@ What it holds about any one client is public keys, commitments, ciphertexts it c
 in the last stage, either shares of a surviving client's self-mask seed or shares of a dropped
 client's masking key, never both: see ``CoordinatorView`` for the exact inventory.
 
-Dropouts at any stage are tolerated while every client whose mask is in the sum keeps at least
-``threshold`` live neighbours holding its shares; otherwise ``SecAggAborted`` is raised with the
-reason and the session produces nothing. Malformed, tampered or replayed replies are rejected with
-the client named (``MessageRejected`` reasons in ``rejected``) and the client is treated as
-dropped at that stage; a client whose shares do not match its own commitments is excluded.
+A client's shares have k + 1 holders: its k neighbours and itself (it keeps one share of its own
+self-mask seed b, and reveals it at unmasking while it is alive; it never reveals a share of its
+own masking key, and the coordinator never asks for the key of a live client). Dropouts at any
+stage are tolerated while every secret that must be rebuilt keeps ``threshold`` live holders: b of
+a client whose input is in the sum among its live neighbours and itself, the masking key of a
+client that dropped after sharing keys among its live neighbours. Otherwise ``SecAggAborted`` is
+raised with the reason and the session produces nothing. Malformed, tampered or replayed replies
+are rejected with the client named (``MessageRejected`` reasons in ``rejected``) and the client is
+treated as dropped at that stage; a client whose shares do not match its own commitments is
+excluded.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class CoordinatorView:
     public_keys: dict[int, Advertise] = field(default_factory=dict)
     sealed: dict[tuple[int, int], SealedShares] = field(default_factory=dict)  # (src, dst)
     masked_sum: np.ndarray | None = None  # sum of masked vectors, never one client's alone
+    own_b_hash: dict[int, bytes] = field(default_factory=dict)  # commitment to a kept b-share
     revealed: dict[tuple[int, str], dict[int, bytes]] = field(default_factory=dict)
 
 
@@ -109,7 +115,7 @@ class ServerSession:
         self.graph = graph or random_graph(nodes, min(k, n - 1))
         k = self.graph.degree()
         t = threshold or default_threshold(k)
-        if not 2 <= t <= k:
+        if not 2 <= t <= k:  # t <= k: a dropped client's key has only its k neighbours' shares
             raise SecAggError(f"secagg-threshold: must be in [2, {k}] (the degree), got {t}")
         self.params = RoundParams(
             round=rnd,
@@ -164,15 +170,19 @@ class ServerSession:
         return got
 
     def _prune(self, stage: str) -> None:
-        """Drop clients with fewer than t live neighbours: their shares could never be used."""
+        """Drop clients with fewer than t live holders of their shares (their live neighbours and
+        themselves): their self masks could never be removed."""
         changed = True
         while changed:
             changed = False
             for u in sorted(self.active):
                 live = len(self.nbrs(u) & self.active)
-                if live < self.threshold:
+                if live + 1 < self.threshold:
                     self._drop(
-                        u, stage, f"only {live} live neighbour(s), threshold is {self.threshold}"
+                        u,
+                        stage,
+                        f"only {live} live neighbour(s): {live + 1} share holder(s) with itself, "
+                        f"threshold is {self.threshold}",
                     )
                     changed = True
 
@@ -259,6 +269,7 @@ class ServerSession:
                         )
                 for item in bundle.items:
                     self.view.sealed[(u, item.dst)] = item
+                self.view.own_b_hash[u] = bundle.own_b_hash
             except MessageRejected as exc:
                 self._drop(u, SHARE_KEYS, exc.reason)
         self._prune(SHARE_KEYS)
@@ -324,18 +335,27 @@ class ServerSession:
         self._need_survivors(MASKED_INPUT)
         for u in sorted(self._u2):
             holders = self._holders(u)
-            if len(holders) < self.threshold:
-                status = "survived" if u in self._u3 else "dropped after sharing keys"
+            if u in self._u3:
+                if len(holders) + 1 < self.threshold:
+                    raise SecAggAborted(
+                        f"masked-input: client {u} survived but only {len(holders)} live "
+                        f"neighbour(s) and itself hold shares of its self-mask seed, threshold "
+                        f"is {self.threshold}",
+                        culprits=(),
+                    )
+            elif len(holders) < self.threshold:
                 raise SecAggAborted(
-                    f"masked-input: client {u} {status} but only {len(holders)} live "
-                    f"neighbour(s) hold its shares, threshold is {self.threshold}",
+                    f"masked-input: client {u} dropped after sharing keys but only "
+                    f"{len(holders)} live neighbour(s) hold shares of its masking key, threshold "
+                    f"is {self.threshold}",
                     culprits=(),
                 )
         out = {}
         for v in sorted(self._u3):
             out[v] = UnmaskRequest(
                 self.params.session,
-                survivors=tuple(sorted(self.nbrs(v) & self._u3)),
+                # v itself included: it reveals its own b-share
+                survivors=tuple(sorted((self.nbrs(v) & self._u3) | {v})),
                 dropped=tuple(sorted(self.nbrs(v) & (self._u2 - self._u3))),
             )
         self._requests = out
@@ -427,8 +447,11 @@ class ServerSession:
                 )
             if len(s.y) != shamir.SHARE_BYTES:
                 raise MessageRejected(v, f"share of {s.target} has {len(s.y)} bytes")
-            sealed = self.view.sealed[(s.target, v)]
-            want = sealed.b_hash if s.kind == B_SHARE else sealed.sk_hash
+            if s.target == v:  # its own b-share (the only own share a client may reveal)
+                want = self.view.own_b_hash[v]
+            else:
+                sealed = self.view.sealed[(s.target, v)]
+                want = sealed.b_hash if s.kind == B_SHARE else sealed.sk_hash
             if share_hash(s.kind, self.params.session, s.target, v, s.y, s.salt) != want:
                 raise MessageRejected(
                     v,
@@ -444,7 +467,7 @@ class ServerSession:
         what = "self-mask seed" if kind == B_SHARE else "masking key (it dropped)"
         if len(got) < self.threshold:
             raise SecAggAborted(
-                f"unmask: {len(got)} neighbour(s) returned shares of client {u}'s {what}, "
+                f"unmask: {len(got)} share(s) of client {u}'s {what} came back, "
                 f"threshold is {self.threshold}"
             )
         try:

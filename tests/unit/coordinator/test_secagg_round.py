@@ -109,7 +109,56 @@ def test_below_threshold_fails_cleanly_and_keeps_no_result() -> None:
     cfg = config(**{"inject-dropout": 0.5, "dropout-stage": "unmask", "clients-per-round": 6})
     _s, new, m, _d, _u = run(fleet, cfg)
     assert new is None and m["status"] == "failed"
-    assert "neighbour(s) returned shares" in m["reason"] and "threshold is 3" in m["reason"]
+    # k = 5, t = 4 (a strict majority of 6 holders): 3 shares of a dropped client's seed remain
+    assert m["secagg"]["degree"] == 5 and m["secagg"]["threshold"] == 4
+    assert "3 share(s) of client" in m["reason"] and "threshold is 4" in m["reason"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_default_three_client_round_survives_one_injected_dropout_at_each_stage(
+    stage: str,
+) -> None:
+    """`fedtune simulate --secagg --inject-dropout 0.3` on the defaults: 3 clients per round,
+    min-clients 2, complete graph k = 2, t = 2. One client crashes (round(0.3 * 3) = 1)."""
+    fleet = fleet_of(3)
+    cfg = RunConfig.from_mapping(
+        {"secagg": True, "round-timeout": 1.0, "inject-dropout": 0.3, "dropout-stage": stage}
+    )
+    assert (cfg.clients_per_round, cfg.min_clients, cfg.secagg_threshold) == (3, 2, 0)
+    _s, new, m, _d, _u = run(fleet, cfg)
+    assert m["status"] == "ok", m.get("reason")
+    assert (m["secagg"]["degree"], m["secagg"]["threshold"]) == (2, 2)
+    ((dropped, f_stage),) = [(f["node"], f["stage"]) for f in m["failures"]]
+    assert f_stage == stage
+    contributors = fleet.nodes if stage == "unmask" else [u for u in fleet.nodes if u != dropped]
+    assert m["clients_ok"] == len(contributors)
+    assert m["secagg"]["recovered"] == ([dropped] if stage == "masked-input" else [])
+    assert new is not None
+    assert_close(new, expected(fleet, contributors), m["secagg"]["step"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_default_three_client_round_with_two_dropped_fails_cleanly(stage: str) -> None:
+    fleet = fleet_of(3)
+    cfg = RunConfig.from_mapping(
+        {"secagg": True, "round-timeout": 1.0, "inject-dropout": 0.67, "dropout-stage": stage}
+    )
+    _s, new, m, _d, _u = run(fleet, cfg)
+    assert new is None and m["status"] == "failed"
+    injected = [f for f in m["failures"] if f["reason"].startswith("injected dropout")]
+    assert len(injected) == 2 and all(f["stage"] == stage for f in m["failures"])
+    if stage in ("advertise", "share-keys"):  # the lone client left cannot meet t either
+        (alone,) = [f for f in m["failures"] if f not in injected]
+        assert "only 0 live neighbour(s): 1 share holder(s) with itself" in alone["reason"]
+    else:
+        assert len(m["failures"]) == 2
+    want = {
+        "advertise": "advertise: 0 client(s) left",
+        "share-keys": "share-keys: 0 client(s) left",
+        "masked-input": "masked-input: 1 client(s) left",
+        "unmask": "unmask: 1 share(s) of client",
+    }[stage]
+    assert m["reason"].startswith(want), m["reason"]
 
 
 def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> None:

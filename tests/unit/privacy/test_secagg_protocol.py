@@ -20,7 +20,14 @@ from privacy.secagg.messages import (
     to_bytes,
 )
 from privacy.secagg.primitives import secure_rng
-from privacy.secagg.server import ADVERTISE, MASKED_INPUT, SHARE_KEYS, STAGES, UNMASK
+from privacy.secagg.server import (
+    ADVERTISE,
+    MASKED_INPUT,
+    SHARE_KEYS,
+    STAGES,
+    UNMASK,
+    ServerSession,
+)
 
 L = 257
 
@@ -67,6 +74,51 @@ def test_thirty_percent_dropout_at_each_stage_gives_the_survivors_exact_sum(stag
     assert_exact(res, enc, plan)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_three_clients_with_default_k_and_t_survive_one_dropout_at_each_stage(stage: str) -> None:
+    """The default cohort: 3 clients, complete graph k = 2, t = 2. A survivor whose other
+    neighbour dropped has one neighbour's share of its self-mask seed plus the one it kept."""
+    enc, plan = fleet(3, seed=11)
+    nodes = sorted(enc)
+    gone = nodes[1]
+    sess = ServerSession(nodes, 1, plan, L + 1)
+    assert (sess.graph.degree(), sess.threshold) == (2, 2)
+    res = run_round(enc, plan, drop={stage: {gone}}, server=sess)
+    rest = [u for u in nodes if u != gone]
+    assert list(res.contributors) == (nodes if stage == UNMASK else rest)
+    assert res.recovered == ((gone,) if stage == MASKED_INPUT else ())
+    assert [(d.node, d.stage) for d in res.dropouts] == [(gone, stage)]
+    assert_exact(res, enc, plan)
+    revealed = {k: set(v) for k, v in sess.view.revealed.items()}
+    if stage == UNMASK:  # the dropped client's b from the two others, theirs from both of them
+        assert revealed == {(u, "b"): set(rest) for u in nodes}
+    else:  # each survivor's b: the other survivor's share and its own
+        want = {(u, "b"): set(rest) for u in rest}
+        if stage == MASKED_INPUT:  # it shared keys and left: its key from the two survivors
+            want[(gone, "sk")] = set(rest)
+        assert revealed == want
+
+
+@pytest.mark.parametrize(
+    ("stage", "reason"),
+    [
+        (ADVERTISE, r"advertise: 0 client\(s\) left, at least 2 needed"),
+        (SHARE_KEYS, r"share-keys: 0 client\(s\) left, at least 2 needed"),
+        (MASKED_INPUT, r"masked-input: 1 client\(s\) left, at least 2 needed"),
+        (UNMASK, r"unmask: 1 share\(s\) of client \d+'s self-mask seed came back, threshold is 2"),
+    ],
+)
+def test_three_clients_with_two_dropped_fail_cleanly(stage: str, reason: str) -> None:
+    enc, plan = fleet(3, seed=12)
+    nodes = sorted(enc)
+    sess = ServerSession(nodes, 1, plan, L + 1)
+    with pytest.raises(SecAggAborted, match=reason) as err:
+        run_round(enc, plan, drop={stage: set(nodes[:2])}, server=sess)
+    assert err.value.culprits == ()
+    # the lone survivor's self-mask seed was never rebuilt: at most its one share came back
+    assert all(len(v) < sess.threshold for v in sess.view.revealed.values())
+
+
 def test_dropouts_spread_over_all_stages_with_a_sparse_graph() -> None:
     enc, plan = fleet(40, seed=2)
     nodes = sorted(enc)
@@ -80,9 +132,16 @@ def test_dropouts_spread_over_all_stages_with_a_sparse_graph() -> None:
 def test_below_threshold_the_round_fails_cleanly() -> None:
     enc, plan = fleet(10, seed=3)
     nodes = sorted(enc)
-    # complete graph, k = 9, t = 5: after 5 leave at unmask only 4 neighbours can answer
+    # complete graph, k = 9, t = 6 (a strict majority of the 10 holders of a client's shares):
+    # after 4 leave at unmask, a survivor's b has 5 live neighbours' shares plus its own = t
+    res = run_round(enc, plan, drop={UNMASK: set(nodes[:4])})
+    assert len(res.contributors) == 10
+    assert_exact(res, enc, plan)
+    # after 5 leave, a dropped client's b has only 5 (its neighbours'), a survivor's 4 + its own
     with pytest.raises(
-        SecAggAborted, match=r"unmask: 4 neighbour\(s\) returned shares .*threshold is 5"
+        SecAggAborted,
+        match=r"unmask: 5 share\(s\) of client \d+'s self-mask seed came back, "
+        r"threshold is 6",
     ):
         run_round(enc, plan, drop={UNMASK: set(nodes[:5])})
     # min-survivors: fewer inputs than required
@@ -95,8 +154,6 @@ def test_below_threshold_the_round_fails_cleanly() -> None:
 
 def test_clients_refuse_to_reveal_both_shares_or_answer_twice() -> None:
     enc, plan = fleet(6, seed=4)
-    from privacy.secagg.server import ServerSession
-
     sess = ServerSession(sorted(enc), 1, plan, L + 1)
     setups = sess.setup_messages()
     states, advs = {}, {}
@@ -113,12 +170,18 @@ def test_clients_refuse_to_reveal_both_shares_or_answer_twice() -> None:
     with pytest.raises(SecAggError, match="both survivor and dropped"):
         C.unmask(st, req)
     others = tuple(sorted(set(enc) - {u0}))
-    ok = C.UnmaskRequest(st.setup.params.session, survivors=others, dropped=())
+    not_me = C.UnmaskRequest(st.setup.params.session, survivors=others, dropped=())
+    with pytest.raises(SecAggError, match="not listed as a survivor"):
+        C.unmask(st, not_me)
+    everyone = tuple(sorted(enc))
+    ok = C.UnmaskRequest(st.setup.params.session, survivors=everyone, dropped=())
     done, resp = C.unmask(st, ok)
-    assert {s.kind for s in resp.shares} == {"b"} and done.sk_mask == b"" and done.b_seed == b""
+    # one b-share per survivor, its own included; never a share of its own masking key
+    assert sorted((s.target, s.kind) for s in resp.shares) == [(u, "b") for u in everyone]
+    assert done.sk_mask == b"" and done.b_seed == b"" and done.own_b_y == b""
     with pytest.raises(SecAggError, match="out of order"):
         C.unmask(done, replace(ok, survivors=(), dropped=others))
-    stale = C.UnmaskRequest(b"\x00" * 16, survivors=others, dropped=())
+    stale = C.UnmaskRequest(b"\x00" * 16, survivors=everyone, dropped=())
     with pytest.raises(SecAggError, match="stale or replayed"):
         C.unmask(st, stale)
 
@@ -208,6 +271,28 @@ def test_a_client_returning_a_wrong_share_is_excluded_and_the_sum_stays_exact() 
     assert_exact(res, enc, plan)
 
 
+def test_a_client_returning_a_wrong_share_of_its_own_seed_is_excluded() -> None:
+    """The b-share a client keeps is checked against the commitment it sent with its bundle."""
+    enc, plan = fleet(10, seed=13)
+    liar = sorted(enc)[6]
+
+    def lie(stage: str, node: int, payload: bytes) -> bytes:
+        if stage == UNMASK and node == liar:
+            resp = from_bytes(UnmaskResponse, payload)
+            (own,) = [s for s in resp.shares if s.target == liar]
+            y = bytearray(own.y)
+            y[-1] ^= 1
+            shares = tuple(replace(s, y=bytes(y)) if s is own else s for s in resp.shares)
+            return to_bytes(replace(resp, shares=shares))
+        return payload
+
+    res = run_round(enc, plan, transport=lie)
+    (ex,) = res.excluded
+    assert ex.node == liar and f"share of client {liar} that does not match" in ex.reason
+    assert liar in res.contributors  # its seed is rebuilt from its 9 neighbours' shares
+    assert_exact(res, enc, plan)
+
+
 def test_a_client_dealing_inconsistent_shares_is_named_and_the_round_fails_cleanly() -> None:
     enc, plan = fleet(8, seed=9)
     nodes = sorted(enc)
@@ -237,8 +322,6 @@ def test_a_client_dealing_inconsistent_shares_is_named_and_the_round_fails_clean
 def test_masked_vector_of_the_wrong_shape_or_range_is_rejected() -> None:
     enc, plan = fleet(6, seed=10)
     nodes = sorted(enc)
-    from privacy.secagg.server import ServerSession
-
     sess = ServerSession(nodes, 1, plan, L + 1)
     states, payloads = {}, {}
     for u, s in sess.setup_messages().items():

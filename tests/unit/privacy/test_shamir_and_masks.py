@@ -146,7 +146,9 @@ def test_sealed_shares_fail_under_tampering_or_another_context() -> None:
 def test_graph_degree_threshold_and_regularity() -> None:
     assert default_degree(10) == 9  # small rounds: complete graph
     assert default_degree(100) == 20 and default_degree(50) == 18
+    # a strict majority of the k + 1 share holders (the neighbours and the client itself)
     assert default_threshold(20) == 11 and default_threshold(2) == 2
+    assert default_threshold(9) == 6 and default_threshold(5) == 4 and default_threshold(4) == 3
     g = random_graph(list(range(100, 150)), 18)
     assert all(len(v) == 18 for v in g.neighbours.values())
     assert all(u not in v for u, v in g.neighbours.items())
