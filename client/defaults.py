@@ -7,24 +7,30 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Self
 
 DEFAULT_MODEL = "smollm2"
 
 
-class Quantization(StrEnum):
+class Choice(StrEnum):
+    """A string option with a fixed set of values; ``parse`` names the option in its error."""
+
+    @classmethod
+    def parse(cls, value: str, *, field: str | None = None) -> Self:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            name = field or cls.__name__.lower()
+            raise ValueError(f"{name}: {value!r} is not one of {choices}") from None
+
+
+class Quantization(Choice):
     """How the frozen base weights are held in memory during local training."""
 
     NONE = "none"
     INT8 = "int8"
     NF4 = "nf4"
-
-    @classmethod
-    def parse(cls, value: str, *, field: str = "quantization") -> Quantization:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(q.value for q in cls)
-            raise ValueError(f"{field}: {value!r} is not one of {choices}") from None
 
 
 def default_cache_dir() -> Path:

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from client.defaults import DEFAULT_MODEL, Quantization
+from client.defaults import DEFAULT_MODEL, Choice, Quantization
 from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
 
 ROUND_FAILURE_POLICIES = ("continue", "stop")
@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
 
 
-class DpMode(StrEnum):
+class DpMode(Choice):
     """Differential privacy for a run: off, per client (coordinator-side DP-FedAvg) or per
     training example (DP-SGD on every client)."""
 
@@ -30,12 +30,8 @@ class DpMode(StrEnum):
     SAMPLE = "sample"
 
     @classmethod
-    def parse(cls, value: str, *, field: str = "dp") -> DpMode:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise ValueError(f"{field}: {value!r} is not one of {choices}") from None
+    def parse(cls, value: str, *, field: str | None = "dp") -> DpMode:
+        return super().parse(value, field=field)
 
 
 ACCOUNTANTS = ("rdp", "pld")
