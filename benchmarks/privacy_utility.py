@@ -58,11 +58,18 @@ from simulations.partition import PartitionSpec, partition  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="/work/shared/data/dolly15k/by_category")
+    p.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "dolly15k" / "by_category")
+    )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--quantization", default="nf4")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha over category")
+    p.add_argument(
+        "--natural",
+        action="store_true",
+        help="one client per category (Dolly: 8) instead of --clients Dirichlet splits",
+    )
     p.add_argument("--clients-per-round", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=3)
@@ -97,7 +104,9 @@ def heldout_and_clients(
         held[cat] = sorted(rng.choice(idx, size=args.heldout_per_category, replace=False).tolist())
     taken = {i for v in held.values() for i in v}
     rest = [i for i in range(len(records)) if i not in taken]
-    spec = PartitionSpec.parse(f"dirichlet:category:{args.alpha}")
+    spec = PartitionSpec.parse(
+        "natural:category" if args.natural else f"dirichlet:category:{args.alpha}"
+    )
     _, shards = partition([records[i] for i in rest], spec, args.clients, args.seed)
     return held, [np.asarray([rest[int(j)] for j in s]) for s in shards]
 
@@ -340,8 +349,9 @@ def plot(results: list[dict], out: Path, args: argparse.Namespace) -> Path:  # t
     axes[1].set_ylim(lo * 0.9)
     axes[1].set_ylabel("held-out loss")
     axes[1].legend(fontsize=7, ncol=2)
+    split = "one per category" if args.natural else f"Dirichlet {args.alpha} over category"
     fig.suptitle(
-        f"Dolly-15k, {args.clients} clients (Dirichlet {args.alpha} over category), "
+        f"Dolly-15k, {args.clients} clients ({split}), "
         f"{args.clients_per_round}/round, {args.rounds} rounds x {args.local_steps} steps, "
         f"clip {args.clip_norm}"
     )
