@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,50 @@ def peak_rss_mb() -> float:
 
 def load_average() -> float:
     return os.getloadavg()[0]
+
+
+@dataclass(frozen=True)
+class PairedUtilisation:
+    """Step times, each paired with a GEMM ceiling measured right after it, and the MFU medians."""
+
+    step_wall: float  # median seconds per step
+    step_cpu: float  # median process CPU seconds per step
+    gemm_wall: float  # median GEMM GFLOP/s (wall)
+    mfu_wall: float  # median over pairs of achieved / adjacent ceiling (wall time)
+    mfu_cpu: float  # the same on process CPU time
+    mfu_wall_spread: tuple[float, float]  # (min, max) over pairs
+
+
+def paired_utilisation(
+    step: Callable[[], Any], flops_per_step: float, pairs: int, warmup: int = 2
+) -> PairedUtilisation:
+    """MFU robust to other work sharing the cores: every step is followed by a short GEMM burst.
+
+    On a shared 2-core machine the throughput available to the process drifts by 10-20% over a
+    minute. Dividing each step's achieved FLOP/s by the ceiling measured a moment later cancels
+    most of that drift; the medians over the pairs are what is reported.
+    """
+    for _ in range(warmup):
+        step()
+    matmul_ceiling(repeats=3)  # warm the GEMM path too
+    walls, cpus, gemms, mfu_w, mfu_c = [], [], [], [], []
+    for _ in range(pairs):
+        t = timed(step, 1, warmup=0)
+        g_wall, g_cpu = matmul_ceiling()
+        threads = torch.get_num_threads()
+        walls.append(t.wall)
+        cpus.append(t.cpu)
+        gemms.append(g_wall)
+        mfu_w.append(flops_per_step / t.wall / 1e9 / g_wall)
+        mfu_c.append(flops_per_step / (t.cpu / threads) / 1e9 / g_cpu)
+    return PairedUtilisation(
+        step_wall=statistics.median(walls),
+        step_cpu=statistics.median(cpus),
+        gemm_wall=statistics.median(gemms),
+        mfu_wall=statistics.median(mfu_w),
+        mfu_cpu=statistics.median(mfu_c),
+        mfu_wall_spread=(min(mfu_w), max(mfu_w)),
+    )
 
 
 def matmul_ceiling(n: int = 1536, repeats: int = 10) -> tuple[float, float]:

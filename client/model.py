@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,53 @@ class LoadedBase:
     load_seconds: float
 
 
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """``x @ W.T + b`` for a frozen weight held as a quantized tensor subclass.
+
+    Left to autograd, torchao's weight-only int8 linear keeps the *dequantized* fp32 weight of
+    every layer alive until backward, so int8's training peak ended up above fp32's. This
+    function keeps only the quantized weight and dequantizes it again in backward (what
+    bitsandbytes does for NF4): one more dequantization per layer, no fp32 copies held.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.weight = weight  # the quantized tensor: no copy, and never trained
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        dense = ctx.weight.dequantize().to(grad_out.dtype)
+        return grad_out @ dense, None, None
+
+
+def _frozen_quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    out = _FrozenQuantizedLinear.apply(x, self.weight, self.bias)  # type: ignore[no-untyped-call]
+    return cast(torch.Tensor, out)
+
+
+def recompute_dequantized_weights(model: torch.nn.Module) -> int:
+    """Route every frozen linear whose weight is a torchao quantized tensor through
+    ``_FrozenQuantizedLinear``; returns how many layers were switched."""
+    from torchao.utils import TorchAOBaseTensor
+
+    switched = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(module, torch.nn.Linear)
+            and isinstance(weight, TorchAOBaseTensor)
+            and not weight.requires_grad
+        ):
+            module.forward = types.MethodType(_frozen_quantized_forward, module)  # type: ignore[method-assign]
+            switched += 1
+    return switched
+
+
 def load_base(
     source: ModelSource,
     quant: Quantization,
@@ -310,6 +358,8 @@ def load_base(
         hint = "; delete it to rebuild" if directory != source.path else ""
         raise ModelError(f"model {directory} cannot be loaded: {exc}{hint}") from exc
     model.requires_grad_(False)
+    if quant is Quantization.INT8:
+        recompute_dequantized_weights(model)
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token_id is None:

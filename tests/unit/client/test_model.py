@@ -152,6 +152,50 @@ def test_head_only_loss_equals_full_forward_loss(
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
 
 
+def _saved_bytes_and_grads(model: torch.nn.Module, batch: object) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of plain tensors autograd keeps for backward in one forward, and the LoRA grads."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if type(t) is torch.Tensor:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n = response_loss(model, batch)  # type: ignore[arg-type]
+    (loss / n).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()), grads
+
+
+def test_int8_backward_keeps_no_dequantized_weights(
+    tiny_model_dir: Path, model_cache: Path, examples: list
+) -> None:  # type: ignore[type-arg]
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.INT8, model_cache)
+    model = attach_lora(base.model, LORA, seed=3)
+    model.train()
+    switched = [
+        m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)
+    ]
+    # Every quantized linear of the 2-layer model (7 per layer); lm_head stays fp32.
+    assert len(switched) == 14
+    batch = collate(examples[:8], base.tokenizer.pad_token_id, torch.device("cpu"))
+    lean_bytes, lean_grads = _saved_bytes_and_grads(model, batch)
+    for m in switched:  # back to torchao's own autograd path
+        del m.forward
+    dense_bytes, dense_grads = _saved_bytes_and_grads(model, batch)
+    assert len(lean_grads) == len(dense_grads) == 8
+    for a, b in zip(lean_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The default path holds an fp32 copy of each of those weights until backward.
+    cfg = base.model.config
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    fp32_weights = 4 * cfg.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * f)
+    assert dense_bytes - lean_bytes >= 0.9 * fp32_weights, (dense_bytes, lean_bytes)
+
+
 def test_trainable_keys_limit_what_changes(
     tiny_model_dir: Path, model_cache: Path, examples: list
 ) -> None:  # type: ignore[type-arg]
