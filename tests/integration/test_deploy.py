@@ -12,20 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
+from client.processes import LoggedProcess as Proc
 from client.processes import free_port, stop_tree
 
 pytestmark = pytest.mark.integration
@@ -37,65 +35,6 @@ RUN_TIMEOUT = 600.0
 
 def fedtune_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
-
-
-@dataclass
-class Proc:
-    """A started process whose merged output is collected line by line on a thread."""
-
-    name: str
-    popen: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-    _thread: threading.Thread | None = None
-
-    @classmethod
-    def start(cls, name: str, cmd: list[str], log_dir: Path) -> Proc:
-        popen = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # its own process group: a test can kill the whole device
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        proc = cls(name, popen)
-        log_file = (log_dir / f"{name}.log").open("w")
-
-        def pump() -> None:
-            assert popen.stdout is not None
-            for line in popen.stdout:
-                proc.lines.append(line.rstrip("\n"))
-                log_file.write(line)
-                log_file.flush()
-            log_file.close()
-
-        proc._thread = threading.Thread(target=pump, daemon=True)
-        proc._thread.start()
-        return proc
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := rx.search(line):
-                    return m
-            if self.popen.poll() is not None and self._thread and not self._thread.is_alive():
-                break
-            time.sleep(0.2)
-        tail = "\n".join(self.lines[-30:])
-        raise AssertionError(f"{self.name}: no line matching {pattern!r} in time; output:\n{tail}")
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            code = self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            tail = "\n".join(self.lines[-30:])
-            raise AssertionError(f"{self.name} still running after {timeout}s:\n{tail}") from None
-        if self._thread:
-            self._thread.join(timeout=10)
-        return code
 
 
 @dataclass
@@ -172,7 +111,7 @@ def deployment(
             seen_pids.add(p.popen.pid)
 
     def start(name: str, *args: str) -> Proc:
-        proc = Proc.start(name, fedtune_cmd(*args), logs)
+        proc = Proc(name, fedtune_cmd(*args), logs)
         started.append(proc)
         return proc
 
