@@ -43,7 +43,6 @@ class PairedUtilisation:
     """Step times, each paired with a GEMM ceiling measured right after it, and the MFU medians."""
 
     step_wall: float  # median seconds per step
-    step_cpu: float  # median process CPU seconds per step
     gemm_wall: float  # median GEMM GFLOP/s (wall)
     mfu_wall: float  # median over pairs of achieved / adjacent ceiling (wall time)
     mfu_cpu: float  # the same on process CPU time
@@ -62,19 +61,17 @@ def paired_utilisation(
     for _ in range(warmup):
         step()
     matmul_ceiling(repeats=3)  # warm the GEMM path too
-    walls, cpus, gemms, mfu_w, mfu_c = [], [], [], [], []
+    threads = torch.get_num_threads()
+    walls, gemms, mfu_w, mfu_c = [], [], [], []
     for _ in range(pairs):
         t = timed(step, 1, warmup=0)
         g_wall, g_cpu = matmul_ceiling()
-        threads = torch.get_num_threads()
         walls.append(t.wall)
-        cpus.append(t.cpu)
         gemms.append(g_wall)
         mfu_w.append(flops_per_step / t.wall / 1e9 / g_wall)
         mfu_c.append(flops_per_step / (t.cpu / threads) / 1e9 / g_cpu)
     return PairedUtilisation(
         step_wall=statistics.median(walls),
-        step_cpu=statistics.median(cpus),
         gemm_wall=statistics.median(gemms),
         mfu_wall=statistics.median(mfu_w),
         mfu_cpu=statistics.median(mfu_c),

@@ -319,22 +319,14 @@ def _frozen_quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.T
     return cast(torch.Tensor, out)
 
 
-def recompute_dequantized_weights(model: torch.nn.Module) -> int:
-    """Route every frozen linear whose weight is a torchao quantized tensor through
-    ``_FrozenQuantizedLinear``; returns how many layers were switched."""
+def recompute_dequantized_weights(model: torch.nn.Module) -> None:
+    """Route every linear whose (frozen) weight is a torchao quantized tensor through
+    ``_FrozenQuantizedLinear``."""
     from torchao.utils import TorchAOBaseTensor
 
-    switched = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (
-            isinstance(module, torch.nn.Linear)
-            and isinstance(weight, TorchAOBaseTensor)
-            and not weight.requires_grad
-        ):
+        if isinstance(module, torch.nn.Linear) and isinstance(module.weight, TorchAOBaseTensor):
             module.forward = types.MethodType(_frozen_quantized_forward, module)  # type: ignore[method-assign]
-            switched += 1
-    return switched
 
 
 def load_base(

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import psutil
 
@@ -132,7 +133,7 @@ class LineReader:
         prefix: str = "",
         show: Callable[[str], bool] = lambda _line: True,
         sink: Callable[[str], None] | None = None,
-        keep: int = 200,
+        keep: int | None = 200,  # None: every line
     ) -> None:
         self.proc = proc
         self.prefix = prefix
@@ -181,13 +182,12 @@ class LineReader:
 
 
 class LoggedProcess:
-    """A command started in its own session whose merged output is kept in memory and copied to
-    ``<log_dir>/<name>.log`` line by line: what scripts driving a whole deployment (the
-    integration test, the deployment benchmark) wait on and show when something goes wrong."""
+    """A command started in its own session whose whole output a ``LineReader`` keeps and copies to
+    ``<log_dir>/<name>.log``: what scripts driving a whole deployment (the integration test, the
+    deployment benchmark) wait on and show when something goes wrong."""
 
     def __init__(self, name: str, cmd: Sequence[str], log_dir: Path) -> None:
         self.name = name
-        self.lines: list[str] = []
         self.popen: subprocess.Popen[str] = subprocess.Popen(
             list(cmd),
             stdout=subprocess.PIPE,
@@ -197,36 +197,28 @@ class LoggedProcess:
             start_new_session=True,  # its own process group: a caller can kill the whole device
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        log_file = (log_dir / f"{name}.log").open("w")
+        self._log = (log_dir / f"{name}.log").open("w", buffering=1)
+        self.reader = LineReader(
+            self.popen, sink=lambda line: print(line, file=self._log), keep=None
+        )
 
-        def pump() -> None:
-            assert self.popen.stdout is not None
-            with log_file:
-                for line in self.popen.stdout:
-                    self.lines.append(line.rstrip("\n"))
-                    log_file.write(line)
-                    log_file.flush()
-
-        self._thread = threading.Thread(target=pump, name=f"log-{name}", daemon=True)
-        self._thread.start()
+    @property
+    def lines(self) -> list[str]:
+        return list(self.reader.lines)
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.lines[-n:])
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
         """The first output line matching ``pattern``, waiting at most ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := rx.search(line):
-                    return m
-            if self.popen.poll() is not None and not self._thread.is_alive():
-                break
-            time.sleep(0.2)
-        raise ProcessError(
-            f"{self.name}: no output line matching {pattern!r} in time; last lines:\n{self.tail()}"
-        )
+        line = self.reader.wait_for(lambda text: rx.search(text) is not None, timeout)
+        if line is None:
+            raise ProcessError(
+                f"{self.name}: no output line matching {pattern!r} in time; last lines:\n"
+                f"{self.tail()}"
+            )
+        return cast(re.Match[str], rx.search(line))
 
     def wait_exit(self, timeout: float) -> int:
         """The exit code, waiting at most ``timeout`` seconds."""
@@ -236,7 +228,8 @@ class LoggedProcess:
             raise ProcessError(
                 f"{self.name} still running after {timeout:g}s; last lines:\n{self.tail()}"
             ) from None
-        self._thread.join(timeout=10)
+        self.reader.join(timeout=10)
+        self._log.close()
         return code
 
 

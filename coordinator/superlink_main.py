@@ -34,10 +34,8 @@ def lengthen_sqlite_lock_wait(timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> bool:
     Flower applies the pragmas in ``flwr.supercore.sql_mixin.SQLITE_PRAGMAS`` on each new
     connection. Returns False, changing nothing, if a Flower version lays this out differently.
     """
-    try:
-        from flwr.supercore import sql_mixin
-    except ImportError:
-        return False
+    from flwr.supercore import sql_mixin
+
     pragmas = getattr(sql_mixin, "SQLITE_PRAGMAS", None)
     if not isinstance(pragmas, tuple):
         log.warning("this Flower has no SQLITE_PRAGMAS; SQLite keeps its own lock timeout")
