@@ -52,7 +52,7 @@ from protocol.credentials import KeysConfig, create_keys  # noqa: E402
 
 
 def fedtune(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 # Every process this script starts, so that any way out of it (an error, Ctrl-C, SIGTERM,

@@ -31,7 +31,7 @@ def main() -> None:
     args, extra = p.parse_known_args()
     out = Path(tempfile.mkdtemp(prefix="fedtune-bench-")) / "run"
     cmd = [
-        sys.executable, "-m", "coordinator.cli", "simulate", "--rounds", str(args.rounds),
+        sys.executable, "-m", "cli.main", "simulate", "--rounds", str(args.rounds),
         "--clients-per-round", str(args.clients_per_round),
         "--eval-clients", str(args.eval_clients), "--output-dir", str(out), *extra,
     ]  # fmt: skip

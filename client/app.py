@@ -21,6 +21,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import secagg
+from client.corrections import ProximalTerm, Scaffold, load_client_control, save_client_control
 from client.data import (
     TokenizedExample,
     heldout_split,
@@ -38,11 +39,12 @@ from client.model import (
     resolve_model,
 )
 from client.settings import ClientSettings
-from client.train import evaluate, train_round
+from client.train import Correction, evaluate, train_round
 from protocol.messages import (
     ClientUpdate,
     LoraSpec,
     decode_eval_instruction,
+    decode_server_control,
     decode_train_instruction,
     encode_eval_result,
     encode_update,
@@ -128,6 +130,17 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         settings, runtime = _prepare(context, instr.lora, base_defaults)
         t_load = time.perf_counter() - t0
         data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
+        corrections: list[Correction] = []
+        if instr.proximal_mu > 0:  # FedProx
+            trained = instr.trainable_keys or tuple(global_adapter)
+            corrections.append(
+                ProximalTerm(instr.proximal_mu, {k: global_adapter[k] for k in trained})
+            )
+        scaffold = None
+        server_control = decode_server_control(msg.content, instr, global_adapter)
+        if server_control is not None:
+            scaffold = Scaffold(server_control, load_client_control(settings.state_dir))
+            corrections.append(scaffold)
         if instr.sample_dp.enabled:  # DP-SGD, with this client's ledger in its state dir
             from client.dpsgd import private_round
 
@@ -139,6 +152,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 pad_id=runtime.pad_id,
                 client_seed=data.seed,
                 state_dir=settings.state_dir,
+                corrections=corrections,
             )
         else:
             update = train_round(
@@ -148,7 +162,13 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 global_adapter,
                 pad_id=runtime.pad_id,
                 client_seed=data.seed,
+                corrections=corrections,
             )
+        if scaffold is not None:
+            new_control = scaffold.new_client_control()
+            delta = {**update.delta, **scaffold.control_delta(new_control)}
+            save_client_control(settings.state_dir, new_control)
+            update = ClientUpdate(delta, update.num_examples, update.metrics)
         metrics = dict(update.metrics)
         metrics.update(
             {

@@ -20,18 +20,16 @@ a client reports ``num-examples`` = 1 (uniform FedAvg weights) and no training l
 from __future__ import annotations
 
 import secrets
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from client.data import TokenizedExample
-from client.model import adapter_parameters, get_adapter, set_adapter
-from client.train import collate, per_example_loss
+from client.train import Batch, Correction, Params, per_example_loss, train_round
 from privacy.accounting import AccountantKind, GaussianRelease, PrivacyLedger, PrivacyUnit
 from privacy.mechanisms import poisson_sample, secure_rng
 from protocol.messages import ClientUpdate, TrainInstruction
@@ -57,6 +55,107 @@ def ledger_path(state_dir: Path) -> Path:
     return state_dir / LEDGER_FILE
 
 
+class DpSgdSteps:
+    """The DP-SGD engine of ``client.train.train_round``: Poisson-sampled batches, per-example
+    gradients of the LoRA layers (Opacus hooks), clipping and noise (Opacus's ``DPOptimizer``),
+    then the corrections and the AdamW step. The loss never leaves the client."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        instr: TrainInstruction,
+        model: PeftModel,
+        *,
+        noise_generator: torch.Generator | None,
+        sampling_rng: np.random.Generator | None,
+    ) -> None:
+        from opacus.grad_sample import GradSampleHooks
+        from opacus.optimizers import DPOptimizer
+
+        sdp = instr.sample_dp
+        if not sdp.enabled:
+            raise ValueError("DP-SGD needs sample_dp.noise_multiplier > 0")
+        self.instr = instr
+        self.device = next(model.parameters()).device
+        self.noise_generator = noise_generator or torch.Generator(device=self.device).manual_seed(
+            secrets.randbits(63)
+        )
+        self.sampling_rng = sampling_rng or secure_rng()
+        self.q = 0.0
+        self.batch_sizes: list[int] = []
+        self._model = model
+        self._hooks_cls = GradSampleHooks
+        self._hooks: Any = None
+        self._dp_cls = DPOptimizer
+        self._inner = optimizer
+        self.optimizer: Any = None
+
+    def batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        self.q = sampling_rate(n, self.instr.batch_size)
+        sdp = self.instr.sample_dp
+        # Per-example gradients for the trainable (LoRA) layers only; loss = sum of example losses.
+        self._hooks = self._hooks_cls(
+            self._model, batch_first=True, loss_reduction="sum", strict=True
+        )
+        self.optimizer = self._dp_cls(
+            self._inner,
+            noise_multiplier=sdp.noise_multiplier,
+            max_grad_norm=sdp.clip_norm,
+            expected_batch_size=max(1, round(self.q * n)),
+            loss_reduction="mean",  # divide the noisy sum by the expected batch size
+            generator=self.noise_generator,
+        )
+        out = [
+            np.asarray(poisson_sample(list(range(n)), self.q, self.sampling_rng), dtype=np.int64)
+            for _ in range(self.instr.local_steps)
+        ]
+        self.batch_sizes = [len(idx) for idx in out]
+        return out
+
+    def backward(self, model: PeftModel, batch: Batch | None) -> float | None:
+        if batch is None:  # an empty Poisson sample: the step releases noise only
+            for p in model.parameters():
+                if p.requires_grad:
+                    # Opacus reads per-example gradients from this attribute.
+                    p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                        (0, *p.shape), device=self.device, dtype=p.dtype
+                    )
+            return None
+        with warnings.catch_warnings():
+            # The first LoRA layer's input (frozen embeddings) needs no gradient; Opacus only
+            # reads the gradient w.r.t. each layer's output.
+            warnings.filterwarnings(
+                "ignore", message="Full backward hook is firing", category=UserWarning
+            )
+            per_example_loss(model, batch).sum().backward()
+        return None
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # per-example gradients too
+
+    def step(self, params: Params, corrections: Sequence[Correction]) -> None:
+        if self.optimizer.pre_step():  # clip, sum, noise, divide: p.grad is the private grad
+            for correct in corrections:
+                correct(params)
+            self.optimizer.original_optimizer.step()
+
+    def close(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self._hooks is not None:
+            self._hooks.cleanup()
+
+    def num_examples(self, n: int) -> int:
+        return 1  # the local dataset size is private too: uniform FedAvg weights
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "dp-steps": float(self.instr.local_steps),
+            "dp-sampling-rate": self.q,
+            "dp-examples": float(sum(self.batch_sizes)),  # Poisson batches: the sizes vary
+        }
+
+
 def dpsgd_round(
     model: PeftModel,
     examples: Sequence[TokenizedExample],
@@ -67,86 +166,32 @@ def dpsgd_round(
     client_seed: int,
     noise_generator: torch.Generator | None = None,
     sampling_rng: np.random.Generator | None = None,
+    corrections: Sequence[Correction] = (),
 ) -> tuple[ClientUpdate, GaussianRelease]:
     """One round of DP-SGD on the LoRA parameters; returns the delta and the release it made.
 
     ``noise_generator``/``sampling_rng`` default to OS-seeded generators (tests pass seeded ones).
     """
-    from opacus.grad_sample import GradSampleHooks
-    from opacus.optimizers import DPOptimizer
-
     sdp = instr.sample_dp
     if not sdp.enabled:
         raise ValueError("dpsgd_round needs sample_dp.noise_multiplier > 0")
-    n = len(examples)
-    q = sampling_rate(n, instr.batch_size)
-    device = next(model.parameters()).device
-    set_adapter(model, global_adapter)
-    trainable = set(instr.trainable_keys) if instr.trainable_keys else set(global_adapter)
-    params = adapter_parameters(model)
-    for name, p in params.items():
-        p.requires_grad_(name in trainable)
-    train_params = [params[k] for k in sorted(trainable)]
 
-    noise_generator = noise_generator or torch.Generator(device=device).manual_seed(
-        secrets.randbits(63)
-    )
-    sampling_rng = sampling_rng or secure_rng()
-    # Per-example gradients for the trainable (LoRA) layers only; loss = sum of example losses.
-    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=True)
-    optimizer = DPOptimizer(
-        torch.optim.AdamW(train_params, lr=instr.learning_rate, weight_decay=0.0),
-        noise_multiplier=sdp.noise_multiplier,
-        max_grad_norm=sdp.clip_norm,
-        expected_batch_size=max(1, round(q * n)),
-        loss_reduction="mean",  # divide the noisy sum by the expected batch size
-        generator=noise_generator,
-    )
-    batch_sizes: list[int] = []
-    model.train()
-    t0 = time.perf_counter()
-    dropout_rng = np.random.default_rng([instr.seed, instr.round, client_seed])
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(dropout_rng.integers(2**31)))  # LoRA dropout only
-            for _ in range(instr.local_steps):
-                idx = poisson_sample(list(range(n)), q, sampling_rng)
-                optimizer.zero_grad(set_to_none=True)
-                if idx:
-                    batch = collate([examples[i] for i in idx], pad_id, device)
-                    with warnings.catch_warnings():
-                        # The first LoRA layer's input (frozen embeddings) needs no gradient;
-                        # Opacus only reads the gradient w.r.t. each layer's output.
-                        warnings.filterwarnings(
-                            "ignore", message="Full backward hook is firing", category=UserWarning
-                        )
-                        per_example_loss(model, batch).sum().backward()
-                else:  # an empty Poisson sample: the step releases noise only
-                    for p in train_params:
-                        # Opacus reads per-example gradients from this attribute.
-                        p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
-                            (0, *p.shape), device=device, dtype=p.dtype
-                        )
-                optimizer.step()
-                batch_sizes.append(len(idx))
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        hooks.cleanup()
-        model.eval()
-    seconds = time.perf_counter() - t0
+    def engine(optimizer: torch.optim.Optimizer, ins: TrainInstruction, m: Any) -> DpSgdSteps:
+        return DpSgdSteps(
+            optimizer, ins, m, noise_generator=noise_generator, sampling_rng=sampling_rng
+        )
 
-    trained = get_adapter(model)
-    delta = {k: trained[k] - global_adapter[k] for k in global_adapter if k in trainable}
-    update = ClientUpdate(
-        delta=delta,
-        num_examples=1,  # the local dataset size is private too: uniform FedAvg weights
-        metrics={
-            "train-seconds": seconds,
-            "dp-steps": float(instr.local_steps),
-            "dp-sampling-rate": q,
-            "dp-examples": float(sum(batch_sizes)),  # Poisson batches: the sizes vary
-        },
+    update = train_round(
+        model,
+        examples,
+        instr,
+        global_adapter,
+        pad_id=pad_id,
+        client_seed=client_seed,
+        engine=engine,
+        corrections=corrections,
     )
+    q = sampling_rate(len(examples), instr.batch_size)
     return update, GaussianRelease(sdp.noise_multiplier, q, instr.local_steps)
 
 
@@ -159,6 +204,7 @@ def private_round(
     pad_id: int,
     client_seed: int,
     state_dir: Path,
+    corrections: Sequence[Correction] = (),
 ) -> ClientUpdate:
     """DP-SGD round with the client's persistent ledger: refuse if over budget, train, record
     the release on disk (before the update leaves the client) and report cumulative epsilon."""
@@ -181,7 +227,13 @@ def private_round(
                 f"{sdp.max_epsilon:g}"
             )
     update, event = dpsgd_round(
-        model, examples, instr, global_adapter, pad_id=pad_id, client_seed=client_seed
+        model,
+        examples,
+        instr,
+        global_adapter,
+        pad_id=pad_id,
+        client_seed=client_seed,
+        corrections=corrections,
     )
     ledger.record(event)
     ledger.save(path)

@@ -13,9 +13,9 @@ of the whole sequence: the same loss, a fraction of the head's FLOPs and memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -110,6 +110,87 @@ def _client_rng(instr: TrainInstruction, client_seed: int) -> np.random.Generato
     return np.random.default_rng([instr.seed, instr.round, client_seed])
 
 
+Params = Mapping[str, torch.nn.Parameter]
+
+
+class Correction(Protocol):
+    """A data-independent term added to the trainable parameters' gradients each local step
+    (FedProx's proximal gradient, SCAFFOLD's control-variate correction): before gradient
+    clipping in plain training, after clipping and noise in DP-SGD (being data-independent, it
+    leaves the privacy guarantee unchanged)."""
+
+    def __call__(self, params: Params) -> None: ...
+
+
+class Engine(Protocol):
+    """How local steps pick examples and turn them into gradients and an optimizer step: plain
+    minibatch AdamW (``PlainSteps``) or DP-SGD (``client.dpsgd.DpSgdSteps``)."""
+
+    def batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray]: ...
+
+    def backward(self, model: PeftModel, batch: Batch | None) -> float | None:
+        """Gradients of the step's loss (``batch`` None: an empty DP sample); the loss value
+        to report, or None when it must not leave the client."""
+        ...
+
+    def zero_grad(self) -> None: ...
+
+    def step(self, params: Params, corrections: Sequence[Correction]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def num_examples(self, n: int) -> int:
+        """The FedAvg weight the update reports for ``n`` local examples."""
+        ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+class PlainSteps:
+    """Minibatch AdamW: seeded shuffled batches, mean loss per response token, gradient-norm
+    clipping, then the corrections and the step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, instr: TrainInstruction) -> None:
+        self.optimizer = optimizer
+        self.instr = instr
+
+    def batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        return batch_schedule(n, self.instr.batch_size, self.instr.local_steps, rng)
+
+    def backward(self, model: PeftModel, batch: Batch | None) -> float | None:
+        assert batch is not None
+        loss_sum, n = response_loss(model, batch)
+        loss = loss_sum / max(n, 1)
+        loss.backward()
+        return float(loss.detach())
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, params: Params, corrections: Sequence[Correction]) -> None:
+        trainable = [p for p in params.values() if p.requires_grad]
+        for correct in corrections:
+            correct(params)
+        torch.nn.utils.clip_grad_norm_(trainable, self.instr.max_grad_norm)
+        self.optimizer.step()
+
+    def close(self) -> None:
+        return None
+
+    def num_examples(self, n: int) -> int:
+        return n
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+EngineFactory = Callable[[torch.optim.Optimizer, TrainInstruction, "PeftModel"], Engine]
+
+
+def plain_steps(optimizer: torch.optim.Optimizer, instr: TrainInstruction, model: Any) -> Engine:
+    return PlainSteps(optimizer, instr)
+
+
 def train_round(
     model: PeftModel,
     examples: Sequence[TokenizedExample],
@@ -118,8 +199,13 @@ def train_round(
     *,
     pad_id: int,
     client_seed: int,
+    engine: EngineFactory = plain_steps,
+    corrections: Sequence[Correction] = (),
 ) -> ClientUpdate:
-    """One round of local training from ``global_adapter``; returns the adapter delta."""
+    """One round of local training from ``global_adapter``; returns the adapter delta.
+
+    ``engine`` decides how a step's gradient is formed (plain or DP-SGD); ``corrections`` are
+    added to the gradients every step (FedProx, SCAFFOLD)."""
     device = next(model.parameters()).device
     set_adapter(model, global_adapter)
     trainable = set(instr.trainable_keys) if instr.trainable_keys else set(global_adapter)
@@ -129,40 +215,46 @@ def train_round(
     optimizer = torch.optim.AdamW(
         [params[k] for k in sorted(trainable)], lr=instr.learning_rate, weight_decay=0.0
     )
+    steps = engine(optimizer, instr, model)
 
     rng = _client_rng(instr, client_seed)
-    schedule = batch_schedule(len(examples), instr.batch_size, instr.local_steps, rng)
+    schedule = steps.batches(len(examples), rng)
     losses: list[float] = []
     tokens = 0
     model.train()
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(rng.integers(2**31)))  # LoRA dropout
-        for idx in schedule:
-            batch = collate([examples[i] for i in idx], pad_id, device)
-            loss_sum, n = response_loss(model, batch)
-            loss = loss_sum / max(n, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([params[k] for k in trainable], instr.max_grad_norm)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            tokens += int(batch.attention_mask.sum())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**31)))  # LoRA dropout
+            for idx in schedule:
+                steps.zero_grad()
+                batch = collate([examples[i] for i in idx], pad_id, device) if len(idx) else None
+                loss = steps.backward(model, batch)
+                steps.step(params, corrections)
+                if loss is not None:
+                    losses.append(loss)
+                if batch is not None:
+                    tokens += int(batch.attention_mask.sum())
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        steps.close()
+        model.eval()
     seconds = time.perf_counter() - t0
-    model.eval()
 
     trained = get_adapter(model)
     delta = {k: trained[k] - global_adapter[k] for k in global_adapter if k in trainable}
+    metrics = {"train-seconds": seconds, **steps.metrics()}
+    if losses:
+        metrics.update(
+            {
+                "train-loss": float(np.mean(losses)),
+                "train-loss-last": losses[-1],
+                "train-tokens": tokens,
+                "tokens-per-second": tokens / seconds if seconds > 0 else 0.0,
+            }
+        )
     return ClientUpdate(
-        delta=delta,
-        num_examples=len(examples),
-        metrics={
-            "train-loss": float(np.mean(losses)),
-            "train-loss-last": losses[-1],
-            "train-seconds": seconds,
-            "train-tokens": tokens,
-            "tokens-per-second": tokens / seconds if seconds > 0 else 0.0,
-        },
+        delta=delta, num_examples=steps.num_examples(len(examples)), metrics=metrics
     )
 
 

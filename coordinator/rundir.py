@@ -4,6 +4,7 @@
     metrics.jsonl   one JSON object per round (round 0: the untrained base, before training)
     adapter/        the global adapter in PEFT format (PeftModel.from_pretrained loads it)
     state.json      the round reached and what a resumed run needs
+    server-state.safetensors   the server optimizer's state of that round (FedAdam's moments, ...)
     loss.png        train / held-out loss curves
 
 Every write replaces the old file atomically, so a crash mid-round leaves the previous round's
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -30,6 +32,7 @@ ADAPTER = "adapter"
 STATE = "state.json"
 PLOT = "loss.png"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SERVER_STATE = "server-state.safetensors"  # server optimizer moments, SCAFFOLD's control variate
 
 
 class RunDirError(RuntimeError):
@@ -150,12 +153,15 @@ class RunDirectory:
         rnd: int,
         write_adapter: Callable[[Path], None],
         extra_state: Mapping[str, Any] | None = None,
+        server_arrays: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Write the adapter (``write_adapter`` fills a directory in PEFT format), then the state.
+        """Write the adapter (``write_adapter`` fills a directory in PEFT format) and the server
+        optimizer's arrays (tagged with the round), then the state.
 
-        The state file is written last: it names a round only once that round's adapter is on
-        disk.
+        The state file is written last: it names a round only once that round's adapter and
+        optimizer state are on disk.
         """
+        self._write_server_arrays(rnd, dict(server_arrays or {}))
         scratch = Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter-"))
         try:
             write_adapter(scratch)
@@ -170,6 +176,34 @@ class RunDirectory:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         write_json_atomic(self.state_path, {"round": rnd, **(extra_state or {})})
+
+    def _write_server_arrays(self, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{SERVER_STATE}", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(
+                {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                tmp,
+                metadata={"round": str(rnd)},
+            )
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path / SERVER_STATE)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_server_arrays(self, rnd: int) -> dict[str, np.ndarray]:
+        """The server optimizer's arrays saved with round ``rnd`` (none for a stateless
+        optimizer; every round writes the file)."""
+        path = self.path / SERVER_STATE
+        if not path.is_file():
+            raise RunDirError(f"{self.state_path} names round {rnd} but {path} is missing")
+        with safe_open(str(path), framework="np") as fh:
+            saved = (fh.metadata() or {}).get("round")
+            if saved != str(rnd):
+                raise RunDirError(f"{path} belongs to round {saved}, {STATE} to round {rnd}")
+            return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
 
     def load_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         """(state, global adapter) of the last completed round, or None for a fresh run."""
@@ -212,3 +246,23 @@ class RunDirectory:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+def summary(run_dir: Path) -> Mapping[str, Any]:
+    """The headline figures of a run directory (what `fedtune simulate` prints)."""
+    rows = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
+    first, last = rows[0], rows[-1]
+    state_file = run_dir / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return {
+        "epsilon": last.get("epsilon"),
+        "delta": last.get("delta"),
+        "stopped": state.get("stopped"),
+        "rounds": last["round"],
+        "eval_loss_round0": first.get("eval_loss"),
+        "eval_loss_final": last.get("eval_loss"),
+        "central_eval_loss_round0": first.get("central_eval_loss"),
+        "central_eval_loss_final": last.get("central_eval_loss"),
+    }

@@ -1,7 +1,7 @@
-"""A training round with secure aggregation (``--secagg``): the round loop calls
-``SecureAggregation.train_round`` instead of ``rounds.train_round``.
+"""The secure transport of the round pipeline (``--secagg``): ``SecureTransport.collect``
+delivers the same ``Contribution`` (sum of the updates, total weight) as the plain transport.
 
-One round is four exchanges over the Grid (``rounds.exchange``: push, poll, timeout), one per
+One round is four exchanges over the Grid (``exchange.exchange``: push, poll, timeout), one per
 SecAgg+ stage, driven by the pure coordinator state machine ``privacy.secagg.server``:
 
     train.secagg_setup   train instruction + global adapter + Setup -> Advertise (+ metrics)
@@ -11,32 +11,32 @@ SecAgg+ stage, driven by the pure coordinator state machine ``privacy.secagg.ser
 
 What the coordinator holds per client is public keys, sealed shares it cannot open, masked
 vectors (added to a running sum as they are read, then released) and revealed shares: never an
-update. The unmasked result is the sum of the encoded updates, decoded to the example-weighted
-mean delta (or, with distributed DP, the noisy sum over a fixed denominator).
+update. The unmasked result is the sum of the encoded updates, decoded to sum_k w_k u_k and
+sum_k w_k (with distributed DP: the sum of the clipped, noised updates, weights 1, and the Skellam
+release that reached it, for the privacy stage's ledger).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.aggregation import apply_delta
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import RunConfig
 from coordinator.ddp import DistributedDp
+from coordinator.exchange import Exchange, exchange, reply_reason, sample_nodes
+from coordinator.pipeline import Contribution, Prepare
 from coordinator.progress import Progress
-from coordinator.rounds import Exchange, exchange, sample_nodes
-from privacy.distributed_dp import SkellamRelease, plan_noisy_encoding, release_for_round
+from privacy.distributed_dp import plan_noisy_encoding
 from privacy.secagg.encoding import (
     EncodingError,
     EncodingPlan,
     decode_sum,
     plan_encoding,
-    weighted_mean,
 )
 from privacy.secagg.messages import SecAggAborted, SecAggError, to_bytes
 from privacy.secagg.server import (
@@ -50,7 +50,6 @@ from privacy.secagg.server import (
 )
 from protocol import keys
 from protocol.adapter import AdapterSpec
-from protocol.messages import encode_train_instruction
 
 log = logging.getLogger("fedtune")
 
@@ -73,23 +72,19 @@ def _metrics(reply: Message) -> dict[str, float]:
     return {k: float(v) for k, v in rec.items() if isinstance(v, int | float)}
 
 
-def _reason(reply: Message) -> str:
-    if reply.has_error():
-        return reply.error.reason or f"client error code {reply.error.code}"
-    return "reply without content"
-
-
-class SecureAggregation:
+class SecureTransport:
     """Secure-aggregation rounds of one run. Keeps, across rounds, the clients excluded for
     misbehaving (inconsistent or tampered shares): they are not sampled again in this run."""
 
-    def __init__(self, cfg: RunConfig, ddp: DistributedDp | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, ddp: DistributedDp | None = None, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         if not cfg.secagg:
             raise ValueError("secagg: SecureAggregation needs --secagg")
         self.cfg = cfg
         self.ddp = ddp
+        self.clock = clock
         self.excluded: dict[int, str] = {}
-        self.releases: list[SkellamRelease] = []  # distributed-DP releases, for the accountant
 
     def plan(self, n: int, numel: int) -> tuple[EncodingPlan, float]:
         """The encoding for ``n`` sampled clients and the Skellam parameter each client adds."""
@@ -105,45 +100,34 @@ class SecureAggregation:
             n, ddp.noise_multiplier, ddp.clip_norm, ddp.cohort, numel, cfg.secagg_precision
         )
 
-    def train_round(
+    def collect(
         self,
         grid: Grid,
         nodes: Sequence[int],
-        adapter: Arrays,
-        spec: AdapterSpec,
+        content: RecordDict,
+        expected: AdapterSpec,
         rnd: int,
         progress: Progress,
-        *,
-        population: int = 0,
-    ) -> tuple[Arrays | None, dict[str, Any], int, int]:
-        """One secure round over ``nodes``. With distributed DP, ``population`` is how many
-        clients the cohort was drawn from (0: ``nodes`` is the whole population)."""
+        prepare: Prepare,
+    ) -> Contribution:
+        """One secure round over ``nodes``: the unmasked sum of the contributors' updates (with
+        distributed DP, their clipped and noised updates, each of weight 1, and the release that
+        reached the sum). ``prepare`` is not applied: the coordinator never sees an update."""
         cfg = self.cfg
-        instr = cfg.train_instruction(rnd)
-        expected = spec.subset(instr.trainable_keys) if instr.trainable_keys else spec
         sampled = [n for n in nodes if n not in self.excluded]
-        metrics: dict[str, Any] = {
-            "clients_sampled": len(nodes),
-            "clients_ok": 0,
-            "failures": [
+        c = Contribution(
+            {name: np.zeros(t.shape, np.float64) for name, t in expected.tensors},
+            0.0,
+            sampled=len(nodes),
+            failures=[
                 {"node": n, "stage": "sampling", "reason": f"excluded: {self.excluded[n]}"}
                 for n in nodes
                 if n in self.excluded
             ],
-            "num_examples": 0,
-            "train_loss": None,
-        }
-        down = up = 0
-
-        def failed(reason: str) -> tuple[None, dict[str, Any], int, int]:
-            metrics["status"] = "failed"
-            metrics["reason"] = reason
-            return None, metrics, down, up
-
+        )
         if len(sampled) < max(2, cfg.min_clients):
-            return failed(
-                f"{len(sampled)} client(s) can take part, min-clients is {cfg.min_clients}"
-            )
+            c.error = f"{len(sampled)} client(s) can take part, min-clients is {cfg.min_clients}"
+            return c
         try:
             plan, mu = self.plan(len(sampled), expected.numel)
             session = ServerSession(
@@ -157,7 +141,8 @@ class SecureAggregation:
                 noise_mu=mu,
             )
         except (SecAggError, EncodingError) as exc:
-            return failed(f"secure aggregation cannot start: {exc}")
+            c.error = f"secure aggregation cannot start: {exc}"
+            return c
 
         victims: set[int] = set()
         if cfg.inject_dropout > 0:
@@ -170,17 +155,16 @@ class SecureAggregation:
         phase_seconds: dict[str, float] = {}
 
         def run_stage(stage: str, payloads: dict[int, bytes], base: RecordDict | None) -> Exchange:
-            nonlocal down, up
             contents = {}
             for node, payload in payloads.items():
-                content = RecordDict(dict(base.items())) if base is not None else RecordDict()
-                content[keys.SECAGG] = ConfigRecord(
+                msg = RecordDict(dict(base.items())) if base is not None else RecordDict()
+                msg[keys.SECAGG] = ConfigRecord(
                     {
                         keys.SECAGG_PAYLOAD: payload,
                         keys.SECAGG_INJECT_DROPOUT: stage == cfg.dropout_stage and node in victims,
                     }
                 )
-                contents[node] = content
+                contents[node] = msg
             progress.phase(rnd, f"secagg {stage}", len(contents))
             ex = exchange(
                 grid,
@@ -189,9 +173,10 @@ class SecureAggregation:
                 rnd,
                 cfg.round_timeout,
                 on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
+                clock=self.clock,
             )
-            down += ex.bytes_down
-            up += ex.bytes_up
+            c.bytes_down += ex.bytes_down
+            c.bytes_up += ex.bytes_up
             phase_seconds[stage] = ex.seconds
             for node, reply in ex.replies.items():
                 if reply.has_content():
@@ -207,7 +192,7 @@ class SecureAggregation:
             bad = {n: f"no reply within {cfg.round_timeout:g}s" for n in ex.missing}
             for node, reply in ex.replies.items():
                 if not reply.has_content():
-                    bad[node] = _reason(reply)
+                    bad[node] = reply_reason(reply)
                     continue
                 try:
                     ok[node] = _payload(reply)
@@ -216,9 +201,8 @@ class SecureAggregation:
             return ok, bad
 
         try:
-            base = encode_train_instruction(instr, adapter)
             setups = {u: to_bytes(s) for u, s in session.setup_messages().items()}
-            ok, bad = split(run_stage(ADVERTISE, setups, base))
+            ok, bad = split(run_stage(ADVERTISE, setups, content))
             directories = session.receive_advertise(ok, bad)
 
             ex = run_stage(SHARE_KEYS, {u: to_bytes(d) for u, d in directories.items()}, None)
@@ -245,75 +229,42 @@ class SecureAggregation:
         except SecAggAborted as exc:
             for culprit in exc.culprits:
                 self.excluded.setdefault(culprit, exc.reason)
-            self._report(metrics, session, cpu, train_metrics, phase_seconds, None)
-            return failed(exc.reason)
-        self._report(metrics, session, cpu, train_metrics, phase_seconds, result)
+            self._report(c, session, cpu, train_metrics, phase_seconds, None)
+            c.error = exc.reason
+            return c
+        self._report(c, session, cpu, train_metrics, phase_seconds, result)
 
         try:
             decoded = decode_sum(result.ring_sum, plan, len(result.contributors))
         except EncodingError as exc:
-            return failed(f"secure sum rejected: {exc}")
-        if self.ddp is None:
-            mean = weighted_mean(decoded, plan)
-            metrics["num_examples"] = decoded.total_weight
-        else:
-            mean = decoded.weighted_sum / self.ddp.denominator
-            release = release_for_round(
-                mu,
-                len(result.contributors),
-                max(population, len(nodes)),
-                self.ddp.clip_norm,
-                plan.step,
-                expected.numel,
-            )
-            self.releases.append(release)
-            metrics["ddp_noise_multiplier"] = release.effective_noise_multiplier
-            metrics["ddp_release"] = release.to_dict()
-        delta = _unflatten(mean, expected)
-        new = apply_delta(adapter, delta)
-        metrics["status"] = "ok"
-        metrics["update_norm"] = float(
-            np.sqrt(
-                sum(float(np.sum((new[k] - adapter[k]).astype(np.float64) ** 2)) for k in adapter)
-            )
-        )
-        return new, metrics, down, up
+            c.error = f"secure sum rejected: {exc}"
+            return c
+        # phi_k = w_k / weight-cap inside the ring: back to sum_k w_k u_k (DP: w_k = cap = 1).
+        c.weighted_sum = _unflatten(decoded.weighted_sum * plan.weight_cap, expected)
+        c.total_weight = float(decoded.total_weight)
+        if self.ddp is not None:  # what the privacy stage's ledger needs of this sum
+            c.release = {"mu": mu, "step": plan.step, "numel": expected.numel}
+        return c
 
     def _report(
         self,
-        metrics: dict[str, Any],
+        c: Contribution,
         session: ServerSession,
         cpu: dict[str, list[float]],
         train_metrics: dict[int, dict[str, float]],
         phase_seconds: dict[str, float],
         result: SecAggResult | None,
     ) -> None:
-        contributors = set(result.contributors) if result else set()
-        losses = [
-            m["train-loss"]
-            for n, m in train_metrics.items()
-            if n in contributors and "train-loss" in m
-        ]
-        metrics["clients_ok"] = len(contributors)
-        metrics["train_loss"] = float(np.mean(losses)) if losses else None
-        trained = list(train_metrics.values())
-        metrics["client_seconds_max"] = max(
-            (m.get("client-seconds", 0.0) for m in trained), default=None
-        )
-        metrics["train_phase_seconds"] = sum(phase_seconds.values())
-        for key, name in (
-            ("client_seconds", "client-seconds"),
-            ("client_load_seconds", "load-seconds"),
-            ("client_train_seconds", "train-seconds"),
-        ):
-            metrics[key] = sum(m.get(name, 0.0) for m in trained)
-        metrics["failures"] += [
+        c.contributors = sorted(result.contributors) if result else []
+        c.client_metrics = train_metrics
+        c.phase_seconds = sum(phase_seconds.values())
+        c.failures += [
             {"node": d.node, "stage": d.stage, "reason": d.reason} for d in session.dropouts
         ]
         excluded = list(result.excluded) if result else list(session.excluded.values())
         for d in excluded:
             self.excluded.setdefault(d.node, d.reason)
-        metrics["secagg"] = {
+        c.extra["secagg"] = {
             "degree": session.graph.degree(),
             "threshold": session.threshold,
             "ring_bits": session.params.plan.ring_bits,
@@ -333,7 +284,7 @@ def _unflatten(vector: np.ndarray, spec: AdapterSpec) -> Arrays:
     out: Arrays = {}
     start = 0
     for name, t in spec.tensors:
-        out[name] = vector[start : start + t.numel].reshape(t.shape).astype(np.dtype(t.dtype))
+        out[name] = vector[start : start + t.numel].reshape(t.shape).astype(np.float64)
         start += t.numel
     if start != vector.size:
         raise ValueError(f"vector has {vector.size} values, the adapter {start}")

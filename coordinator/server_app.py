@@ -24,7 +24,7 @@ def _log_to_stderr() -> None:
     (Under `fedtune simulate` the CLI already did this, and nothing changes.)"""
     if log.handlers:
         return
-    from coordinator.cli import quiet_libraries
+    from client.logs import quiet_libraries
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))

@@ -249,6 +249,6 @@ def run_summary(run_dir: Path) -> dict[str, Any] | None:
     """The same summary as ``simulate`` prints, when the run directory is on this machine."""
     if not (run_dir / "metrics.jsonl").is_file():
         return None
-    from simulations.runner import summary
+    from coordinator.rundir import summary
 
     return dict(summary(run_dir))

@@ -3,7 +3,7 @@
 from typing import Final
 
 # Bumped whenever a field is added, removed or changes meaning. Both ends refuse other versions.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 # -- records inside a Message's RecordDict --------------------------------------------------------
 GLOBAL_ADAPTER: Final = "global-adapter"  # ArrayRecord: every adapter tensor of the global model
@@ -12,6 +12,10 @@ EVAL_CONFIG: Final = "eval-config"  # ConfigRecord: an EvalInstruction
 UPDATE: Final = "update"  # ArrayRecord: the client's adapter delta (trained tensors only)
 REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and client notes
 METRICS: Final = "metrics"  # MetricRecord: numbers about the local work
+SERVER_CONTROL: Final = "server-control"  # ArrayRecord: SCAFFOLD's server control variate c
+# SCAFFOLD: a client's control-variate delta travels in the update record under this prefix + the
+# adapter tensor's name, so transports (plain and secure) sum it like the adapter delta.
+CONTROL_PREFIX: Final = "scaffold-control:"
 
 # -- fields ---------------------------------------------------------------------------------------
 SCHEMA: Final = "schema-version"

@@ -104,6 +104,12 @@ class TrainInstruction:
     # Adapter tensors the client trains and returns; empty means all of them.
     trainable_keys: tuple[str, ...] = ()
     sample_dp: SampleDP = field(default_factory=SampleDP)
+    # FedProx (Li et al. 2020): mu / 2 * ||w - w_global||^2 on the adapter tensors in the local
+    # loss; 0 is plain local training.
+    proximal_mu: float = 0.0
+    # SCAFFOLD (Karimireddy et al. 2020): correct gradients by c - c_i (the server's control
+    # variate travels in keys.SERVER_CONTROL) and return the control-variate delta.
+    scaffold: bool = False
     schema_version: int = keys.SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -117,6 +123,11 @@ class TrainInstruction:
             f"must be a positive number, got {self.learning_rate}",
         )
         _require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _require(
+            math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
+            "proximal_mu",
+            f"must be >= 0, got {self.proximal_mu}",
+        )
 
 
 @dataclass(frozen=True)
@@ -276,8 +287,33 @@ def _decode_instruction(
     return instr, adapter
 
 
-def encode_train_instruction(instr: TrainInstruction, global_adapter: Arrays) -> RecordDict:
-    return _encode_instruction(instr, keys.TRAIN_CONFIG, global_adapter)
+def encode_train_instruction(
+    instr: TrainInstruction, global_adapter: Arrays, server_control: Arrays | None = None
+) -> RecordDict:
+    content = _encode_instruction(instr, keys.TRAIN_CONFIG, global_adapter)
+    if server_control is not None:
+        content[keys.SERVER_CONTROL] = arrays_to_record(server_control)
+    return content
+
+
+def decode_server_control(
+    content: RecordDict, instr: TrainInstruction, global_adapter: Arrays
+) -> Arrays | None:
+    """SCAFFOLD's server control variate: one tensor per trained adapter tensor (None when the
+    instruction is not SCAFFOLD's)."""
+    what = "train message"
+    if not instr.scaffold:
+        return None
+    control = arrays_from_record(
+        _record(content, keys.SERVER_CONTROL, ArrayRecord, what), what=what
+    )
+    spec = AdapterSpec.of(global_adapter)
+    trained = instr.trainable_keys or spec.names
+    try:
+        spec.subset(trained).check(control, what=f"{what} {keys.SERVER_CONTROL}")
+    except UpdateRejected as exc:
+        raise ProtocolError(str(exc)) from exc
+    return control
 
 
 def decode_train_instruction(content: RecordDict) -> tuple[TrainInstruction, Arrays]:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -221,22 +220,3 @@ def simulate(
     if not (run_dir / "metrics.jsonl").is_file():
         raise RuntimeError(f"simulation ended without writing {run_dir / 'metrics.jsonl'}")
     return run_dir
-
-
-def summary(run_dir: Path) -> Mapping[str, Any]:
-    rows = [
-        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
-    ]
-    first, last = rows[0], rows[-1]
-    state_file = run_dir / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    return {
-        "epsilon": last.get("epsilon"),
-        "delta": last.get("delta"),
-        "stopped": state.get("stopped"),
-        "rounds": last["round"],
-        "eval_loss_round0": first.get("eval_loss"),
-        "eval_loss_final": last.get("eval_loss"),
-        "central_eval_loss_round0": first.get("central_eval_loss"),
-        "central_eval_loss_final": last.get("central_eval_loss"),
-    }

@@ -25,7 +25,7 @@ def test_two_clients_one_round_with_the_real_gguf_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = subprocess.run(
         [
-            sys.executable, "-m", "coordinator.cli", "simulate",
+            sys.executable, "-m", "cli.main", "simulate",
             "--data", "builtin:chatterbot", "--partition", "iid", "--num-clients", "2",
             "--clients-per-round", "2", "--rounds", "1", "--local-steps", "2", "--seq-len", "64",
             "--heldout-fraction", "0.02", "--quantization", "nf4", "--output-dir", str(out),

@@ -21,7 +21,7 @@ def simulate(out: Path, model: Path, cache: Path, *extra: str) -> list[dict]:  #
         [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "cli.main",
             "simulate",
             "--model",
             str(model),

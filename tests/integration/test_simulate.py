@@ -33,7 +33,7 @@ ROUND_KEYS = (
 
 def fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -57,6 +57,7 @@ def run_dir(
         "--seq-len", "64",
         "--lr", "0.01",
         "--quantization", "nf4",
+        "--strategy", "scaffold",
         "--cache-dir", str(model_cache),
         "--output-dir", str(out),
     )  # fmt: skip
@@ -75,16 +76,30 @@ def test_simulation_writes_a_valid_run_directory(run_dir: Path) -> None:
         assert all(k in r for k in ROUND_KEYS)
         assert np.isfinite(r["eval_loss"])
     assert rows[0]["train_loss"] is None
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    fp32_bytes = 4 * sum(int(v.size) for v in adapter.values())
+    assert fp32_bytes > 0
     for r in rows[1:]:
         assert r["clients_sampled"] == 2 and r["clients_ok"] == 2 and r["failures"] == []
-        # 2 clients upload at least one fp32 delta of the adapter each
-        assert r["bytes_up"] >= 2 * r["num_examples"] * 0 + 2 * 4 * 2 * 2 * 4 * 64
+        # Each of the 2 clients uploads its fp32 adapter delta and, under SCAFFOLD, its
+        # control-variate delta of the same size; the global adapter and the server's control
+        # variate go down to each.
+        assert r["bytes_up"] >= 2 * 2 * fp32_bytes
+        assert r["bytes_down"] >= 2 * 2 * fp32_bytes
         assert r["update_norm"] > 0
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
     shards = json.loads((run_dir / "partitions" / "index.json").read_text())
     assert len(shards) == 3 and sum(s["rows"] for s in shards) > 1000
+    # SCAFFOLD: the server's control variate is saved with the round, each client that trained
+    # keeps its own in its state directory under the run.
+    assert config["strategy"]["strategy"] == "scaffold"
+    server = load_file(str(run_dir / "server-state.safetensors"))
+    assert len(server) == len(adapter) and all(k.startswith("control/") for k in server)
+    assert all(np.abs(v).max() > 0 for v in server.values())
+    controls = sorted((run_dir / "client-state").glob("*/scaffold/control.safetensors"))
+    assert 2 <= len(controls) <= 3
 
 
 def test_export_loads_with_peft_and_reproduces_logits(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from client.device import (
     DeviceConfig,
     SettingsError,
@@ -19,7 +20,6 @@ from client.device import (
     supernode_command,
 )
 from client.processes import Backoff, free_port, split_address
-from coordinator.cli import main
 from protocol.credentials import KeysConfig, create_keys
 
 
@@ -255,7 +255,7 @@ def test_wrong_root_certificate_is_one_line(
 
     def serve_once() -> None:
         conn, _ = srv.accept()
-        conn.settimeout(5)
+        conn.settimeout(60)
         try:
             with ctx.wrap_socket(conn, server_side=True):
                 pass

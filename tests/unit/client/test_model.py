@@ -126,6 +126,13 @@ def test_lora_training_on_quantized_base(
     frozen_after = _quantized_state(model)
     assert frozen_before.keys() == frozen_after.keys()
     for name in frozen_before:
+        if name.endswith(".absmax"):
+            # bitsandbytes' CPU kernel keeps a bf16 copy of the NF4 block scales on CPUs with
+            # AVX512-BF16 (it re-lays them out on the first forward): the same scales to bf16's
+            # precision; the 4-bit codes and the code map stay bit-identical.
+            before, after = frozen_before[name].float().ravel(), frozen_after[name].float().ravel()
+            torch.testing.assert_close(after, before, rtol=2**-8, atol=0.0)
+            continue
         assert torch.equal(frozen_before[name], frozen_after[name]), name
     assert {n for n, p in model.named_parameters() if p.requires_grad} <= {
         n for n, _ in model.named_parameters() if "lora_" in n

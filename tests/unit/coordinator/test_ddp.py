@@ -18,8 +18,8 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 from coordinator.config import ConfigError, RunConfig
 from coordinator.ddp import DistributedClientDP, resolve_distributed_dp, uniform_sample
 from coordinator.progress import Progress
-from coordinator.rounds import run_federation
 from privacy import distributed_dp as ddp
+from tests.fakegrid import run_virtual
 from tests.secagg_fleet import Fleet
 
 NODES = [2**63 + 7 * i for i in range(8)]
@@ -99,7 +99,7 @@ def test_secure_dp_run_records_epsilon_settings_and_ledger(
 ) -> None:
     out = tmp_path / "run"
     cfg = cfg_for(tiny_model_dir, model_cache, out)
-    rows = run_federation(fleet().grid(), cfg, out, progress=Progress(3, live=False))
+    rows = run_virtual(fleet().grid(), cfg, out, progress=Progress(3, live=False))
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["epsilon"] == 0.0
     eps = [r["epsilon"] for r in rows[1:]]
@@ -143,7 +143,7 @@ def test_dropouts_leave_less_noise_and_the_ledger_says_so(
         "rounds": 2,
         "secagg-threshold": 2,
     }
-    rows = run_federation(
+    rows = run_virtual(
         fleet().grid(),
         cfg_for(tiny_model_dir, model_cache, out, **kw),
         out,
@@ -170,11 +170,11 @@ def test_resume_continues_the_ledger(
     out = tmp_path / "run"
     grid = fleet().grid()
     one = cfg_for(tiny_model_dir, model_cache, out, rounds=1)
-    run_federation(grid, one, out, progress=Progress(1, live=False))
+    run_virtual(grid, one, out, progress=Progress(1, live=False))
     first = json.loads((out / "state.json").read_text())["privacy"]["ledger"]["events"]
     assert sum(e["count"] for e in first) == 1
     three = cfg_for(tiny_model_dir, model_cache, out, rounds=3)
-    rows = run_federation(grid, three, out, resume=True, progress=Progress(3, live=False))
+    rows = run_virtual(grid, three, out, resume=True, progress=Progress(3, live=False))
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     events = json.loads((out / "state.json").read_text())["privacy"]["ledger"]["events"]
     assert sum(e["count"] for e in events) == 3
@@ -197,7 +197,7 @@ def test_max_epsilon_stops_before_a_round_would_pass_it(
         eps.append(probe.epsilon())
     limit = (eps[1] + eps[2]) / 2
     cfg = cfg_for(tiny_model_dir, model_cache, out, **kw, **{"max-epsilon": limit})
-    rows = run_federation(fleet().grid(), cfg, out, progress=Progress(5, live=False))
+    rows = run_virtual(fleet().grid(), cfg, out, progress=Progress(5, live=False))
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["epsilon"] == pytest.approx(eps[1], rel=1e-9) and rows[-1]["epsilon"] <= limit
     state = json.loads((out / "state.json").read_text())
@@ -219,7 +219,7 @@ def test_target_epsilon_is_calibrated_with_the_skellam_accountant(
     out = tmp_path / "run"
     kw = {"noise-multiplier": 0.0, "target-epsilon": 6.0, "rounds": 2}
     cfg = cfg_for(tiny_model_dir, model_cache, out, **kw)
-    rows = run_federation(fleet().grid(), cfg, out, progress=Progress(2, live=False))
+    rows = run_virtual(fleet().grid(), cfg, out, progress=Progress(2, live=False))
     assert [r["round"] for r in rows] == [0, 1, 2]
     privacy = json.loads((out / "config.json").read_text())["privacy"]
     assert privacy["target_epsilon"] == 6.0 and privacy["calibrated_rounds"] == 2
@@ -239,7 +239,6 @@ def test_target_epsilon_is_calibrated_with_the_skellam_accountant(
     [
         ({"accountant": "pld"}, "accountant: 'pld' cannot account --dp client --secagg"),
         ({"adaptive-clip": True}, "adaptive-clip: is not supported with --dp client --secagg"),
-        ({"ffa-lora": True}, "ffa-lora: is not wired into secure-aggregation rounds"),
     ],
 )
 def test_unsupported_combinations_name_the_option(kw: dict[str, Any], message: str) -> None:
@@ -264,7 +263,7 @@ def test_bad_settings_fail_before_any_training(
     grid = fleet().grid()
     cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run", **kw)
     with pytest.raises(ConfigError, match=message):
-        run_federation(grid, cfg, tmp_path / "run", progress=Progress(2, live=False))
+        run_virtual(grid, cfg, tmp_path / "run", progress=Progress(2, live=False))
     assert grid.sent == []
 
 

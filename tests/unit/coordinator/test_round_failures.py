@@ -11,10 +11,11 @@ import pytest
 from flwr.app import Error, Message, MessageType
 from safetensors.numpy import load_file
 
+from coordinator.clock import VirtualClock
 from coordinator.config import ConfigError, RunConfig
 from coordinator.progress import Progress
-from coordinator.rounds import FederationError, run_federation
-from tests.fakegrid import FakeGrid
+from coordinator.rounds import FederationError
+from tests.fakegrid import FakeGrid, run_virtual
 from tests.unit.coordinator.test_rounds import NODES, cfg_for, client
 
 
@@ -54,14 +55,14 @@ def test_failed_round_is_recorded_and_the_run_continues(
     out = tmp_path / "run"
     grid = FakeGrid({NODES[0]: flaky(0, {"1"}), NODES[1]: flaky(1, {"1"})})
     cfg = cfg_for(tiny_model_dir, model_cache, out, **{"clients-per-round": 2})
-    rows = run_federation(grid, cfg, out, progress=Progress(2, live=False))
+    rows = run_virtual(grid, cfg, out, progress=Progress(2, live=False))
 
     assert [r["round"] for r in rows] == [0, 1, 2]
     r1, r2 = rows[1], rows[2]
     assert r1["status"] == "failed" and r1["clients_ok"] == 0
     assert r1["reason"] == "0 usable update(s), min-clients is 2"
     assert {f["reason"] for f in r1["failures"]} == {"device rebooted"}
-    assert "update_norm" not in r1
+    assert r1["update_norm"] is None  # every row has the same fields; no update was applied
     assert r2["status"] == "ok" and r2["clients_ok"] == 2
     # Only round 2 moved the adapter: FedAvg of deltas 1 (10 ex.) and 2 (20 ex.) = 5/3.
     from client.model import Quantization, attach_lora, get_adapter, load_base, resolve_model
@@ -88,7 +89,7 @@ def test_failed_round_stops_the_run_when_configured(
     with pytest.raises(
         FederationError, match=r"round 1 failed: 1 usable update\(s\), min-clients is 2; stopping"
     ):
-        run_federation(grid, cfg, out, progress=Progress(3, live=False))
+        run_virtual(grid, cfg, out, progress=Progress(3, live=False))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["status"] == "failed"
@@ -105,7 +106,7 @@ def test_round_without_enough_connected_nodes_fails_with_the_reason(
         {n: client(i) for i, n in enumerate(NODES[:3])}, leave_after={NODES[1]: 1, NODES[2]: 1}
     )
     cfg = cfg_for(tiny_model_dir, model_cache, out, **{"clients-per-round": 3})
-    rows = run_federation(grid, cfg, out, progress=Progress(2, live=False))
+    rows = run_virtual(grid, cfg, out, progress=Progress(2, live=False))
     assert rows[1]["status"] == "ok" and rows[1]["clients_ok"] == 3
     r2 = rows[2]
     assert r2["status"] == "failed" and r2["clients_sampled"] == 0
@@ -140,17 +141,17 @@ def test_transient_transport_errors_do_not_end_the_run(
 ) -> None:
     from flwr.app import RecordDict
 
-    from coordinator.rounds import exchange
+    from coordinator.exchange import exchange
 
     grid = BusyGrid({n: client(i) for i, n in enumerate(NODES[:2])}, fail_push=1, fail_pull=2)
     cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run", rounds=1,
                   **{"clients-per-round": 2, "round-timeout": 10.0})  # fmt: skip
-    rows = run_federation(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
+    rows = run_virtual(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
     assert rows[1]["status"] == "ok" and rows[1]["clients_ok"] == 2
     assert grid.fail_push == 0 and grid.fail_pull == 0
 
     # A coordinator that stays down: the phase ends at its timeout with every node missing.
     down = BusyGrid({NODES[0]: client(0)}, fail_push=10**6, fail_pull=0)
     ex = exchange(down, {NODES[0]: RecordDict()}, MessageType.TRAIN, 1, timeout=0.3,
-                  poll_interval=0.05)  # fmt: skip
+                  poll_interval=0.05, clock=VirtualClock())  # fmt: skip
     assert ex.replies == {} and ex.missing == [NODES[0]]

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from client.model import Quantization, load_base, resolve_model
 from coordinator.config import RunConfig
 from coordinator.progress import Progress
-from coordinator.rounds import FederationError, run_federation, sample_nodes
+from coordinator.rounds import FederationError, sample_nodes
 from coordinator.rundir import RunDirError
 from protocol.messages import (
     ClientUpdate,
@@ -22,7 +22,7 @@ from protocol.messages import (
     encode_eval_result,
     encode_update,
 )
-from tests.fakegrid import FakeGrid
+from tests.fakegrid import FakeGrid, run_virtual
 
 NODES = [101, 2**63 + 5, 303, 404]  # ids are unsigned 64-bit in Flower
 
@@ -82,7 +82,7 @@ def test_round_loop_aggregates_rejects_and_records(
     }
     grid = FakeGrid(handlers)
     cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run")
-    rows = run_federation(grid, cfg, tmp_path / "run", progress=Progress(2, live=False))
+    rows = run_virtual(grid, cfg, tmp_path / "run", progress=Progress(2, live=False))
 
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -129,14 +129,21 @@ def test_round_fails_below_min_clients_and_keeps_the_adapter(
     cfg = cfg_for(
         tiny_model_dir, model_cache, tmp_path / "run", rounds=1, **{"clients-per-round": 3}
     )
-    rows = run_federation(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
+    rows = run_virtual(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
     r1 = rows[1]
     assert r1["status"] == "failed" and "1 usable update(s), min-clients is 2" in r1["reason"]
     reasons = {f["node"]: f["reason"] for f in r1["failures"]}
     assert reasons[NODES[1]] == "CUDA out of memory"
     assert "record 'reply-meta' is missing" in reasons[NODES[2]]
-    before = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
-    assert all(np.abs(v).sum() >= 0 for v in before.values())
+    # The failed round kept the adapter: the saved one is the untrained initialisation.
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    from client.model import attach_lora, get_adapter
+
+    initial = get_adapter(attach_lora(base.model, cfg.lora, seed=cfg.seed))
+    assert set(saved) == set(initial) and initial
+    for k in initial:
+        np.testing.assert_array_equal(saved[k], initial[k])
 
 
 def test_resume_continues_after_the_last_saved_round(
@@ -145,16 +152,16 @@ def test_resume_continues_after_the_last_saved_round(
     out = tmp_path / "run"
     grid = FakeGrid({n: client(i) for i, n in enumerate(NODES[:2])})
     cfg = cfg_for(tiny_model_dir, model_cache, out, rounds=1, **{"clients-per-round": 2})
-    run_federation(grid, cfg, out, progress=Progress(1, live=False))
+    run_virtual(grid, cfg, out, progress=Progress(1, live=False))
     with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
-        run_federation(grid, cfg, out, progress=Progress(1, live=False))
+        run_virtual(grid, cfg, out, progress=Progress(1, live=False))
     changed = cfg_for(
         tiny_model_dir, model_cache, out, rounds=3, **{"clients-per-round": 2, "lora-rank": 4}
     )
     with pytest.raises(RunDirError, match="setting 'lora-rank' was 2, now 4"):
-        run_federation(grid, changed, out, resume=True)
+        run_virtual(grid, changed, out, resume=True)
     more = cfg_for(tiny_model_dir, model_cache, out, rounds=3, **{"clients-per-round": 2})
-    rows = run_federation(grid, more, out, resume=True, progress=Progress(3, live=False))
+    rows = run_virtual(grid, more, out, resume=True, progress=Progress(3, live=False))
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     train_msgs = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert sorted({m.metadata.group_id for m in train_msgs}) == ["1", "2", "3"]
@@ -173,7 +180,7 @@ def test_not_enough_nodes_is_a_clear_error(
     grid = FakeGrid({NODES[0]: client(0)})
     cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run")
     with pytest.raises(FederationError, match="only 1 client node"):
-        run_federation(grid, cfg, tmp_path / "run", progress=Progress(2, live=False))
+        run_virtual(grid, cfg, tmp_path / "run", progress=Progress(2, live=False))
 
 
 def test_saved_adapter_loads_with_peft(
@@ -183,15 +190,18 @@ def test_saved_adapter_loads_with_peft(
     cfg = cfg_for(
         tiny_model_dir, model_cache, tmp_path / "run", rounds=1, **{"clients-per-round": 2}
     )
-    run_federation(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
-    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
-    model = PeftModel.from_pretrained(base.model, str(tmp_path / "run" / "adapter"))
-    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
-    from client.model import get_adapter
+    run_virtual(grid, cfg, tmp_path / "run", progress=Progress(1, live=False))
+    from client.model import attach_lora, get_adapter
 
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    initial = get_adapter(attach_lora(base.model, cfg.lora, seed=cfg.seed))
+    fresh = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    model = PeftModel.from_pretrained(fresh.model, str(tmp_path / "run" / "adapter"))
     got = get_adapter(model)
-    for k, v in saved.items():
-        np.testing.assert_array_equal(got[k], v)
+    # What PEFT loads is the round's FedAvg result: the initial adapter + (1*10 + 2*20) / 30.
+    assert set(got) == set(initial) and initial
+    for k in initial:
+        np.testing.assert_allclose(got[k], initial[k] + 5 / 3, rtol=1e-6, atol=1e-6)
 
 
 def test_sampling_is_seeded_and_handles_large_ids() -> None:

@@ -13,9 +13,13 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from coordinator.aggregation import fedavg
+from coordinator.clock import VirtualClock
 from coordinator.config import RunConfig
+from coordinator.pipeline import NoPrivacy, Privacy
 from coordinator.progress import Progress
-from coordinator.secagg_round import SecureAggregation
+from coordinator.rounds import Pipeline
+from coordinator.secagg_round import SecureTransport
+from coordinator.strategies import Strategy, StrategySettings
 from privacy.secagg import primitives as P
 from privacy.secagg import shamir
 from privacy.secagg.client import mask_key
@@ -42,11 +46,27 @@ def config(**kw: Any) -> RunConfig:
     )
 
 
-def run(fleet: Fleet, cfg: RunConfig, nodes: list[int] | None = None, rnd: int = 1):  # type: ignore[no-untyped-def]
-    secure = SecureAggregation(cfg)
-    new, metrics, down, up = secure.train_round(
-        fleet.grid(), nodes or fleet.nodes, ADAPTER, SPEC, rnd, Progress(1, live=False)
+def secure_round(  # type: ignore[no-untyped-def]
+    secure: SecureTransport,
+    fleet: Fleet,
+    nodes: list[int],
+    rnd: int,
+    privacy: Privacy | None = None,
+):
+    """One training round of the pipeline over the secure transport (FedAvg): (new adapter or
+    None, the round's metrics row, bytes down, bytes up)."""
+    privacy = privacy or NoPrivacy(len(nodes), 0)
+    strategy = Strategy.create(StrategySettings(), len(nodes), len(nodes))
+    pipeline = Pipeline(privacy, secure, strategy, SPEC, secure.cfg.min_clients)
+    new, result = pipeline.train(
+        fleet.grid(), secure.cfg, nodes, ADAPTER, rnd, Progress(1, live=False)
     )
+    return new, result.to_row(), result.bytes_down, result.bytes_up
+
+
+def run(fleet: Fleet, cfg: RunConfig, nodes: list[int] | None = None, rnd: int = 1):  # type: ignore[no-untyped-def]
+    secure = SecureTransport(cfg, clock=VirtualClock())
+    new, metrics, down, up = secure_round(secure, fleet, nodes or fleet.nodes, rnd)
     return secure, new, metrics, down, up
 
 
@@ -185,9 +205,7 @@ def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> 
     assert ex["node"] == victim and "authentication failed" in ex["reason"]
     assert_close(new, expected(fleet, fleet.nodes), m["secagg"]["step"])
     fleet.hook = None
-    _new2, m2, _d, _u = secure.train_round(
-        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 2, Progress(1, live=False)
-    )
+    _new2, m2, _d, _u = secure_round(secure, fleet, fleet.nodes, 2)
     assert m2["clients_sampled"] == 10 and m2["clients_ok"] == 9
     assert m2["failures"][0]["node"] == victim and m2["failures"][0]["stage"] == "sampling"
 
@@ -303,16 +321,28 @@ def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: floa
     the coordinator's mean = (sum of clipped updates + noise) / D. The noise left in the result
     has std z C sqrt(contributors / 10) / D, and the release recorded for the accountant carries
     exactly the contributors' noise (dropped clients' noise never arrived) and the pool size."""
+    from coordinator.ddp import DistributedClientDP, DistributedDpSettings
     from coordinator.secagg_round import DistributedDp
     from privacy.distributed_dp import client_mu, sensitivities
 
     fleet = fleet_of()
     cfg = config(**{"inject-dropout": dropout, "dropout-stage": "masked-input"})
     ddp = DistributedDp(noise_multiplier=0.8, clip_norm=0.05, denominator=10.0, cohort=10)
-    secure = SecureAggregation(cfg, ddp)
-    new, m, _d, _u = secure.train_round(
-        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 1, Progress(1, live=False), population=40
+    settings = DistributedDpSettings(
+        noise_multiplier=0.8,
+        clip_norm=0.05,
+        cohort=10,
+        min_clients=3,
+        population=40,
+        numel=SPEC.numel,
+        precision=0.0,
+        delta=1e-5,
     )
+    assert settings.mechanism() == ddp
+    privacy = DistributedClientDP(settings)
+    assert privacy.stop_reason(40, 1) is None  # the cohort is drawn from a pool of 40
+    secure = SecureTransport(cfg, ddp, clock=VirtualClock())
+    new, m, _d, _u = secure_round(secure, fleet, fleet.nodes, 1, privacy)
     assert m["status"] == "ok" and new is not None
     contributors = [u for u in fleet.nodes if u not in {f["node"] for f in m["failures"]}]
     assert len(contributors) == (7 if dropout else 10)
@@ -326,7 +356,7 @@ def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: floa
     want_std = ddp.noise_multiplier * ddp.clip_norm * np.sqrt(len(contributors) / 10) / 10.0
     assert abs(noise.mean()) < 5 * want_std / np.sqrt(noise.size)
     assert noise.std() == pytest.approx(want_std, rel=0.04)  # 8192 samples: ~0.8% std error
-    (release,) = secure.releases
+    (release,) = privacy.ledger.events
     step = m["secagg"]["step"]
     assert step == pytest.approx(0.8 * 0.05 / 2**20)
     mu = client_mu(ddp.noise_multiplier, ddp.clip_norm, step, 10)

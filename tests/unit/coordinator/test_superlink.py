@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import tomli
 
-from coordinator.cli import main
+from cli.main import main
 from coordinator.config import RunConfig
 from coordinator.submit import DEVICE_APP, SERVER_APP, build_fab, show_log_line
 from coordinator.superlink import (

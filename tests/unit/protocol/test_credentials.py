@@ -18,9 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from cli.main import main
 from client.probe import CertificateMismatch, Unreachable, probe
 from client.processes import free_port
-from coordinator.cli import main
 from protocol.credentials import (
     KeysConfig,
     KeysError,
@@ -202,7 +202,7 @@ def tls_server(keys: Path) -> Iterator[int]:
             except TimeoutError:
                 continue
             try:
-                conn.settimeout(5)
+                conn.settimeout(60)
                 with ctx.wrap_socket(conn, server_side=True):
                     pass
             except (ssl.SSLError, OSError):
@@ -214,24 +214,24 @@ def tls_server(keys: Path) -> Iterator[int]:
         yield int(sock.getsockname()[1])
     finally:
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=60)
         sock.close()
 
 
 def test_probe_accepts_the_deployment_ca_only(keys: Path, tls_server: int, tmp_path: Path) -> None:
-    probe("127.0.0.1", tls_server, keys / "ca.pem", timeout=5)
-    probe("localhost", tls_server, keys / "ca.pem", timeout=5)
+    probe("127.0.0.1", tls_server, keys / "ca.pem", timeout=60)
+    probe("localhost", tls_server, keys / "ca.pem", timeout=60)
     create_keys(KeysConfig(tmp_path))  # another deployment's CA
     with pytest.raises(
         CertificateMismatch,
         match=r"does not accept: .*(unable to get local issuer|self.signed|unknown ca)",
     ):
-        probe("127.0.0.1", tls_server, tmp_path / "ca.pem", timeout=5)
+        probe("127.0.0.1", tls_server, tmp_path / "ca.pem", timeout=60)
 
 
 def test_probe_says_why_it_cannot_connect() -> None:
     port = free_port()
     with pytest.raises(Unreachable, match=re.escape(f"127.0.0.1:{port} refused the connection")):
-        probe("127.0.0.1", port, None, timeout=5)
+        probe("127.0.0.1", port, None, timeout=60)
     with pytest.raises(Unreachable, match=r"cannot resolve 'no-such-host\.invalid'"):
-        probe("no-such-host.invalid", 9092, None, timeout=5)
+        probe("no-such-host.invalid", 9092, None, timeout=60)

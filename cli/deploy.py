@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cli.options import add_run_options, run_overrides
+
 log = logging.getLogger("fedtune")
 
-AddRunOptions = Callable[[argparse.ArgumentParser], None]
 
-
-def add_deploy_commands(sub: Any, add_run_options: AddRunOptions) -> None:
+def add_deploy_commands(sub: Any) -> None:
     _add_keys(sub)
-    _add_coordinator(sub, add_run_options)
+    _add_coordinator(sub)
     _add_client(sub)
 
 
@@ -75,7 +74,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ coordinator
 
 
-def _add_coordinator(sub: Any, add_run_options: AddRunOptions) -> None:
+def _add_coordinator(sub: Any) -> None:
     from coordinator.superlink import DEFAULT_CONTROL_ADDRESS, DEFAULT_FLEET_ADDRESS
 
     coord = sub.add_parser("coordinator", help="run a coordinator (Flower SuperLink) and runs")
@@ -211,12 +210,11 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
         resolve_model,
         weight_module_names,
     )
-    from coordinator.cli import _run_overrides
     from coordinator.config import RunConfig, resolve_output_dir
     from coordinator.submit import SubmitConfig, run_summary, submit
 
     endpoint = _endpoint(args)
-    overrides = _run_overrides(args)
+    overrides = run_overrides(args)
     if overrides.get("client-quantization"):
         raise ValueError(
             "client-quantization: applies to simulated fleets; in a deployment each device "
