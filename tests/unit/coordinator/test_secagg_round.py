@@ -368,3 +368,28 @@ def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: floa
     assert m["ddp_noise_multiplier"] == pytest.approx(
         ddp.noise_multiplier * np.sqrt(len(contributors) / 10), rel=1e-3
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"]
+)
+def test_each_server_optimizer_under_secagg_equals_its_plaintext_result(name: str) -> None:
+    """The optimizer acts on the unmasked mean: the result is the plaintext optimizer step on
+    the plaintext FedAvg mean, within the encoding error (amplified at most by the optimizer's
+    sensitivity to its input, below 1 here)."""
+    fleet = fleet_of()
+    secure = SecureTransport(config(), clock=VirtualClock())
+    settings = StrategySettings(name=name)
+    strategy = Strategy.create(settings, 10, 10)
+    pipeline = Pipeline(NoPrivacy(10, 0), secure, strategy, SPEC, 3)
+    new, result = pipeline.train(
+        fleet.grid(), secure.cfg, fleet.nodes, ADAPTER, 1, Progress(1, live=False)
+    )
+    assert new is not None and result.status == "ok"
+    mean, steps = expected(fleet, fleet.nodes)
+    plain_mean = {k: mean[k].astype(np.float64) - ADAPTER[k] for k in ADAPTER}
+    want = Strategy.create(settings, 10, 10).apply(ADAPTER, plain_mean)
+    step = result.extra["secagg"]["step"]
+    for k in ADAPTER:
+        np.testing.assert_allclose(new[k], want[k], atol=steps * step + 1e-6, rtol=0)
+    assert any(np.abs(new[k] - ADAPTER[k]).max() > 1e-4 for k in ADAPTER)

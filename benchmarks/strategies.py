@@ -1,0 +1,226 @@
+"""Federated optimizers against a centralized run, on the real model (SmolLM2-135M, NF4 base).
+
+Dolly-15k split Dirichlet(alpha) over ``category`` into ``--clients`` clients (32 by default) after
+a fixed held-out set (``--heldout-per-category`` rows per category) is removed. Every strategy runs
+the same rounds, clients per round (seeded samples), local steps and seed, through the library's
+own pieces in one process: ``client.train.train_round`` with the strategy's gradient corrections
+(FedProx, SCAFFOLD with per-client control variates), the wire encode/decode, the pipeline's
+running sum and ``coordinator.strategies.Strategy`` for the server step. The **centralized** run
+trains one LoRA adapter on the pooled training rows of the clients with the same total number of
+examples seen (rounds x clients per round x local steps x batch size).
+
+For each strategy: held-out loss after every round, and the share of the centralized run's loss
+gain over the base model it recovers, (base - federated) / (base - centralized). Prints a table,
+writes ``strategies.json`` and ``strategies.png`` to ``--out``. Dolly-15k: Databricks, CC BY-SA 3.0.
+
+    python benchmarks/strategies.py --rounds 3 --local-steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import load_average  # noqa: E402
+from benchmarks.privacy_utility import heldout_and_clients  # noqa: E402
+from client.corrections import ProximalTerm, Scaffold  # noqa: E402
+from client.data import load_records, to_conversations, tokenize_all  # noqa: E402
+from client.model import (  # noqa: E402
+    Quantization,
+    attach_lora,
+    default_cache_dir,
+    get_adapter,
+    load_base,
+    resolve_model,
+)
+from client.train import Correction, evaluate, train_round  # noqa: E402
+from coordinator.config import RunConfig  # noqa: E402
+from coordinator.pipeline import Accumulator, Contribution, NoPrivacy  # noqa: E402
+from coordinator.strategies import STRATEGIES, Strategy  # noqa: E402
+from protocol.adapter import AdapterSpec  # noqa: E402
+from protocol.messages import decode_update, encode_update  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "dolly15k" / "by_category")
+    )
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--quantization", default="nf4")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet alpha over category")
+    p.add_argument("--natural", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--clients-per-round", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--heldout-per-category", type=int, default=8)
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument(
+        "--server-lr",
+        action="append",
+        default=[],
+        help="NAME=LR: server learning rate for a strategy (default: the strategy's default)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    server_lr = {k: float(v) for k, v in (x.split("=", 1) for x in args.server_lr)}
+    records = load_records(args.data)
+    base = load_base(
+        resolve_model(args.model), Quantization.parse(args.quantization), default_cache_dir()
+    )
+    tok, pad = base.tokenizer, int(base.tokenizer.pad_token_id)
+    cfg0 = RunConfig.from_mapping(
+        {
+            "rounds": args.rounds,
+            "clients-per-round": args.clients_per_round,
+            "min-clients": 1,
+            "local-steps": args.local_steps,
+            "batch-size": args.batch_size,
+            "seq-len": args.seq_len,
+            "learning-rate": args.lr,
+            "seed": args.seed,
+        }
+    )
+    model = attach_lora(base.model, cfg0.lora, seed=args.seed)
+    initial = get_adapter(model)
+    spec = AdapterSpec.of(initial)
+    held, shards = heldout_and_clients(records, args)
+    convs = to_conversations(records, args.data)
+    heldout = [
+        e
+        for idx in held.values()
+        for e in tokenize_all(tok, [convs[i] for i in idx], args.eval_seq_len)
+    ]
+    cache: dict[int, list[Any]] = {}
+
+    def data(cid: int) -> list[Any]:
+        if cid not in cache:
+            cache[cid] = tokenize_all(tok, [convs[i] for i in shards[cid]], args.seq_len)
+        return cache[cid]
+
+    def held_loss(adapter: dict[str, np.ndarray]) -> float:
+        return evaluate(model, heldout, batch_size=8, pad_id=pad, global_adapter=adapter).loss
+
+    base_loss = held_loss(initial)
+    print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
+    results: dict[str, Any] = {"base_loss": base_loss, "config": vars(args) | {"out": None}}
+
+    # Centralized: one adapter on the pooled rows, the same examples seen as the federation.
+    pooled = [e for cid in range(args.clients) for e in data(cid)]
+    steps = args.rounds * args.clients_per_round * args.local_steps
+    t0 = time.perf_counter()
+    instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps)
+    up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
+    central = {k: initial[k] + up.delta[k] for k in initial}
+    central_loss = held_loss(central)
+    results["centralized"] = {"loss": central_loss, "steps": steps,
+                              "seconds": time.perf_counter() - t0}  # fmt: skip
+    print(f"centralized ({steps} steps): {central_loss:.4f}", flush=True)
+
+    population = list(range(args.clients))
+    for name in [s for s in args.strategies.split(",") if s]:
+        cfg = RunConfig.from_mapping(
+            {**cfg0.to_mapping(), "strategy": name, "server-learning-rate": server_lr.get(name, 0)}
+        )
+        strategy = Strategy.create(cfg.strategy_settings(), args.clients, args.clients_per_round)
+        privacy = NoPrivacy(args.clients_per_round, args.seed)
+        controls: dict[int, dict[str, np.ndarray]] = {}
+        adapter = dict(initial)
+        losses = [base_loss]
+        t0 = time.perf_counter()
+        for rnd in range(1, args.rounds + 1):
+            instr = strategy.instruction(cfg.train_instruction(rnd))
+            expected = strategy.update_spec(spec)
+            acc = Accumulator(expected)
+            cohort = privacy.sample(population, rnd)
+            for cid in cohort:
+                corrections: list[Correction] = []
+                if instr.proximal_mu > 0:
+                    corrections.append(ProximalTerm(instr.proximal_mu, adapter))
+                scaffold = None
+                if strategy.scaffold:
+                    c = {k: strategy.control.get(k, np.zeros(v.shape)).astype(np.float32)
+                         for k, v in adapter.items()}  # fmt: skip
+                    scaffold = Scaffold(c, controls.get(cid, {}))
+                    corrections.append(scaffold)
+                up = train_round(model, data(cid), instr, adapter, pad_id=pad, client_seed=cid,
+                                 corrections=corrections)  # fmt: skip
+                delta = dict(up.delta)
+                if scaffold is not None:
+                    new_c = scaffold.new_client_control()
+                    delta.update(scaffold.control_delta(new_c))
+                    controls[cid] = new_c
+                wire = encode_update(dataclasses.replace(up, delta=delta))
+                decoded = decode_update(wire, expected)  # what crosses the wire
+                acc.add(decoded.delta, float(decoded.num_examples))
+            mean, _ = privacy.release(Contribution(acc.sum, acc.weight, list(cohort)))
+            adapter = strategy.apply(adapter, mean)
+            losses.append(held_loss(adapter))
+            print(f"{name} round {rnd}: {losses[-1]:.4f}", flush=True)
+        gain = base_loss - central_loss
+        results[name] = {
+            "losses": losses,
+            "recovered": (base_loss - losses[-1]) / gain if gain > 0 else None,
+            "server_learning_rate": strategy.record()["server_learning_rate"],
+            "seconds": time.perf_counter() - t0,
+            "load_average": load_average(),
+        }
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+    print("\n| strategy | server lr | held-out loss by round | recovered of centralized gain |")
+    print("|---|---|---|---|")
+    print(f"| centralized | - | {base_loss:.4f} -> {central_loss:.4f} | 100% |")
+    for name in [s for s in args.strategies.split(",") if s]:
+        r = results[name]
+        rec = f"{100 * r['recovered']:.0f}%" if r["recovered"] is not None else "n/a"
+        path = " -> ".join(f"{x:.4f}" for x in r["losses"])
+        print(f"| {name} | {r['server_learning_rate']:g} | {path} | {rec} |")
+    plot(results, args)
+
+
+def plot(results: dict[str, Any], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        if isinstance(r, dict) and "losses" in r:
+            ax.plot(range(len(r["losses"])), r["losses"], marker="o", label=name)
+    ax.axhline(results["centralized"]["loss"], color="k", ls="--", label="centralized")
+    ax.set_xlabel("round")
+    ax.set_xticks(range(args.rounds + 1))
+    ax.set_ylabel("held-out loss per response token")
+    ax.set_title(f"Dolly-15k, {args.clients} clients Dirichlet({args.alpha}), "
+                 f"{args.clients_per_round}/round")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "strategies.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
