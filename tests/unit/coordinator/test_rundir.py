@@ -32,7 +32,7 @@ def record(run_dir: Path, **changes: object) -> dict[str, object]:
         "cache-dir": "/home/a/.cache/fedtune",
         "model": "/models/m.gguf",
     }
-    run.update(changes)  # type: ignore[arg-type]
+    run.update(changes)
     return {"run": run, "simulation": {"data": "builtin:chatterbot"}}
 
 
@@ -83,7 +83,7 @@ def test_config_json_stores_paths_inside_the_run_relative_to_it(tmp_path: Path) 
     assert saved["central-eval-data"] == "eval.jsonl"
     assert saved["model"] == "/models/m.gguf"  # outside the run: as given
     outside = stored_config(run, record(run, **{"partition-dir": "/data/parts"}))
-    assert outside["run"]["partition-dir"] == "/data/parts"  # type: ignore[index]
+    assert outside["run"]["partition-dir"] == "/data/parts"
 
 
 @pytest.mark.parametrize("how", ["move", "copy"])
@@ -93,7 +93,7 @@ def test_a_moved_or_copied_run_resumes(tmp_path: Path, how: str) -> None:
     old = make_run(tmp_path / "old")
     new = tmp_path / "elsewhere" / "run"
     new.parent.mkdir()
-    (shutil.move if how == "move" else shutil.copytree)(old, new)  # type: ignore[operator]
+    (shutil.move if how == "move" else shutil.copytree)(old, new)
     resumed = record(new, rounds=3, **{"cache-dir": "/other/machine/cache"})
     check_resume_config(new, resumed)
     RunDirectory.open(new, resumed, resume=True)
