@@ -6,7 +6,7 @@ been started. This walk reads only what locates the tensors (header, metadata le
 infos) and compares the end of the last tensor with the file size.
 
 gguf's own ``GGUFReader`` answers the same question, but it decodes every metadata value into
-numpy views (the SmolLM2 vocabulary alone is ~100,000 strings) and took 7-15 s on the default model
+numpy views (the SmolLM2 vocabulary alone is ~100,000 strings) and took 7-8 s on the default model
 on this project's 2-core machine; the walk below skips values and takes a fraction of a second.
 Type codes, block sizes and the default alignment come from the gguf package.
 """
