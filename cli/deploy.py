@@ -204,6 +204,7 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
     from client.model import (
         Quantization,
         check_lora_targets,
+        check_model_file,
         default_cache_dir,
         ensure_base,
         prepare,
@@ -211,6 +212,7 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
         weight_module_names,
     )
     from coordinator.config import RunConfig, resolve_output_dir
+    from coordinator.rundir import check_new_output_dir
     from coordinator.submit import SubmitConfig, run_summary, submit
 
     endpoint = _endpoint(args)
@@ -226,17 +228,18 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_mapping(
         {**overrides, "output-dir": str(out), "cache-dir": str(cache.resolve())}
     )
-    if (out / "state.json").exists():
-        raise ValueError(f"output directory {out} already holds a run; choose another --output-dir")
-    # Fail here, in one line, on what the coordinator would only find out after starting.
+    # Fail here, in one line, on what the coordinator would only find out after starting; the
+    # checks that write nothing first, then the model cache (nothing is written to the run).
+    check_new_output_dir(out)
+    if cfg.central_eval_data:
+        from client.data import load_records, to_conversations
+
+        to_conversations(load_records(cfg.central_eval_data), cfg.central_eval_data)
     source = resolve_model(cfg.model)
+    check_model_file(source)
     log.info("preparing model %s (%s) in cache %s", source.label, cfg.quantization.value, cache)
     prepare(source, [Quantization.NONE, cfg.quantization], cache)
     check_lora_targets(weight_module_names(ensure_base(source, cache)), cfg.lora)
-    if cfg.central_eval_data:
-        from client.data import load_records
-
-        load_records(cfg.central_eval_data)
     submit(SubmitConfig(run=cfg, endpoint=endpoint, poll_interval=args.poll_interval,
                         verbose=args.verbose))  # fmt: skip
     print(f"run directory: {out}")

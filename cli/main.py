@@ -91,6 +91,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         DEFAULT_PARTITION,
         SIMULATION_ROUND_TIMEOUT,
         SimulationConfig,
+        resume_settings,
         simulate,
     )
 
@@ -107,11 +108,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_mapping(
             {**overrides, "output-dir": str(resolve_output_dir(cfg).resolve())}
         )
+    data, partition, num_clients = args.data, args.partition, args.num_clients
+    if args.resume:  # the run's own data split, unless the same one is given again
+        data, partition, num_clients = resume_settings(
+            Path(cfg.output_dir), data, partition, num_clients
+        )
     sim = SimulationConfig(
         run=cfg,
-        data=args.data or DEFAULT_DATA,
-        partition=args.partition or DEFAULT_PARTITION,
-        num_clients=args.num_clients,
+        data=data or DEFAULT_DATA,
+        partition=partition or DEFAULT_PARTITION,
+        num_clients=num_clients,
         cpus_per_client=args.cpus_per_client,
         resume=args.resume,
     )

@@ -74,11 +74,13 @@ def load_records(source: str | Path) -> list[Record]:
 
 
 def _read_file(path: Path) -> list[Record]:
+    # Text is read as "utf-8-sig": a leading byte-order mark (Excel and Notepad write one) is
+    # dropped instead of becoming part of the first column name or failing the JSON parser.
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
             rows = []
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -88,7 +90,7 @@ def _read_file(path: Path) -> list[Record]:
                         raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
         elif suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
             if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -97,7 +99,7 @@ def _read_file(path: Path) -> list[Record]:
                 raise DataError(f"{path}: a .json data file must hold a list of objects")
             rows = data
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
+            with path.open(encoding="utf-8-sig", newline="") as fh:
                 rows = list(csv.DictReader(fh))
         elif suffix == ".parquet":
             import pyarrow.parquet as pq

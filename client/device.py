@@ -16,6 +16,7 @@ the SuperNode's node config, where ``client.settings.ClientSettings.resolve`` re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -511,14 +512,11 @@ def start(cfg: DeviceConfig) -> int:
     """Run the device in the foreground until SIGINT/SIGTERM (exit 0) or a fatal error."""
     cfg = check_inputs(cfg)
     host, port = split_address(cfg.coordinator, "coordinator")
-    if not cfg.insecure:
-        # A wrong CA or host name is a configuration error: one line, no retries.
-        try:
-            probe(host, port, cfg.root_cert, timeout=10.0)
-        except CertificateMismatch:
-            raise
-        except Unreachable:
-            pass  # retried with backoff below
+    # A wrong CA or host name, or TLS on one side only (--insecure against a TLS coordinator, or
+    # TLS against an insecure one), is a configuration error: one line, no retries. The probe
+    # before each reconnection below raises the same errors.
+    with contextlib.suppress(Unreachable):  # retried with backoff below
+        probe(host, port, cfg.root_cert, insecure=cfg.insecure, timeout=10.0)
     assert cfg.state_dir is not None
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     dev = Device(cfg)

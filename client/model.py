@@ -160,12 +160,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _building(target: Path) -> Iterator[Path]:
+def _building(target: Path, source: ModelSource) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``target`` atomically when the block succeeds.
 
     Several processes (Ray actors, clients on one host) may build the same entry at once; the
-    first rename wins and the others discard their copy.
+    first rename wins and the others discard their copy. The entry's ``source.json`` is written
+    only once a build succeeded, and a failed build removes the (empty) directories it created,
+    so a failed command leaves no stub in the cache.
     """
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
@@ -175,28 +178,51 @@ def _building(target: Path) -> Iterator[Path]:
         except OSError:
             if not (target / "config.json").is_file():
                 raise
+        info = target.parent / "source.json"
+        if not info.is_file():
+            _atomic_write_text(
+                info, json.dumps({"source": str(source.path), "gguf": source.is_gguf})
+            )
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for directory in created:  # deepest first; another process's files stop the removal
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _entry_dir(source: ModelSource, cache_dir: Path) -> Path:
-    entry = cache_dir / "models" / fingerprint(source, cache_dir)
-    info = entry / "source.json"
-    if not info.is_file():
-        _atomic_write_text(info, json.dumps({"source": str(source.path), "gguf": source.is_gguf}))
-    return entry
+    return cache_dir / "models" / fingerprint(source, cache_dir)
+
+
+def check_model_file(source: ModelSource) -> None:
+    """Raise ``ModelError`` ("<path>: truncated or not a GGUF model") unless a GGUF source holds
+    every tensor its header describes. Cheap (~0.1 s for SmolLM2-135M): headers only."""
+    if not source.is_gguf:
+        return
+    from client.gguf_file import GGUFFormatError, check_gguf
+
+    try:
+        check_gguf(source.path)
+    except GGUFFormatError as exc:
+        raise ModelError(f"{source.path}: truncated or not a GGUF model ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"model path {source.path} cannot be read: {exc.strerror or exc}") from exc
 
 
 def ensure_base(source: ModelSource, cache_dir: Path) -> Path:
     """Return an fp32 Hugging Face directory (weights + tokenizer) for ``source``."""
     if not source.is_gguf:
         return source.path
+    check_model_file(source)  # before anything is written to the cache
     target = _entry_dir(source, cache_dir) / "base"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _building(target) as scratch:
+    with _building(target, source) as scratch:
         kwargs: dict[str, Any] = {"gguf_file": source.path.name}
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path.parent, **kwargs)
@@ -254,7 +280,7 @@ def ensure_quantized(source: ModelSource, quant: Quantization, cache_dir: Path) 
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _building(target) as scratch:
+    with _building(target, source) as scratch:
         model = AutoModelForCausalLM.from_pretrained(
             base,
             dtype=torch.float32,

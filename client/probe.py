@@ -21,6 +21,10 @@ class CertificateMismatch(ValueError):
     """The coordinator answered but its certificate does not check out; retrying won't help."""
 
 
+class TlsMismatch(CertificateMismatch):
+    """The device was started with ``--insecure`` but the coordinator speaks TLS."""
+
+
 def probe(
     host: str, port: int, root_cert: Path | None, *, insecure: bool = False, timeout: float = 10.0
 ) -> None:
@@ -39,6 +43,7 @@ def probe(
         raise Unreachable(f"cannot connect to {where}: {exc.strerror or exc}") from None
     with sock:
         if insecure:
+            _refuse_tls(sock, where, timeout)
             return
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if root_cert is not None:
@@ -64,3 +69,23 @@ def probe(
             raise Unreachable(f"TLS handshake with {where} timed out after {timeout:g}s") from None
         except OSError as exc:
             raise Unreachable(f"connection to {where} dropped during TLS: {exc}") from None
+
+
+def _refuse_tls(sock: socket.socket, where: str, timeout: float) -> None:
+    """With ``--insecure``: raise ``TlsMismatch`` if the coordinator completes a TLS handshake
+    (nothing is verified; only whether it speaks TLS). A plaintext gRPC server drops the
+    connection on the TLS hello instead, which is what an insecure coordinator should do."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    sock.settimeout(timeout)
+    try:
+        with ctx.wrap_socket(sock, do_handshake_on_connect=True):
+            pass
+    except (ssl.SSLError, OSError):
+        return  # not TLS (or gone): the plaintext connection is for the SuperNode to try
+    raise TlsMismatch(
+        f"coordinator {where} speaks TLS, but this device was started with --insecure; drop "
+        "--insecure and pass --root-cert (the deployment's ca.pem)"
+    )

@@ -5,6 +5,7 @@ used by ``pyproject.toml`` (``[tool.flwr.app.config]``), ``fedtune`` options and
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -195,6 +196,7 @@ class RunConfig:
                 raise ConfigError(f"{key}: {msg}")
 
         need(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         self.client_quantizations()  # raises ConfigError naming a bad mode
         need(
             self.clients_per_round >= 1,
@@ -474,7 +476,9 @@ class RunConfig:
             if key not in values:
                 continue
             kind, raw = types[f.name], values[key]
-            if issubclass(kind, Choice):
+            if f.name == "lora_targets":  # TOML may give a list
+                kwargs[f.name] = ",".join(_targets(raw))
+            elif issubclass(kind, Choice):
                 try:
                     kwargs[f.name] = kind.parse(str(raw), field=key)
                 except ValueError as exc:
@@ -500,11 +504,18 @@ def key_of(name: str) -> str:
 def _targets(raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [t.strip() for t in raw.split(",")]
-    else:
+    elif isinstance(raw, list | tuple):
         items = [str(t).strip() for t in raw]
+    else:
+        raise ConfigError(f"lora-targets: expected comma-separated module names, got {raw!r}")
+    if not items:
+        raise ConfigError("lora-targets: must name at least one module")
     if not all(items):
         raise ConfigError(f"lora-targets: empty module name in {raw!r}")
     return tuple(items)
+
+
+_INT64 = (-(2**63), 2**63 - 1)  # what Flower's ConfigRecord carries
 
 
 def _as(kind: type, raw: Any, key: str) -> Any:
@@ -518,15 +529,25 @@ def _as(kind: type, raw: Any, key: str) -> Any:
             return False
         raise ConfigError(f"{key}: expected true/false, got {raw!r}")
     try:
+        if kind in (int, float) and isinstance(raw, bool):
+            raise ValueError  # int(True) == 1: a switch given where a number belongs
         if kind is int:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
-            return int(raw)
+            number = int(raw)
+            if not _INT64[0] <= number <= _INT64[1]:
+                raise ConfigError(f"{key}: {raw!r} is out of range (a 64-bit integer)")
+            return number
         if kind is float:
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {raw!r}")
+            return value
         if kind is str:
             return str(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
     raise TypeError(kind)
 

@@ -13,12 +13,13 @@ files intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ SERVER_STATE = "server-state.safetensors"  # server optimizer moments, SCAFFOLD'
 
 class RunDirError(RuntimeError):
     pass
+
+
+# Settings a resumed run may change: how long it runs, where the run directory and the
+# machine-local model cache live (the cache holds the same weights wherever it is).
+RESUME_MAY_CHANGE = ("rounds", "output-dir", "max-epsilon", "cache-dir")
+# Settings holding paths. One inside the run directory is stored (and compared) relative to it,
+# so a moved or copied run directory resumes.
+PATH_SETTINGS = ("partition-dir", "central-eval-data")
 
 
 def _json_default(obj: Any) -> Any:
@@ -68,6 +77,128 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------ checks before anything is written
+
+
+def _run_section(record: Mapping[str, Any]) -> dict[str, Any]:
+    section = record.get("run", record)
+    return dict(section) if isinstance(section, Mapping) else {}
+
+
+def _inside(value: Any, root: Path | str | None) -> Any:
+    """``value`` relative to ``root`` (POSIX form) if it is an absolute path inside it."""
+    if not isinstance(value, str) or not value or root is None or not os.path.isabs(value):
+        return value
+    real, base = os.path.realpath(value), os.path.realpath(root)
+    if real == base:
+        return "."
+    if real.startswith(base.rstrip(os.sep) + os.sep):
+        return Path(os.path.relpath(real, base)).as_posix()
+    return value
+
+
+def relative_paths(run: Mapping[str, Any], root: Path | str | None) -> dict[str, Any]:
+    """The flat run settings with each of ``PATH_SETTINGS`` inside ``root`` made relative."""
+    return {k: _inside(v, root) if k in PATH_SETTINGS else v for k, v in run.items()}
+
+
+def stored_config(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What config.json holds: ``config`` with paths inside the run directory relative to it."""
+    out = dict(config)
+    if isinstance(out.get("run"), Mapping):
+        out["run"] = relative_paths(out["run"], path)
+    return out
+
+
+def resume_mismatch(saved: Mapping[str, Any], new: Mapping[str, Any], run_dir: Path) -> str | None:
+    """The first setting a resume would change (``RESUME_MAY_CHANGE`` aside), as a message, or
+    None. Paths inside the run directory compare relative to it: the saved ones relative to
+    where the run was (its saved ``output-dir``), the new ones relative to ``run_dir``."""
+    old = relative_paths(_run_section(saved), _run_section(saved).get("output-dir"))
+    cur = json.loads(json.dumps(_clean(_run_section(new)), default=_json_default))
+    cur = relative_paths(cur, run_dir)
+    for key, value in cur.items():
+        if key not in RESUME_MAY_CHANGE and old.get(key) != value:
+            return f"setting {key!r} was {old.get(key)!r}, now {value!r}"
+    return None
+
+
+def check_resume_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Raise ``RunDirError`` unless the run in ``path`` can resume with ``config``."""
+    why = resume_mismatch(read_config(path), config, path)
+    if why:
+        raise RunDirError(f"cannot resume {path}: {why}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The saved config.json of the run in ``path``; ``RunDirError`` if ``path`` is no run."""
+    if not path.exists():
+        raise RunDirError(f"--resume: {path} does not exist (nothing to resume)")
+    if not path.is_dir():
+        raise RunDirError(f"--resume: {path} is not a directory")
+    try:
+        saved = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(
+            f"--resume: {path} is not a fedtune run directory (it has no {CONFIG})"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"--resume: {path / CONFIG} cannot be read ({exc})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("run"), dict):
+        raise RunDirError(f"--resume: {path / CONFIG} is not a fedtune run configuration")
+    return saved
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` holds a run (a config.json with a ``run`` section)."""
+    try:
+        read_config(path)
+    except RunDirError:
+        return False
+    return True
+
+
+def check_new_output_dir(path: Path) -> None:
+    """A new run goes into a new or empty directory: refuse a run (that needs --resume) and a
+    directory holding anything else (the run would write beside, or over, the user's files)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunDirError(f"output directory {path} exists and is not a directory")
+    if (path / STATE).exists() or is_run(path):
+        raise RunDirError(
+            f"output directory {path} already holds a run; pass --resume to continue it "
+            "or choose another --output-dir"
+        )
+    if any(path.iterdir()):
+        raise RunDirError(
+            f"output directory {path} is not empty; a new run needs a new or empty directory"
+        )
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: Path) -> Iterator[None]:
+    """For a new run in ``path`` (new or empty): if the block fails before a round was saved
+    (no state.json, so nothing to resume), remove what it created there, and ``path`` itself
+    if it did not exist. A directory that was there before keeps existing (it was empty)."""
+    existed = path.exists()
+    before = set(path.iterdir()) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if not (path / STATE).exists():
+            if not existed:
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_dir():
+                for entry in set(path.iterdir()) - before:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            entry.unlink()
+        raise
+
+
 class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -82,24 +213,9 @@ class RunDirectory:
                     f"output directory {path} already holds a run; pass --resume to continue it "
                     "or choose another --output-dir"
                 )
-            saved = json.loads((path / CONFIG).read_text())
-            saved_cfg = saved.get("run", saved)
-            new_cfg = json.loads(
-                json.dumps(_clean(dict(config.get("run", config))), default=_json_default)
-            )
-            diffs = [
-                k
-                for k in new_cfg
-                if k not in ("rounds", "output-dir", "max-epsilon")
-                and saved_cfg.get(k) != new_cfg[k]
-            ]
-            if diffs:
-                raise RunDirError(
-                    f"cannot resume {path}: setting {diffs[0]!r} was {saved_cfg.get(diffs[0])!r}, "
-                    f"now {new_cfg[diffs[0]]!r}"
-                )
+            check_resume_config(path, config)
         path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path / CONFIG, dict(config))
+        write_json_atomic(path / CONFIG, stored_config(path, config))
         return run
 
     def update_config(self, section: str, data: Mapping[str, Any]) -> None:

@@ -18,10 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from client.data import DataError, load_records, to_conversations
+from client.data import BUILTIN_PREFIX, DataError, load_records, to_conversations
 from client.model import (
     Quantization,
     check_lora_targets,
+    check_model_file,
     default_cache_dir,
     ensure_base,
     prepare,
@@ -33,9 +34,17 @@ from coordinator.config import ConfigError, DpMode, RunConfig, resolve_output_di
 from coordinator.ddp import check_population, resolve_distributed_dp
 from coordinator.dp import resolve_client_dp
 from coordinator.progress import Progress
-from coordinator.rundir import write_json_atomic
+from coordinator.rundir import (
+    RunDirError,
+    check_new_output_dir,
+    check_resume_config,
+    read_config,
+    removed_on_failure,
+    write_json_atomic,
+)
 from protocol.messages import LoraSpec
 from simulations.partition import PartitionSpec, partition
+from simulations.ray_local import local_ray
 
 log = logging.getLogger("fedtune")
 
@@ -63,23 +72,78 @@ class SimulationConfig:
             raise ConfigError(f"cpus-per-client: must be >= 0, got {self.cpus_per_client}")
 
 
-def write_partitions(
-    data: str, spec: PartitionSpec, num_clients: int | None, seed: int, out_dir: Path
-) -> list[dict[str, Any]]:
-    """Split ``data`` and write one JSONL file per client. Returns the index (name, rows)."""
+def resume_settings(
+    run_dir: Path, data: str | None, partition_spec: str | None, num_clients: int | None
+) -> tuple[str, str, int]:
+    """The data, partition and client count of the run in ``run_dir`` (for ``--resume``, which
+    reuses its shards): a value given again must match the saved one, a value not given is
+    taken from the run. Raises ``RunDirError`` for a directory holding no simulated run."""
+    saved = read_config(run_dir).get("simulation")
+    if not isinstance(saved, dict) or not {"data", "partition", "num_clients"} <= set(saved):
+        raise RunDirError(f"--resume: {run_dir} is not a run of fedtune simulate")
+
+    was_data, was_partition, was_clients = (
+        str(saved["data"]),
+        str(saved["partition"]),
+        int(saved["num_clients"]),
+    )
+
+    def refuse(flag: str, was: object, given: object) -> ConfigError:
+        return ConfigError(
+            f"{flag}: the run in {run_dir} was split with {was!r}, not {given!r}; --resume "
+            "reuses its client shards (leave the option out or repeat it)"
+        )
+
+    if data is not None and data != was_data:
+        if data.startswith(BUILTIN_PREFIX) or was_data.startswith(BUILTIN_PREFIX):
+            raise refuse("data", was_data, data)
+        if Path(data).expanduser().resolve() != Path(was_data).expanduser().resolve():
+            raise refuse("data", was_data, data)
+    if partition_spec is not None and str(PartitionSpec.parse(partition_spec)) != was_partition:
+        raise refuse("partition", was_partition, partition_spec)
+    if num_clients is not None and num_clients != was_clients:
+        raise refuse("num-clients", was_clients, num_clients)
+    return was_data, was_partition, was_clients
+
+
+def split_data(
+    data: str, spec: PartitionSpec, num_clients: int | None, seed: int
+) -> tuple[list[dict[str, Any]], list[list[int]], list[dict[str, Any]]]:
+    """Read and split ``data`` in memory, checking every row and that no client is empty.
+    Returns (records, row indices per client, index of (partition_id, name, rows)). Writes
+    nothing."""
     records = load_records(data)
     to_conversations(records, data)  # every row must be usable before any client starts
     names, shards = partition(records, spec, num_clients, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     index = []
     for pid, (name, idx) in enumerate(zip(names, shards, strict=True)):
         if len(idx) == 0:
             raise DataError(f"partition: client {pid} ({name}) received no rows")
+        index.append({"partition_id": pid, "name": name, "rows": len(idx)})
+    return records, [[int(i) for i in idx] for idx in shards], index
+
+
+def write_shards(
+    records: list[dict[str, Any]],
+    shards: list[list[int]],
+    index: list[dict[str, Any]],
+    out_dir: Path,
+) -> None:
+    """Write one JSONL file per client and ``index.json`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pid, idx in enumerate(shards):
         with partition_file(out_dir, pid).open("w", encoding="utf-8") as fh:
             for i in idx:
-                fh.write(json.dumps(records[int(i)], ensure_ascii=False, default=str) + "\n")
-        index.append({"partition_id": pid, "name": name, "rows": len(idx)})
+                fh.write(json.dumps(records[i], ensure_ascii=False, default=str) + "\n")
     write_json_atomic(out_dir / "index.json", index)
+
+
+def write_partitions(
+    data: str, spec: PartitionSpec, num_clients: int | None, seed: int, out_dir: Path
+) -> list[dict[str, Any]]:
+    """Split ``data`` and write one JSONL file per client. Returns the index (name, rows)."""
+    records, shards, index = split_data(data, spec, num_clients, seed)
+    write_shards(records, shards, index, out_dir)
     return index
 
 
@@ -140,36 +204,42 @@ def _versions() -> dict[str, str]:
 def simulate(
     sim: SimulationConfig, *, progress: Progress | None = None, verbose: bool = False
 ) -> Path:
-    """Run the simulation; returns the run directory."""
+    """Run the simulation; returns the run directory.
+
+    Every check runs first and writes nothing (README, "What fedtune refuses"); then the model
+    cache is built, then the run directory is written and Ray starts. A new run that fails before
+    its first saved round leaves no run directory behind.
+    """
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from coordinator.server_app import make_server_app
 
     run_dir = resolve_output_dir(sim.run)
-    run_dir.mkdir(parents=True, exist_ok=True)
     spec = PartitionSpec.parse(sim.partition)
     part_dir = run_dir / "partitions"
-    if sim.resume and (part_dir / "index.json").is_file():
+    if sim.resume:
+        read_config(run_dir)  # RunDirError unless run_dir holds a run
+        if not (part_dir / "index.json").is_file():
+            raise RunDirError(
+                f"--resume: {run_dir} has no partitions/index.json (it was not made by "
+                "fedtune simulate)"
+            )
         index = json.loads((part_dir / "index.json").read_text())
+        split: tuple[list[dict[str, Any]], list[list[int]]] | None = None
     else:
-        index = write_partitions(sim.data, spec, sim.num_clients, sim.run.seed, part_dir)
+        check_new_output_dir(run_dir)
+        records, shards, index = split_data(sim.data, spec, sim.num_clients, sim.run.seed)
+        split = (records, shards)
     n = len(index)
     if sim.run.clients_per_round > n:
         raise ConfigError(f"clients-per-round: {sim.run.clients_per_round} exceeds the {n} clients")
     check_privacy(sim.run, [int(c["rows"]) for c in index], resuming=sim.resume)
-
+    if sim.run.central_eval_data:
+        to_conversations(load_records(sim.run.central_eval_data), sim.run.central_eval_data)
     cache = Path(sim.run.cache_dir).expanduser() if sim.run.cache_dir else default_cache_dir()
     source = resolve_model(sim.run.model)
-    modes = sim.run.client_quantizations()
-    log.info("preparing model %s (%s) in cache %s", source.label, ",".join(modes), cache)
-    prepare(source, [Quantization.NONE, sim.run.quantization, *modes], cache)
-    base_dir = ensure_base(source, cache)
-    check_lora_targets(weight_module_names(base_dir), sim.run.lora)
-    if sim.run.dp is DpMode.CLIENT and sim.run.secagg and not sim.resume:
-        # Distributed DP calibrates for the adapter size: refuse an unreachable target here,
-        # before Ray starts (the coordinator resolves the same settings again).
-        resolve_distributed_dp(sim.run, n, lora_numel(base_dir, sim.run.lora))
+    check_model_file(source)
 
     flat = {
         **sim.run.to_mapping(),
@@ -188,35 +258,55 @@ def simulate(
         },
         "versions": _versions(),
     }
+    if sim.resume:
+        check_resume_config(run_dir, record)
+
+    # The model cache (shared by runs; a failed build leaves no entry behind).
+    modes = sim.run.client_quantizations()
+    log.info("preparing model %s (%s) in cache %s", source.label, ",".join(modes), cache)
+    prepare(source, [Quantization.NONE, sim.run.quantization, *modes], cache)
+    base_dir = ensure_base(source, cache)
+    check_lora_targets(weight_module_names(base_dir), sim.run.lora)
+    if sim.run.dp is DpMode.CLIENT and sim.run.secagg and not sim.resume:
+        # Distributed DP calibrates for the adapter size: refuse an unreachable target here,
+        # before Ray starts (the coordinator resolves the same settings again).
+        resolve_distributed_dp(sim.run, n, lora_numel(base_dir, sim.run.lora))
+
     cpus = os.cpu_count() or 1
     per_client = sim.cpus_per_client or cpus
-    backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": "info" if verbose else "error",
-            # Client-side library chatter stays in Ray's logs unless asked for; client errors
-            # still reach the coordinator as error replies with their reason.
-            "log_to_driver": verbose,
-        },
-    }
     progress = progress or Progress(sim.run.rounds)
-    log.info(
-        "simulating %d clients (%d per round, %d rounds) -> %s",
-        n,
-        sim.run.clients_per_round,
-        sim.run.rounds,
-        run_dir,
-    )
-    run_simulation(
-        server_app=make_server_app(
-            flat, resume=sim.resume, config_record=record, progress=progress
-        ),
-        client_app=make_client_app(flat),
-        num_supernodes=n,
-        backend_config=backend,
-    )
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise RuntimeError(f"simulation ended without writing {run_dir / 'metrics.jsonl'}")
+    # A resumed run keeps its directory whatever happens; a new one is removed again if it fails
+    # before its first saved round.
+    keep = contextlib.nullcontext() if sim.resume else removed_on_failure(run_dir)
+    with keep, local_ray(cpus) as ray_args:
+        if split is not None:
+            write_shards(*split, index, part_dir)
+        backend: dict[str, Any] = {
+            "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+            "init_args": {
+                **ray_args,
+                "include_dashboard": False,
+                "logging_level": "info" if verbose else "error",
+                # Client-side library chatter stays in Ray's logs unless asked for; client
+                # errors still reach the coordinator as error replies with their reason.
+                "log_to_driver": verbose,
+            },
+        }
+        log.info(
+            "simulating %d clients (%d per round, %d rounds) -> %s",
+            n,
+            sim.run.clients_per_round,
+            sim.run.rounds,
+            run_dir,
+        )
+        run_simulation(
+            server_app=make_server_app(
+                flat, resume=sim.resume, config_record=record, progress=progress
+            ),
+            client_app=make_client_app(flat),
+            num_supernodes=n,
+            backend_config=backend,
+        )
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise RuntimeError(f"simulation ended without writing {run_dir / 'metrics.jsonl'}")
     return run_dir

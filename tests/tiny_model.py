@@ -66,3 +66,27 @@ def build_tiny_model(directory: Path, *, seed: int = 0, vocab_size: int = 384) -
         model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     return directory
+
+
+def build_tiny_gguf(path: Path, *, alignment: int | None = None) -> Path:
+    """A small, complete GGUF file (metadata with string arrays, f32 and f16 tensors) for the
+    file-structure checks; not a loadable model."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
+    w.add_array("tokenizer.ggml.scores", [float(i) for i in range(300)])
+    w.add_uint32("llama.block_count", 1)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((300, 16)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((16, 16)).astype(np.float16))
+    w.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

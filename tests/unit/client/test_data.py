@@ -52,6 +52,19 @@ def test_every_file_format_reads_the_same_rows(tmp_path: Path, suffix: str) -> N
     assert [to_messages(r, "x")[1]["content"] for r in rows] == ["Blue.", "Cats nap."]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_byte_order_mark_is_dropped(tmp_path: Path, suffix: str) -> None:
+    """Issue 12: a CSV saved with a UTF-8 byte-order mark (Excel) was refused with
+    'found response, \\ufeffinstruction'; JSON files with one failed to parse."""
+    plain = write(tmp_path / f"plain{suffix}", ROWS)
+    bom = tmp_path / f"bom{suffix}"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    rows = load_records(bom)
+    assert rows == load_records(plain)
+    assert "instruction" in rows[0] and not any(k.startswith("\ufeff") for k in rows[0])
+    assert [to_messages(r, "x")[1]["content"] for r in rows] == ["Blue.", "Cats nap."]
+
+
 def test_directory_of_files_sets_category_from_file_name(tmp_path: Path) -> None:
     write(tmp_path / "poems.jsonl", [{"instruction": "a", "response": "b"}])
     write(tmp_path / "code.jsonl", [{"instruction": "c", "response": "d", "category": "mine"}])

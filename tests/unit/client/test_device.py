@@ -4,6 +4,7 @@ and one clear error line (nothing started) for each bad input."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,96 @@ def test_unreachable_coordinator_retries_with_reasons_then_gives_up(
         f"fedtune client start: error: coordinator 127.0.0.1:{port} unreachable for 3s: "
         f"127.0.0.1:{port} refused the connection (is the coordinator running?)"
     )
+
+
+# ------------------------------------------------------------------ TLS on one side only
+
+
+@pytest.fixture()
+def grpc_server(keys: Path, request: pytest.FixtureRequest) -> Iterator[int]:
+    """A real gRPC server on loopback (the transport of Flower's Fleet API), with TLS from the
+    deployment's coordinator certificate or, with ``tls=False``, plaintext."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    if request.param == "tls":
+        creds = grpc.ssl_server_credentials(
+            [((keys / "coordinator.key").read_bytes(), (keys / "coordinator.pem").read_bytes())]
+        )
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture()
+def no_supernode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.device import Device
+
+    def refuse(_self: Device) -> None:
+        raise AssertionError("the SuperNode must not start on a configuration error")
+
+    monkeypatch.setattr(Device, "start_node", refuse)
+
+
+@pytest.mark.parametrize("grpc_server", ["tls"], indirect=True)
+def test_insecure_device_against_a_tls_coordinator_fails_at_once(
+    capsys: pytest.CaptureFixture[str],
+    keys: Path,
+    data: Path,
+    tmp_path: Path,
+    grpc_server: int,
+    no_supernode: None,
+) -> None:
+    """Issue 12: a device started with --insecure and --key against a TLS coordinator retried
+    forever as if the coordinator were down."""
+    state = tmp_path / "state"
+    code, err = _client(
+        ["--coordinator", f"127.0.0.1:{grpc_server}", "--data", str(data), "--insecure",
+         "--key", str(keys / "nodes" / "pi.key"), "--state-dir", str(state), "--no-worker",
+         "--max-wait", "3"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert [ln for ln in err if "error" in ln] == [err[-1]]
+    assert err[-1] == (
+        f"fedtune client start: error: coordinator 127.0.0.1:{grpc_server} speaks TLS, but this "
+        "device was started with --insecure; drop --insecure and pass --root-cert (the "
+        "deployment's ca.pem)"
+    )
+    assert not state.exists(), "nothing is written for a configuration error"
+
+
+@pytest.mark.parametrize("grpc_server", ["plaintext"], indirect=True)
+def test_tls_device_against_an_insecure_coordinator_fails_at_once(
+    capsys: pytest.CaptureFixture[str],
+    keys: Path,
+    data: Path,
+    tmp_path: Path,
+    grpc_server: int,
+    no_supernode: None,
+) -> None:
+    code, err = _client(
+        ["--coordinator", f"127.0.0.1:{grpc_server}", "--data", str(data),
+         "--root-cert", str(keys / "ca.pem"), "--key", str(keys / "nodes" / "pi.key"),
+         "--state-dir", str(tmp_path / "state"), "--no-worker", "--max-wait", "3"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(
+        f"fedtune client start: error: TLS handshake with 127.0.0.1:{grpc_server} failed"
+    )
+    assert "a coordinator started with --insecure needs --insecure here too" in err[0]
+
+
+@pytest.mark.parametrize("grpc_server", ["plaintext"], indirect=True)
+def test_the_insecure_probe_accepts_a_plaintext_coordinator(grpc_server: int) -> None:
+    from client.probe import probe
+
+    probe("127.0.0.1", grpc_server, None, insecure=True, timeout=5)
