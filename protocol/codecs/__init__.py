@@ -44,6 +44,7 @@ from protocol.codecs.wire import (
 
 CODEC_NAMES: Final = ("none", "fp16", "int8", "int4", "sketch")
 FEEDBACK_CODECS: Final = ("fp16", "int8", "int4")
+LINEAR_CODECS: Final = ("none", "sketch")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,19 @@ class CompressionConfig:
                 f"{self.codec!r}: lossless, or a sketch whose one-client decode is too noisy)"
             )
 
+    def check_secagg(self, secagg: bool) -> None:
+        """Refuse settings that cannot run under secure aggregation, with the reason."""
+        if not secagg:
+            return
+        if self.error_feedback:
+            raise CodecError("error-feedback: plaintext mode only (not with --secagg)")
+        if self.codec not in LINEAR_CODECS:
+            raise CodecError(
+                f"compress: {self.codec} does not compose with --secagg (the coordinator sees "
+                f"only the sum, and {self.codec} payloads do not add up); use "
+                f"{' or '.join(LINEAR_CODECS)}"
+            )
+
     def build(self, seed: int = 0, rnd: int = 0) -> Codec:
         """The codec for one round; ``seed`` and ``rnd`` (shared) seed the sketch's hashes."""
         if self.codec == "none":
@@ -87,6 +101,7 @@ class CompressionConfig:
 __all__ = [
     "CODEC_NAMES",
     "FEEDBACK_CODECS",
+    "LINEAR_CODECS",
     "Arrays",
     "Codec",
     "CodecError",

@@ -397,6 +397,19 @@ def test_encoders_refuse_non_finite_input_and_configs_name_the_field() -> None:
         CompressionConfig("sketch", error_feedback=True)
 
 
+def test_only_linear_codecs_pass_the_secagg_check() -> None:
+    for name in ("none", "sketch"):
+        CompressionConfig(name).check_secagg(True)
+        assert CompressionConfig(name).build().linear
+    for name in ("fp16", "int8", "int4"):
+        CompressionConfig(name).check_secagg(False)
+        assert not CompressionConfig(name).build().linear
+        with pytest.raises(CodecError, match=f"compress: {name} does not compose with --secagg"):
+            CompressionConfig(name).check_secagg(True)
+    with pytest.raises(CodecError, match="error-feedback: plaintext mode only"):
+        CompressionConfig("int8", error_feedback=True).check_secagg(True)
+
+
 # ------------------------------------------------------------------------------ sketch
 
 
