@@ -355,6 +355,23 @@ def recompute_dequantized_weights(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_frozen_quantized_forward, module)  # type: ignore[method-assign]
 
 
+def keep_nf4_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weights in place on
+    its first forward in eval mode without gradients (our evaluation), and from then on runs every
+    forward, training included, through that bf16 inference kernel, which passes no gradient back:
+    LoRA layers below it got no gradients at all once a client had evaluated (seen on this
+    project's machines; ``tests/unit/client/test_model.py``). Clients evaluate and train in one
+    process, so the repacking is switched off. Returns how many layers were switched."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def load_base(
     source: ModelSource,
     quant: Quantization,
@@ -378,6 +395,8 @@ def load_base(
     model.requires_grad_(False)
     if quant is Quantization.INT8:
         recompute_dequantized_weights(model)
+    if quant is Quantization.NF4:
+        keep_nf4_trainable(model)
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token_id is None:

@@ -95,6 +95,10 @@ def test_lora_training_on_quantized_base(
 ) -> None:
     base = load_base(resolve_model(str(tiny_model_dir)), quant, model_cache)
     q_proj = base.model.model.layers[0].self_attn.q_proj
+    # Evaluate first, as a client does before it trains: the base must still pass gradients
+    # (bitsandbytes' CPU inference repacking would stop them; client.model.keep_nf4_trainable).
+    with torch.no_grad():
+        base.model(input_ids=torch.arange(1, 9).reshape(1, 8))
     if quant is Quantization.NF4:
         assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.dtype == torch.uint8
     elif quant is Quantization.INT8:
@@ -126,13 +130,6 @@ def test_lora_training_on_quantized_base(
     frozen_after = _quantized_state(model)
     assert frozen_before.keys() == frozen_after.keys()
     for name in frozen_before:
-        if name.endswith(".absmax"):
-            # bitsandbytes' CPU kernel keeps a bf16 copy of the NF4 block scales on CPUs with
-            # AVX512-BF16 (it re-lays them out on the first forward): the same scales to bf16's
-            # precision; the 4-bit codes and the code map stay bit-identical.
-            before, after = frozen_before[name].float().ravel(), frozen_after[name].float().ravel()
-            torch.testing.assert_close(after, before, rtol=2**-8, atol=0.0)
-            continue
         assert torch.equal(frozen_before[name], frozen_after[name]), name
     assert {n for n, p in model.named_parameters() if p.requires_grad} <= {
         n for n, _ in model.named_parameters() if "lora_" in n
