@@ -45,6 +45,7 @@ from privacy.secagg.server import (
     SHARE_KEYS,
     STAGES,
     UNMASK,
+    ComplaintLedger,
     SecAggResult,
     ServerSession,
 )
@@ -70,7 +71,11 @@ def _metrics(reply: Message) -> dict[str, float]:
     rec = reply.content.get(keys.METRICS)
     if not isinstance(rec, MetricRecord):
         return {}
-    return {k: float(v) for k, v in rec.items() if isinstance(v, int | float)}
+    return {
+        k: float(v)
+        for k, v in rec.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+    }
 
 
 def _reason(reply: Message) -> str:
@@ -81,7 +86,9 @@ def _reason(reply: Message) -> str:
 
 class SecureAggregation:
     """Secure-aggregation rounds of one run. Keeps, across rounds, the clients excluded for
-    misbehaving (inconsistent or tampered shares): they are not sampled again in this run."""
+    misbehaving (inconsistent or tampered shares, bad or reused public keys, complaint strikes:
+    privacy/secagg/server.py): they are not sampled again in this run. Also kept: every public
+    key advertised so far (a replayed one is refused) and the complaint ledger."""
 
     def __init__(self, cfg: RunConfig, ddp: DistributedDp | None = None) -> None:
         if not cfg.secagg:
@@ -90,6 +97,8 @@ class SecureAggregation:
         self.ddp = ddp
         self.excluded: dict[int, str] = {}
         self.releases: list[SkellamRelease] = []  # distributed-DP releases, for the accountant
+        self.seen_keys: set[bytes] = set()  # 64 bytes per client and round
+        self.complaint_ledger = ComplaintLedger()
 
     def plan(self, n: int, numel: int) -> tuple[EncodingPlan, float]:
         """The encoding for ``n`` sampled clients and the Skellam parameter each client adds."""
@@ -155,6 +164,7 @@ class SecureAggregation:
                 degree=cfg.secagg_neighbours,
                 threshold=cfg.secagg_threshold,
                 noise_mu=mu,
+                known_keys=self.seen_keys,
             )
         except (SecAggError, EncodingError) as exc:
             return failed(f"secure aggregation cannot start: {exc}")
@@ -245,9 +255,12 @@ class SecureAggregation:
         except SecAggAborted as exc:
             for culprit in exc.culprits:
                 self.excluded.setdefault(culprit, exc.reason)
-            self._report(metrics, session, cpu, train_metrics, phase_seconds, None)
+            self._report(metrics, session, cpu, train_metrics, phase_seconds, None, rnd)
             return failed(exc.reason)
-        self._report(metrics, session, cpu, train_metrics, phase_seconds, result)
+        except SecAggError as exc:  # not the clients' doing, but the run goes on without a sum
+            self._report(metrics, session, cpu, train_metrics, phase_seconds, None, rnd)
+            return failed(f"secure aggregation failed: {exc}")
+        self._report(metrics, session, cpu, train_metrics, phase_seconds, result, rnd)
 
         try:
             decoded = decode_sum(result.ring_sum, plan, len(result.contributors))
@@ -287,6 +300,7 @@ class SecureAggregation:
         train_metrics: dict[int, dict[str, float]],
         phase_seconds: dict[str, float],
         result: SecAggResult | None,
+        rnd: int,
     ) -> None:
         contributors = set(result.contributors) if result else set()
         losses = [
@@ -311,6 +325,8 @@ class SecureAggregation:
             {"node": d.node, "stage": d.stage, "reason": d.reason} for d in session.dropouts
         ]
         excluded = list(result.excluded) if result else list(session.excluded.values())
+        excluded += self.complaint_ledger.record(rnd, session.complaints)
+        self.seen_keys |= session.advertised_keys()
         for d in excluded:
             self.excluded.setdefault(d.node, d.reason)
         metrics["secagg"] = {

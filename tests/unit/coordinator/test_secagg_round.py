@@ -161,8 +161,13 @@ def test_default_three_client_round_with_two_dropped_fails_cleanly(stage: str) -
     assert m["reason"].startswith(want), m["reason"]
 
 
-def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> None:
+def test_tampered_share_bundle_takes_both_parties_out_and_a_second_strike_excludes() -> None:
+    """The complaint rule (privacy/secagg/server.py): a client that cannot open a neighbour's
+    bundle complains; both leave the round and each takes a strike. The dealer that tampers again
+    in round 2 (with another neighbour) has two strikes and is excluded; the two clients it
+    dealt to have one each and stay."""
     victim = NODES[4]
+    receivers: list[int] = []
 
     def hook(direction: str, node: int, msg: Message) -> Message | None:
         if (
@@ -172,24 +177,39 @@ def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> 
         ):
             rec = msg.content[keys.SECAGG]
             raw = json.loads(rec[keys.SECAGG_PAYLOAD])
-            ct = bytearray(bytes.fromhex(raw["items"][1]["ciphertext"]))
+            item = raw["items"][len(receivers)]  # another neighbour each round
+            receivers.append(item["dst"])
+            ct = bytearray(bytes.fromhex(item["ciphertext"]))
             ct[30] ^= 0x01
-            raw["items"][1]["ciphertext"] = ct.hex()
+            item["ciphertext"] = ct.hex()
             msg.content[keys.SECAGG] = ConfigRecord({keys.SECAGG_PAYLOAD: json.dumps(raw).encode()})
         return msg
 
     fleet = fleet_of(hook=hook)
     secure, new, m, _d, _u = run(fleet, config())
     assert m["status"] == "ok" and new is not None
-    (ex,) = m["secagg"]["excluded"]
-    assert ex["node"] == victim and "authentication failed" in ex["reason"]
-    assert_close(new, expected(fleet, fleet.nodes), m["secagg"]["step"])
-    fleet.hook = None
-    _new2, m2, _d, _u = secure.train_round(
-        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 2, Progress(1, live=False)
+    assert m["secagg"]["excluded"] == [] and secure.excluded == {}
+    left = {f["node"]: f["reason"] for f in m["failures"]}
+    assert set(left) == {victim, receivers[0]}
+    assert "could not use its shares: authentication failed" in left[victim]
+    assert f"complained about client {victim}" in left[receivers[0]]
+    assert sorted(m["secagg"]["recovered"]) == sorted(left)
+    contributors = [u for u in fleet.nodes if u not in left]
+    assert_close(new, expected(fleet, contributors), m["secagg"]["step"])
+
+    new2, m2, _d, _u = secure.train_round(
+        fleet.grid(), fleet.nodes, new, SPEC, 2, Progress(1, live=False)
     )
-    assert m2["clients_sampled"] == 10 and m2["clients_ok"] == 9
-    assert m2["failures"][0]["node"] == victim and m2["failures"][0]["stage"] == "sampling"
+    assert m2["status"] == "ok" and new2 is not None and m2["clients_ok"] == 8
+    (ex,) = m2["secagg"]["excluded"]
+    assert ex["node"] == victim and "party to 2 complaints" in ex["reason"]
+    assert set(secure.excluded) == {victim}  # its two accusers have one strike each
+    fleet.hook = None
+    _new3, m3, _d, _u = secure.train_round(
+        fleet.grid(), fleet.nodes, new2, SPEC, 3, Progress(1, live=False)
+    )
+    assert m3["clients_sampled"] == 10 and m3["clients_ok"] == 9
+    assert m3["failures"][0]["node"] == victim and m3["failures"][0]["stage"] == "sampling"
 
 
 def test_malformed_masked_vector_is_rejected_with_the_client_named() -> None:
