@@ -269,7 +269,7 @@ def federated_evaluate(
         return {"eval_loss": None, "eval_clients_ok": 0, "eval_failures": []}, 0, 0
     content = encode_eval_instruction(cfg.eval_instruction(rnd), adapter)
     ex = broadcast(grid, cfg, nodes, content, MessageType.EVALUATE, rnd, progress)
-    decoded, failures = ex.collect(decode_eval_result)
+    decoded, failures = ex.collect(lambda content: decode_eval_result(content, rnd=rnd))
     results = list(decoded.values())
     loss = _weighted([(r.loss, r.num_tokens) for r in results if r.num_tokens > 0])
     return (
@@ -312,7 +312,7 @@ def train_round(
     expected = spec.subset(instr.trainable_keys) if instr.trainable_keys else spec
     content = encode_train_instruction(instr, adapter)
     ex = broadcast(grid, cfg, nodes, content, MessageType.TRAIN, rnd, progress)
-    updates, failures = ex.collect(lambda content: decode_update(content, expected))
+    updates, failures = ex.collect(lambda content: decode_update(content, expected, rnd=rnd))
     for f in failures:
         log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
 

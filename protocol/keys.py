@@ -3,14 +3,16 @@
 from typing import Final
 
 # Bumped whenever a field is added, removed or changes meaning. Both ends refuse other versions.
-SCHEMA_VERSION: Final = 1
+# 2: replies carry the round they answer (reply-meta "round", and a "round" field in every SecAgg
+#    reply); SecAgg payloads are parsed strictly (duplicate keys, NaN, deep nesting refused).
+SCHEMA_VERSION: Final = 2
 
 # -- records inside a Message's RecordDict --------------------------------------------------------
 GLOBAL_ADAPTER: Final = "global-adapter"  # ArrayRecord: every adapter tensor of the global model
 TRAIN_CONFIG: Final = "train-config"  # ConfigRecord: a TrainInstruction
 EVAL_CONFIG: Final = "eval-config"  # ConfigRecord: an EvalInstruction
 UPDATE: Final = "update"  # ArrayRecord: the client's adapter delta (trained tensors only)
-REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and client notes
+REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and the round the reply answers
 METRICS: Final = "metrics"  # MetricRecord: numbers about the local work
 
 # -- fields ---------------------------------------------------------------------------------------
