@@ -86,9 +86,10 @@ def _reason(reply: Message) -> str:
 
 class SecureAggregation:
     """Secure-aggregation rounds of one run. Keeps, across rounds, the clients excluded for
-    misbehaving (inconsistent or tampered shares, bad or reused public keys, complaint strikes:
-    privacy/secagg/server.py): they are not sampled again in this run. Also kept: every public
-    key advertised so far (a replayed one is refused) and the complaint ledger."""
+    misbehaving (inconsistent or tampered shares, bad or replayed public keys, disputes with two
+    different clients: privacy/secagg/server.py); they are not sampled again in this run. Also
+    kept: every public key advertised so far (a replayed one is refused) and the dispute
+    ledger."""
 
     def __init__(self, cfg: RunConfig, ddp: DistributedDp | None = None) -> None:
         if not cfg.secagg:
@@ -325,7 +326,7 @@ class SecureAggregation:
             {"node": d.node, "stage": d.stage, "reason": d.reason} for d in session.dropouts
         ]
         excluded = list(result.excluded) if result else list(session.excluded.values())
-        excluded += self.complaint_ledger.record(rnd, session.complaints)
+        excluded += self.complaint_ledger.record(rnd, session.disputes)
         self.seen_keys |= session.advertised_keys()
         for d in excluded:
             self.excluded.setdefault(d.node, d.reason)

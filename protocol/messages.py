@@ -27,7 +27,13 @@ from typing import Any, TypeVar, get_args, get_origin
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol import keys
-from protocol.adapter import AdapterSpec, Arrays, arrays_from_record, arrays_to_record
+from protocol.adapter import (
+    AdapterSpec,
+    Arrays,
+    arrays_from_record,
+    arrays_to_record,
+    check_declared,
+)
 from protocol.errors import ProtocolError, UpdateRejected
 
 MetricValue = int | float | list[int] | list[float]
@@ -374,6 +380,7 @@ def _decode_update(content: RecordDict, expected: AdapterSpec, rnd: int, what: s
         if not _finite_number(v):
             raise UpdateRejected(f"{what}: metric {k!r} must be a finite number, got {v!r}")
         metrics[k] = float(v)
+    check_declared(expected, arrays_rec, what=what)  # before decoding any bytes
     delta = arrays_from_record(arrays_rec, what=what)
     expected.check(delta, what=what)
     return ClientUpdate(delta=delta, num_examples=int(num_examples), metrics=metrics)
@@ -437,9 +444,9 @@ def _decode_eval_result(content: RecordDict, rnd: int, what: str) -> EvalResult:
     if (
         not isinstance(loss, int | float)
         or isinstance(loss, bool)
-        or (num_tokens > 0 and not math.isfinite(loss))
+        or (num_tokens > 0 and not (math.isfinite(loss) and loss >= 0))
     ):
-        raise UpdateRejected(f"{what}: {keys.LOSS} must be a finite number, got {loss!r}")
+        raise UpdateRejected(f"{what}: {keys.LOSS} must be a finite number >= 0, got {loss!r}")
     extra = {}
     for k, v in rec.items():
         if k in (keys.LOSS, keys.NUM_TOKENS, keys.NUM_EXAMPLES):

@@ -278,7 +278,9 @@ def structure_depth(annotation: Any) -> int:
 
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
-_OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
+_NESTING = np.zeros(256, dtype=np.int8)  # +1 for an opening bracket, -1 for a closing one
+_NESTING[[ord("["), ord("{")]] = 1
+_NESTING[[ord("]"), ord("}")]] = -1
 
 
 def json_depth(data: bytes) -> int:
@@ -298,7 +300,7 @@ def json_depth(data: bytes) -> int:
     delim = (a == _QUOTE) & (run_before % 2 == 0)
     inside = (np.cumsum(delim) - delim) % 2 == 1  # within a string (its opening quote excluded)
     outside = ~inside & ~delim
-    step = (np.isin(a, _OPEN) & outside).astype(np.int32) - (np.isin(a, _CLOSE) & outside)
+    step = np.where(outside, _NESTING[a], 0)
     return int(np.cumsum(step, dtype=np.int64).max(initial=0))
 
 

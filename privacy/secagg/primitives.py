@@ -114,9 +114,11 @@ def _exchange(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
         raise InvalidPublicKey("public key is a low-order point (all-zero shared secret)") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def check_public_key(public_key: bytes) -> None:
     """Refuse a peer key unless it is the canonical encoding of a point on Curve25519 (not its
-    twist) outside the small subgroup. Raises ``InvalidPublicKey`` saying which.
+    twist) outside the small subgroup. Raises ``InvalidPublicKey`` saying which. (Results are
+    cached per key: a key is checked once per process however often it is used.)
 
     X25519 itself accepts any 32 bytes: a non-canonical encoding (u >= p, or the unused top bit
     set) names the same point as a canonical one, so two such keys would pass a byte comparison
@@ -138,7 +140,10 @@ def agree(
 
     Raises ``InvalidPublicKey`` for a malformed or low-order peer key (X25519 all-zero output).
     """
-    shared = _exchange(X25519PrivateKey.from_private_bytes(private_key), _check_point(peer_public))
+    check_public_key(peer_public)
+    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
+        X25519PublicKey.from_public_bytes(peer_public)
+    )
     lo, hi = sorted((a, b))
     return HKDF(
         algorithm=hashes.SHA256(),

@@ -24,11 +24,12 @@ method because of what clients sent.
 
 Public keys. Each advertised X25519 key must be a canonical encoding of a point on the curve
 outside the small subgroup (``primitives.check_public_key``: an all-zero key used to make every
-honest neighbour fail), differ from the sender's other key, from every key another client
-advertised this round and from every key seen in earlier rounds of the run (``known_keys``). A
-sender breaking any of these is excluded: an honest client draws two fresh keys per round, and no
-other client can learn them before the advertise stage is over, so a duplicate within the round
-means both senders share a key pair (both are excluded) and a key seen before is a replay.
+honest neighbour fail), differ from the sender's other key and from every key seen in earlier
+rounds of the run (``known_keys``: an honest client draws two fresh keys per round, so a key seen
+before is a replay). A sender breaking any of these is excluded. Two clients advertising the same
+key in one round are both dropped from the round and the pair counts as a dispute, like a
+complaint below: which of the two copied the other cannot be told from here (an honest
+coordinator shows no key before the advertise stage is over, but the rule does not rely on it).
 
 Complaints. A client that cannot open a neighbour's sealed shares says so in its masked-input
 header. The coordinator cannot tell who is lying: the accused dealt bad shares, or the accuser
@@ -38,20 +39,24 @@ accused:
 1. *in the round*, both parties of every complaint leave: neither input is in the sum (their
    masked vectors are discarded before any is added) and both count as dropped after sharing keys
    (their pairwise masks are removed through their neighbours' key shares);
-2. *across the run* (``ComplaintLedger``), every complaint is a strike against both parties, one
-   per pair and round; a client with ``limit`` strikes (2 by default) is excluded.
+2. *across the run* (``ComplaintLedger``), a client that has been party to disputes (complaints,
+   either side, and shared keys) with ``limit`` different clients (2 by default) is excluded.
 
-An honest client is party to a complaint only when a hostile client is the other party. So a single
-hostile client can never exclude an honest one without being excluded itself (to give an honest
-client a second strike it must take its own second strike), and f colluding hostile clients, who
-have 2f strikes to spend before all are excluded, can exclude at most f honest clients over a run.
-A hostile client that complains about many neighbours at once collects a strike per neighbour and
-is excluded after that round. The earlier rule (the accused alone excluded at once) let any client
-exclude any honest neighbour at no cost.
+An honest client is party to a complaint only when a hostile client is the other party. So one
+hostile client can never get an honest client excluded: its victims each have one counterpart (it),
+and it is excluded itself as soon as it involves a second client. A hostile client that complains
+about many neighbours at once is excluded after that round. f colluding hostile clients can
+exclude at most f honest clients over a run: each honest exclusion takes two hostile counterparts,
+and each hostile client serves as one for at most two clients (its second one excludes it). What a
+hostile client can still do is keep the *same* honest neighbour out of every round in which it
+complains about it, giving up its own contribution each time; the coordinator cannot tell which of
+the two lies, so this is not prevented. The earlier rule (the accused alone excluded at once) let
+any client exclude any honest neighbour at no cost.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -178,6 +183,7 @@ class ServerSession:
         self._u3: frozenset[int] = frozenset()
         self._requests: dict[int, UnmaskRequest] = {}
         self._complaints: set[tuple[int, int]] = set()
+        self._disputes: set[tuple[int, int]] = set()  # complaints and shared keys
         self.stage = ADVERTISE
 
     # -- helpers ------------------------------------------------------------------------------
@@ -200,6 +206,13 @@ class ServerSession:
     def complaints(self) -> frozenset[tuple[int, int]]:
         """(accuser, accused) pairs of this round's accepted complaints."""
         return frozenset(self._complaints)
+
+    @property
+    def disputes(self) -> frozenset[tuple[int, int]]:
+        """Pairs of clients of which one misbehaved and the coordinator cannot tell which: this
+        round's complaints and pairs that advertised the same public key. For the
+        ``ComplaintLedger``."""
+        return frozenset(self._complaints | self._disputes)
 
     def advertised_keys(self) -> set[bytes]:
         """Every public key accepted this round (to pass as ``known_keys`` to later rounds)."""
@@ -280,15 +293,28 @@ class ServerSession:
                 adverts[u] = self._decode(Advertise, u, payload)
             except MessageRejected as exc:
                 self._drop(u, ADVERTISE, exc.reason)
-        senders: dict[bytes, list[int]] = {}
+        clean: dict[int, Advertise] = {}
         for u, adv in adverts.items():
-            for key in {adv.pk_enc, adv.pk_mask}:
-                senders.setdefault(key, []).append(u)
-        for u, adv in adverts.items():
-            problem = self._key_problem(u, adv, senders)
-            if problem:
+            problem = self._key_problem(adv)
+            if problem:  # its own doing: excluded
                 self._drop(u, ADVERTISE, problem)
                 self._exclude(u, ADVERTISE, problem)
+            else:
+                clean[u] = adv
+        senders: dict[bytes, set[int]] = {}
+        for u, adv in clean.items():
+            for key in (adv.pk_enc, adv.pk_mask):
+                senders.setdefault(key, set()).add(u)
+        sharing: dict[int, int] = {}
+        for group in senders.values():
+            for a, b in itertools.combinations(sorted(group), 2):
+                self._disputes.add((a, b))
+                sharing.setdefault(a, b)
+                sharing.setdefault(b, a)
+        for u, adv in clean.items():
+            if u in sharing:  # one of the two copied the other's key: both leave (a dispute)
+                self._drop(u, ADVERTISE, f"advertised a public key that client {sharing[u]} also "
+                           "advertised (one of the two copied it)")  # fmt: skip
             else:
                 self.view.public_keys[u] = adv
         self._prune(ADVERTISE)
@@ -304,8 +330,8 @@ class ServerSession:
         self.stage = SHARE_KEYS
         return out
 
-    def _key_problem(self, u: int, adv: Advertise, senders: Mapping[bytes, list[int]]) -> str:
-        """Why ``u``'s advertised keys are refused, or "" if they are fine."""
+    def _key_problem(self, adv: Advertise) -> str:
+        """Why the sender of ``adv`` is excluded for its keys, or "" if they are fine."""
         if adv.pk_enc == adv.pk_mask:
             return "advertised the same public key twice (its two keys must differ)"
         for name, key in (("pk-enc", adv.pk_enc), ("pk-mask", adv.pk_mask)):
@@ -315,9 +341,6 @@ class ServerSession:
                 return f"{name}: {exc}"
             if key in self.known_keys:
                 return f"{name} was advertised in an earlier round (keys must be fresh)"
-            others = [v for v in senders[key] if v != u]
-            if others:
-                return f"{name} is also advertised by client {others[0]} (a shared key pair)"
         return ""
 
     # -- stage 2 ------------------------------------------------------------------------------
@@ -388,6 +411,7 @@ class ServerSession:
         for v, (header, _vec) in sorted(valid.items()):
             for c in header.complaints:
                 self._complaints.add((v, c.node))
+                self._disputes.add((v, c.node))
                 leaving.setdefault(v, f"complained about client {c.node}: {c.reason}")
                 leaving.setdefault(c.node, f"client {v} could not use its shares: {c.reason}")
         for u, reason in sorted(leaving.items()):
@@ -571,35 +595,33 @@ class ServerSession:
 
 @dataclass
 class ComplaintLedger:
-    """Complaint strikes over a whole run (the rule in the module docstring): every complaint is a
-    strike against both its accuser and the accused, counted once per pair and round; a client
-    with ``limit`` strikes is excluded."""
+    """Complaints over a whole run (the rule in the module docstring): a client that has been
+    party to complaints, on either side, with ``limit`` different clients is excluded."""
 
     limit: int = 2
-    strikes: dict[int, list[str]] = field(default_factory=dict)  # node -> what each strike was
+    counterparts: dict[int, dict[int, int]] = field(default_factory=dict)  # node -> {other: round}
 
     def __post_init__(self) -> None:
-        if self.limit < 1:
-            raise ValueError(f"complaint limit must be >= 1, got {self.limit}")
+        if self.limit < 2:
+            raise ValueError(f"complaint limit must be >= 2, got {self.limit}")
 
     def record(self, rnd: int, complaints: Iterable[tuple[int, int]]) -> list[Dropout]:
         """Add a round's (accuser, accused) pairs; return the clients that now reach the limit."""
         reached = []
         for accuser, accused in sorted(set(complaints)):
-            for node, what in (
-                (accuser, f"round {rnd}: complained about client {accused}"),
-                (accused, f"round {rnd}: client {accuser} complained about it"),
-            ):
-                strikes = self.strikes.setdefault(node, [])
-                strikes.append(what)
-                if len(strikes) == self.limit:
+            for node, other in ((accuser, accused), (accused, accuser)):
+                seen = self.counterparts.setdefault(node, {})
+                if other in seen:
+                    continue
+                seen[other] = rnd
+                if len(seen) == self.limit:
+                    pairs = ", ".join(f"client {o} (round {r})" for o, r in sorted(seen.items()))
                     reached.append(
                         Dropout(
                             node,
                             MASKED_INPUT,
-                            f"party to {self.limit} complaints ({'; '.join(strikes)}): the "
-                            "coordinator cannot tell who lies, so each complaint is a strike "
-                            "against both parties",
+                            f"party to complaints with {self.limit} different clients ({pairs}): "
+                            "an honest client meets a complaint only from or about a hostile one",
                         )
                     )
         return reached

@@ -163,9 +163,9 @@ def test_default_three_client_round_with_two_dropped_fails_cleanly(stage: str) -
 
 def test_tampered_share_bundle_takes_both_parties_out_and_a_second_strike_excludes() -> None:
     """The complaint rule (privacy/secagg/server.py): a client that cannot open a neighbour's
-    bundle complains; both leave the round and each takes a strike. The dealer that tampers again
-    in round 2 (with another neighbour) has two strikes and is excluded; the two clients it
-    dealt to have one each and stay."""
+    bundle complains and both leave the round. The dealer that tampers again in round 2, with
+    another neighbour, has been party to complaints with two different clients and is excluded;
+    the two clients it dealt to have one counterpart each and stay."""
     victim = NODES[4]
     receivers: list[int] = []
 
@@ -202,8 +202,8 @@ def test_tampered_share_bundle_takes_both_parties_out_and_a_second_strike_exclud
     )
     assert m2["status"] == "ok" and new2 is not None and m2["clients_ok"] == 8
     (ex,) = m2["secagg"]["excluded"]
-    assert ex["node"] == victim and "party to 2 complaints" in ex["reason"]
-    assert set(secure.excluded) == {victim}  # its two accusers have one strike each
+    assert ex["node"] == victim and "party to complaints with 2 different clients" in ex["reason"]
+    assert set(secure.excluded) == {victim}  # its two accusers have one counterpart each
     fleet.hook = None
     _new3, m3, _d, _u = secure.train_round(
         fleet.grid(), fleet.nodes, new2, SPEC, 3, Progress(1, live=False)

@@ -201,7 +201,8 @@ def test_pickled_payload_is_refused() -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     rec = content[keys.UPDATE]
-    rec[NAME] = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
+    # declared as the expected float32 (16, 4), so the check before decoding lets it through
+    rec[NAME] = Array(dtype="float32", shape=(16, 4), stype="numpy.ndarray", data=buf.getvalue())
     with pytest.raises(UpdateRejected, match="cannot be decoded"):
         decode_update(content, spec, rnd=1)
 
