@@ -218,7 +218,9 @@ def structural(payload: bytes, rng: random.Random, size_limit: int) -> Tampered:
     if choice == 10:
         p = rng.choice(leaves)
         old = _get(raw, p)
-        options: list[Json] = [True, False, None, [], {}, "x", 1.5, -1]
+        options: list[Json] = [True, False, None, [], {}, "x", -1]
+        if type(old) is not float:
+            options.append(1.5)
         if type(old) is int:
             options += [float(old), str(old), old + 0.5]
         if isinstance(old, str):
@@ -324,7 +326,9 @@ def _tamper_bundle(raw: dict[str, Json], view: RoundView, rng: random.Random) ->
         items.append(copy.deepcopy(items[i]))
         return Tampered("a share bundle item twice", True, _dumps(raw))
     if choice == 2:
-        items[i]["dst"] = rng.choice([view.node, 424242, *[it["dst"] for it in items]])
+        items[i]["dst"] = rng.choice(
+            [d for d in [view.node, 424242, *[it["dst"] for it in items]] if d != items[i]["dst"]]
+        )
         return Tampered("item addressed elsewhere", True, _dumps(raw))
     if choice == 3:
         items[i]["src"] = rng.choice([n for n in view.nodes if n != view.node] + [7])

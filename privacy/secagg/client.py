@@ -44,7 +44,7 @@ from privacy.secagg.messages import (
 
 ADVERTISED, SHARED, MASKED, DONE = "advertised", "shared", "masked", "done"
 _PLAIN = struct.Struct(f">QQ{shamir.SHARE_BYTES}s{SALT_BYTES}s{shamir.SHARE_BYTES}s{SALT_BYTES}s")
-CIPHERTEXT_BYTES = P.NONCE_BYTES + _PLAIN.size + 16  # nonce + plaintext + GCM tag
+# (tests/unit/privacy/test_secagg_regressions.py checks _PLAIN.size == SEALED_PLAIN_BYTES)
 
 
 @dataclass(frozen=True)

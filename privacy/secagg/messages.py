@@ -37,12 +37,17 @@ from typing import Any, TypeVar, get_args, get_origin
 
 import numpy as np
 
+from privacy.secagg import shamir
 from privacy.secagg.encoding import EncodingPlan
 
 SESSION_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 HASH_BYTES = 32
 SALT_BYTES = 16
+NONCE_BYTES, TAG_BYTES = 12, 16  # AES-GCM
+# A sealed bundle: nonce, then (src, dst as 8 bytes each, b-share, salt, key share, salt), tag.
+SEALED_PLAIN_BYTES = 8 + 8 + 2 * (shamir.SHARE_BYTES + SALT_BYTES)
+CIPHERTEXT_BYTES = NONCE_BYTES + SEALED_PLAIN_BYTES + TAG_BYTES
 # The largest message anyone decodes without a tighter, caller-known bound. A share bundle or key
 # directory costs under 1 KiB per neighbour, so this covers thousands of neighbours; the
 # coordinator passes a bound sized for the round's degree (``message_limit``).
@@ -159,6 +164,9 @@ class KeyDirectory:
     session: bytes
     entries: tuple[Advertise, ...]  # the neighbours that advertised
 
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
+
 
 @dataclass(frozen=True)
 class SealedShares:
@@ -169,6 +177,7 @@ class SealedShares:
     sk_hash: bytes  # commitment to the masking-key share inside
 
     def __post_init__(self) -> None:
+        _check_bytes(self.ciphertext, CIPHERTEXT_BYTES, "ciphertext")
         _check_bytes(self.b_hash, HASH_BYTES, "b-hash")
         _check_bytes(self.sk_hash, HASH_BYTES, "sk-hash")
 
@@ -182,6 +191,7 @@ class ShareBundle:
     own_b_hash: bytes  # commitment to the b-share the client keeps (checked when it reveals it)
 
     def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
         _check_bytes(self.own_b_hash, HASH_BYTES, "own-b-hash")
 
 
@@ -189,6 +199,9 @@ class ShareBundle:
 class ShareDelivery:
     session: bytes
     items: tuple[SealedShares, ...]
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
 
 
 @dataclass(frozen=True)
@@ -212,12 +225,18 @@ class MaskedHeader:
     round: int
     complaints: tuple[Complaint, ...] = ()
 
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
+
 
 @dataclass(frozen=True)
 class UnmaskRequest:
     session: bytes
     survivors: tuple[int, ...]  # reveal your b-share of these (neighbours, and yourself)
     dropped: tuple[int, ...]  # reveal your masking-key share of these neighbours
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
 
 
 B_SHARE = "b"
@@ -233,6 +252,7 @@ class RevealedShare:
 
     def __post_init__(self) -> None:
         _need(self.kind in (B_SHARE, SK_SHARE), f"share kind must be b or sk, got {self.kind!r}")
+        _check_bytes(self.y, shamir.SHARE_BYTES, "share")
         _check_bytes(self.salt, SALT_BYTES, "salt")
 
 
@@ -242,6 +262,9 @@ class UnmaskResponse:
     session: bytes
     round: int
     shares: tuple[RevealedShare, ...]
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.session, SESSION_BYTES, "session")
 
 
 # -- codec ----------------------------------------------------------------------------------------

@@ -65,11 +65,12 @@ import numpy as np
 
 from privacy.secagg import primitives as P
 from privacy.secagg import shamir
-from privacy.secagg.client import CIPHERTEXT_BYTES, b_commitment, mask_key, share_hash
+from privacy.secagg.client import b_commitment, mask_key, share_hash
 from privacy.secagg.encoding import EncodingPlan
 from privacy.secagg.graph import Graph, default_degree, default_threshold, random_graph
 from privacy.secagg.messages import (
     B_SHARE,
+    CIPHERTEXT_BYTES,
     SESSION_BYTES,
     SK_SHARE,
     Advertise,

@@ -358,3 +358,122 @@ def test_distributed_dp_noise_in_the_secure_sum_has_the_target_std(dropout: floa
     assert m["ddp_noise_multiplier"] == pytest.approx(
         ddp.noise_multiplier * np.sqrt(len(contributors) / 10), rel=1e-3
     )
+
+
+# -- issue 12: hostile clients over the real round ------------------------------------------------
+
+
+def _rewrite(stage_action: str, node: int, direction: str, fn):  # type: ignore[no-untyped-def]
+    """A Fleet hook that rewrites the SecAgg payload of ``node``'s message of type
+    ``train.<stage_action>`` going ``direction``."""
+
+    def hook(d: str, n: int, msg: Message) -> Message | None:
+        if (
+            (d, n) == (direction, node)
+            and msg.metadata.message_type == f"train.{stage_action}"
+            and msg.has_content()
+            and keys.SECAGG in msg.content
+        ):
+            rec = msg.content[keys.SECAGG]
+            new = dict(rec)
+            new[keys.SECAGG_PAYLOAD] = fn(rec[keys.SECAGG_PAYLOAD])
+            msg.content[keys.SECAGG] = ConfigRecord(new)
+        return msg
+
+    return hook
+
+
+ACTIONS = dict(zip(STAGES, keys.SECAGG_ACTIONS, strict=True))
+# Every client answers (an error reply is an answer) and FakeGrid answers at once, so a long
+# timeout costs nothing and keeps these tests independent of the machine's speed.
+SLOW_OK = config(**{"round-timeout": 300.0})
+ADVERTISE_, MASKED_ = STAGES[0], STAGES[2]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deeply_nested_reply_is_a_rejection_and_the_round_goes_on(stage: str) -> None:
+    """Issue 12: 5,000 nested [ from one client used to raise RecursionError out of the round."""
+    bad = NODES[3]
+    payload = b"[" * 5000 if stage in (ADVERTISE_, MASKED_) else b'{"a":' * 3000
+    fleet = fleet_of(hook=_rewrite(ACTIONS[stage], bad, "up", lambda _p: payload))
+    _s, new, m, _d, _u = run(fleet, SLOW_OK)
+    assert m["status"] == "ok" and new is not None
+    named = m["failures"] + m["secagg"]["excluded"]
+    assert [f["node"] for f in named] == [bad] and "nested" in named[0]["reason"]
+
+
+def test_an_all_zero_public_key_excludes_its_sender_and_the_round_goes_on() -> None:
+    """Issue 12: an all-zero X25519 key made every honest client fail (share-keys: 0 left) and
+    its sender stayed in the run."""
+    bad = NODES[5]
+
+    def zero(payload: bytes) -> bytes:
+        raw = json.loads(payload)
+        raw["pk_mask"] = "00" * 32
+        return json.dumps(raw).encode()
+
+    fleet = fleet_of(hook=_rewrite(ACTIONS[ADVERTISE_], bad, "up", zero))
+    secure, new, m, _d, _u = run(fleet, SLOW_OK)
+    assert m["status"] == "ok" and new is not None and m["clients_ok"] == 9
+    (ex,) = m["secagg"]["excluded"]
+    assert ex["node"] == bad and "low-order point" in ex["reason"]
+    assert_close(new, expected(fleet, [u for u in fleet.nodes if u != bad]), m["secagg"]["step"])
+    fleet.hook = None
+    _n, m2, _d, _u = secure.train_round(
+        fleet.grid(), fleet.nodes, ADAPTER, SPEC, 2, Progress(1, live=False)
+    )
+    assert m2["clients_ok"] == 9 and m2["failures"][0]["stage"] == "sampling"
+
+
+def test_false_complaints_never_exclude_an_honest_client() -> None:
+    """Issue 12: one false complaint got an honest client excluded for the rest of the run. Now
+    the accuser and the accused both leave the round; the liar accusing the same client round
+    after round excludes nobody; accusing a second client excludes the liar alone."""
+    liar, victims = NODES[7], [NODES[1], NODES[1], NODES[1], NODES[2]]
+    rnd = [0]
+
+    def accuse(payload: bytes) -> bytes:
+        raw = json.loads(payload)
+        raw["complaints"] = [{"node": victims[rnd[0]], "reason": "cannot open its shares"}]
+        return json.dumps(raw).encode()
+
+    fleet = fleet_of(hook=_rewrite(ACTIONS[MASKED_], liar, "up", accuse))
+    secure = SecureAggregation(SLOW_OK)
+    adapter = ADAPTER
+    for i in range(4):
+        rnd[0] = i
+        new, m, _d, _u = secure.train_round(
+            fleet.grid(), fleet.nodes, adapter, SPEC, i + 1, Progress(1, live=False)
+        )
+        assert m["status"] == "ok" and new is not None, m.get("reason")
+        assert {f["node"] for f in m["failures"]} == {liar, victims[i]}
+        assert m["clients_ok"] == 8
+        adapter = new
+        assert victims[i] not in secure.excluded
+        assert (liar in secure.excluded) == (i == 3)
+    assert set(secure.excluded) == {liar}
+    assert "party to complaints with 2 different clients" in secure.excluded[liar]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_honest_client_rejects_and_reports_a_tampered_message(stage: str) -> None:
+    """Issue 12: honest clients crashed on tampered inputs. A message to one client that fails
+    its checks now gets an error reply saying why, and the round goes on without it."""
+    victim = NODES[6]
+
+    def tamper(payload: bytes) -> bytes:
+        if stage == "share-keys":  # a directory naming an all-zero key
+            raw = json.loads(payload)
+            raw["entries"][0]["pk_enc"] = "00" * 32
+            return json.dumps(raw).encode()
+        return b"[" * 5000
+
+    fleet = fleet_of(hook=_rewrite(ACTIONS[stage], victim, "down", tamper))
+    _s, new, m, _d, _u = run(fleet, SLOW_OK)
+    assert m["status"] == "ok" and new is not None
+    (f,) = [f for f in m["failures"] if f["node"] == victim]
+    assert f["stage"] == stage and "rejected" in f["reason"]
+    want = "public key" if stage == "share-keys" else "nested"
+    assert want in f["reason"]
+    replies = [r for d, n, r in fleet.record if n == victim and r.has_error()]
+    assert len(replies) == 1 and "rejected" in replies[0].error.reason
