@@ -31,12 +31,16 @@ from privacy.secagg import shamir
 from privacy.secagg.encoding import EncodingPlan, plan_encoding, quantize
 from privacy.secagg.local import plaintext_ring_sum
 from privacy.secagg.messages import (
+    Advertise,
     KeyDirectory,
+    MaskedHeader,
     SecAggAborted,
     SecAggError,
     Setup,
+    ShareBundle,
     ShareDelivery,
     UnmaskRequest,
+    UnmaskResponse,
     from_bytes,
     message_limit,
     to_bytes,
@@ -724,6 +728,39 @@ def honest_client_case(
     reqs = sess.receive_masked(masked)
     feed(UnmaskRequest, reqs[victim], lambda r: C.unmask(states[victim], r))
     return outcome
+
+
+def honest_messages(encoded: Mapping[int, np.ndarray], plan: EncodingPlan) -> dict[type, bytes]:
+    """One honest message of each SecAgg+ type (as client ``min(encoded)`` sends or receives
+    it), from a real round."""
+    nodes = sorted(encoded)
+    me = nodes[0]
+    sess = ServerSession(nodes, 1, plan, len(encoded[me]))
+    got: dict[type, bytes] = {}
+    states, advs = {}, {}
+    setups = sess.setup_messages()
+    got[Setup] = to_bytes(setups[me])
+    for u, s in setups.items():
+        states[u], advs[u] = C.advertise(s)
+    got[Advertise] = to_bytes(advs[me])
+    dirs = sess.receive_advertise({u: to_bytes(a) for u, a in advs.items()})
+    got[KeyDirectory] = to_bytes(dirs[me])
+    bundles = {}
+    for u, d in dirs.items():
+        states[u], bundles[u] = C.share_keys(states[u], d)
+    got[ShareBundle] = to_bytes(bundles[me])
+    dels = sess.receive_shares({u: to_bytes(b) for u, b in bundles.items()})
+    got[ShareDelivery] = to_bytes(dels[me])
+    masked = {}
+    for u, dl in dels.items():
+        states[u], h, y = C.masked_input(states[u], dl, encoded[u])
+        masked[u] = (to_bytes(h), y)
+    got[MaskedHeader] = masked[me][0]
+    reqs = sess.receive_masked(masked)
+    got[UnmaskRequest] = to_bytes(reqs[me])
+    _st, resp = C.unmask(states[me], reqs[me])
+    got[UnmaskResponse] = to_bytes(resp)
+    return got
 
 
 # -- plain replies (train update, evaluation result) ----------------------------------------------

@@ -26,7 +26,6 @@ from privacy.secagg.messages import (
     UnmaskResponse,
     from_bytes,
     json_depth,
-    to_bytes,
 )
 from privacy.secagg.server import STAGES, ComplaintLedger
 from protocol import keys
@@ -99,37 +98,7 @@ def test_any_nesting_deeper_than_the_type_is_refused(n: int, opener: str, cls: t
 @pytest.fixture(scope="module")
 def honest_messages() -> dict[type, bytes]:
     """One honest message of each type, from a real round."""
-    from privacy.secagg import client as C
-    from privacy.secagg.server import ServerSession
-
-    enc, plan = W.fleet(4, 9, seed=1)
-    got: dict[type, bytes] = {}
-    nodes = sorted(enc)
-    sess = ServerSession(nodes, 1, plan, 9)
-    states, advs = {}, {}
-    setups = sess.setup_messages()
-    got[Setup] = to_bytes(setups[nodes[0]])
-    for u, s in setups.items():
-        states[u], advs[u] = C.advertise(s)
-    got[Advertise] = to_bytes(advs[nodes[0]])
-    dirs = sess.receive_advertise({u: to_bytes(a) for u, a in advs.items()})
-    got[KeyDirectory] = to_bytes(dirs[nodes[0]])
-    bundles = {}
-    for u, d in dirs.items():
-        states[u], bundles[u] = C.share_keys(states[u], d)
-    got[ShareBundle] = to_bytes(bundles[nodes[0]])
-    dels = sess.receive_shares({u: to_bytes(b) for u, b in bundles.items()})
-    got[ShareDelivery] = to_bytes(dels[nodes[0]])
-    masked = {}
-    for u, dl in dels.items():
-        states[u], h, y = C.masked_input(states[u], dl, enc[u])
-        masked[u] = (to_bytes(h), y)
-    got[MaskedHeader] = masked[nodes[0]][0]
-    reqs = sess.receive_masked(masked)
-    got[UnmaskRequest] = to_bytes(reqs[nodes[0]])
-    _st, resp = C.unmask(states[nodes[0]], reqs[nodes[0]])
-    got[UnmaskResponse] = to_bytes(resp)
-    return got
+    return W.honest_messages(*W.fleet(4, 9, seed=1))
 
 
 @FAST
