@@ -3,8 +3,9 @@ messages through the real decoders, the coordinator's round code and SecAgg+ sta
 honest clients fed tampered coordinator messages. Prints, per family and in total:
 
 - accepted-when-invalid: a message the protocol requires to be refused was used (decoded into an
-  update, summed, or acted on by an honest client without refusing or complaining), or a secure
-  sum came out different from the plaintext sum of the clients it names;
+  update, summed, or acted on by an honest client without refusing or complaining), a SecAgg
+  client sending one was not refused (dropped, excluded, or named as the culprit of an aborted
+  round), or a secure sum came out different from the plaintext sum of the clients it names;
 - crashes: any exception other than the typed rejection the code promises (UpdateRejected,
   SecAggError, a clean SecAggAborted), from the coordinator or from an honest client;
 - hangs: a case still running after ``--timeout`` seconds (each case runs in a worker process
@@ -201,10 +202,14 @@ class Cases:
             newly = {d.node for d in o.excluded} - excluded
             excluded |= newly
             kind = o.kind or ("honest control" if mutate is None else "?")
-            accepted = (o.invalid and o.completed and not o.hostile_rejected) or not o.sum_exact
+            # An invalid message must get its sender refused (dropped, excluded or named as the
+            # culprit of an abort), whether or not the round still completes.
+            # Nor may it cost an honest client its round beyond the dispute rule.
+            accepted = (o.invalid and not o.hostile_rejected) or not o.sum_exact
+            accepted = accepted or (o.invalid and o.honest_harmed > 0)
             hostile_refused = hostile not in excluded and o.hostile_rejected
-            valid_refused = mutate is None and (
-                o.dropped_honest > 0 or not o.completed or hostile_refused
+            valid_refused = (mutate is None and (not o.completed or hostile_refused)) or (
+                not o.invalid and o.honest_harmed > 0
             )
             out.append(
                 outcome(
@@ -212,7 +217,7 @@ class Cases:
                     o.invalid,
                     accepted=accepted,
                     honest_excluded=len(newly - {hostile}),
-                    honest_dropped=o.dropped_honest,
+                    honest_dropped=o.honest_left_by_rule,
                     valid_refused=valid_refused,
                     stage=stage,
                 )

@@ -503,6 +503,10 @@ def tamper_down(kind: type, payload: bytes, node: int, rng: random.Random) -> Ta
 # -- one SecAgg round with a hostile client -------------------------------------------------------
 
 
+# How the server words a departure under the dispute rule (privacy/secagg/server.py).
+RULE_DEPARTURES = ("left the round over a complaint", "advertised a public key that client")
+
+
 class HonestClientCrash(Exception):
     """An honest client raised something other than SecAggError."""
 
@@ -518,7 +522,10 @@ class RoundOutcome:
     hostile_rejected: bool = False  # dropped, excluded or named as culprit
     hostile_contributed: bool = False
     excluded: list[Dropout] = field(default_factory=list)  # this round, ledger included
-    dropped_honest: int = 0  # honest clients that left the round (not by injection)
+    # Honest clients that left the round: by the dispute rule (a complaint, a shared key: the
+    # rule's price), and for any other reason (harm: the hostile message was acted on).
+    honest_left_by_rule: int = 0
+    honest_harmed: int = 0
     advertised: set[bytes] = field(default_factory=set)
 
 
@@ -646,7 +653,12 @@ def hostile_round(
         out.excluded = list(result.excluded)
     if ledger is not None:
         out.excluded += ledger.record(rnd, sess.disputes)
-    out.dropped_honest = len({d.node for d in sess.dropouts if d.node != hostile})
+    for d in sess.dropouts:
+        if d.node != hostile:
+            if d.reason.startswith(RULE_DEPARTURES):
+                out.honest_left_by_rule += 1
+            else:
+                out.honest_harmed += 1
     return out
 
 
