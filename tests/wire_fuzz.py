@@ -274,18 +274,20 @@ class RoundView:
 def tamper_reply(
     stage: str, payload: bytes, view: RoundView, rng: random.Random, size_limit: int
 ) -> Tampered:
-    """A hostile version of ``view.node``'s honest reply ``payload`` at ``stage``."""
-    if rng.random() < 0.4:
+    """A hostile version of ``view.node``'s honest reply ``payload`` at ``stage``: damage to the
+    structure (30%), a wrong sender, session or round (20%), or a stage-specific lie (50%)."""
+    draw = rng.random()
+    if draw < 0.3:
         return structural(payload, rng, size_limit)
     raw = json.loads(payload)
-    common = rng.randrange(4)
-    if common == 0:
-        raw["node"] = rng.choice([n for n in view.nodes if n != view.node] + [12345])
-        return Tampered("claims another sender", True, _dumps(raw))
-    if common == 1:
-        raw["session"] = rng.randbytes(16).hex()
-        return Tampered("other session", True, _dumps(raw))
-    if common == 2:
+    if draw < 0.5:
+        common = rng.randrange(3)
+        if common == 0:
+            raw["node"] = rng.choice([n for n in view.nodes if n != view.node] + [12345])
+            return Tampered("claims another sender", True, _dumps(raw))
+        if common == 1:
+            raw["session"] = rng.randbytes(16).hex()
+            return Tampered("other session", True, _dumps(raw))
         raw["round"] = rng.choice([view.rnd - 1, view.rnd + 1, 0, view.rnd + 1000])
         return Tampered("other round", True, _dumps(raw))
     if stage == ADVERTISE:
