@@ -42,16 +42,19 @@ accused:
 2. *across the run* (``ComplaintLedger``), a client that has been party to disputes (complaints,
    either side, and shared keys) with ``limit`` different clients (2 by default) is excluded.
 
-An honest client is party to a complaint only when a hostile client is the other party. So one
-hostile client can never get an honest client excluded: its victims each have one counterpart (it),
-and it is excluded itself as soon as it involves a second client. A hostile client that complains
-about many neighbours at once is excluded after that round. f colluding hostile clients can
-exclude at most f honest clients over a run: each honest exclusion takes two hostile counterparts,
-and each hostile client serves as one for at most two clients (its second one excludes it). What a
-hostile client can still do is keep the *same* honest neighbour out of every round in which it
-complains about it, giving up its own contribution each time; the coordinator cannot tell which of
-the two lies, so this is not prevented. The earlier rule (the accused alone excluded at once) let
-any client exclude any honest neighbour at no cost.
+An honest client is party to a dispute only when a hostile client is the other party (under an
+honest coordinator and authenticated transport, honest clients never dispute each other). So all
+of an honest client's counterparts are hostile, and with fewer than ``limit`` hostile clients in
+the run no honest client is ever excluded, while a hostile client is excluded as soon as it has
+disputed with ``limit`` clients (the rule of "dispute control" in multi-party computation: a party
+with more disputes than there are corrupt parties is corrupt). With the default limit 2 this
+covers one hostile client: it can never get an honest client excluded, and it is excluded itself
+as soon as it involves a second client (a hostile client that complains about many neighbours at
+once is excluded after that round). ``limit`` colluding clients can get an honest one excluded
+(two colluders both complaining about it). What a single hostile client can still do is keep the
+*same* honest neighbour out of every round in which it complains about it, giving up its own
+contribution each time; the coordinator cannot tell which of the two lies. The earlier rule (the
+accused alone excluded at once) let any client exclude any honest neighbour at no cost.
 """
 
 from __future__ import annotations

@@ -354,3 +354,25 @@ def test_masked_vector_of_the_wrong_shape_or_range_is_rejected() -> None:
     reasons = {d.node: d.reason for d in sess.dropouts}
     assert "expected uint32[258]" in reasons[nodes[0]] and "expected uint32" in reasons[nodes[1]]
     assert sess.view.masked_sum is not None and sess.view.masked_sum.shape == (L + 1,)
+
+
+def test_complaint_ledger_excludes_at_the_limit_of_distinct_counterparts() -> None:
+    from privacy.secagg.server import ComplaintLedger
+
+    ledger = ComplaintLedger()  # limit 2: tolerates one hostile client
+    h1, h2, h3, m, m2 = 1, 2, 3, 66, 77
+    for rnd in (1, 2, 3):  # the same pair, round after round: nobody excluded
+        assert ledger.record(rnd, [(m, h1)]) == []
+    (ex,) = ledger.record(4, [(m, h2)])  # a second counterpart: the hostile one is out
+    assert ex.node == m and "client 1 (round 1), client 2 (round 4)" in ex.reason
+    assert ledger.record(5, [(h3, m)]) == []  # already past the limit: reported once
+
+    mass = ComplaintLedger()  # complaining about many at once excludes the accuser alone
+    assert [d.node for d in mass.record(1, [(m, h1), (m, h2), (m, h3)])] == [m]
+
+    # The limit is the number of hostile clients tolerated plus one: two colluders accusing the
+    # same client exclude it under limit 2, not under limit 3.
+    assert [d.node for d in ComplaintLedger(2).record(1, [(m, h1), (m2, h1)])] == [h1]
+    assert ComplaintLedger(3).record(1, [(m, h1), (m2, h1)]) == []
+    with pytest.raises(ValueError, match="limit must be >= 2"):
+        ComplaintLedger(1)
