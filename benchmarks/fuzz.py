@@ -267,7 +267,7 @@ class Cases:
         action = keys.SECAGG_ACTIONS[seed % 4]
         down = [self.W.Setup, self.W.KeyDirectory, self.W.ShareDelivery, self.W.UnmaskRequest]
         cls = down[seed % 4]
-        t = self.W.structural(self.honest[cls], rng, 16 << 20)
+        t = self.W.structural(self.honest[cls], rng, self.W.MAX_MESSAGE_BYTES)
         FakeGrid({})  # sets the task identity Message() needs
         fleet = Fleet([7], {7: 1})
         msg = Message(

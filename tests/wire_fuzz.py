@@ -31,6 +31,7 @@ from privacy.secagg import shamir
 from privacy.secagg.encoding import EncodingPlan, plan_encoding, quantize
 from privacy.secagg.local import plaintext_ring_sum
 from privacy.secagg.messages import (
+    MAX_MESSAGE_BYTES,
     Advertise,
     KeyDirectory,
     MaskedHeader,
@@ -438,7 +439,7 @@ def tamper_down(kind: type, payload: bytes, node: int, rng: random.Random) -> Ta
     ``node``. Invalid ones must make the client refuse (``SecAggError``) or, for a delivery whose
     ciphertexts do not open, complain; none may crash it."""
     if rng.random() < 0.4:
-        return structural(payload, rng, 16 << 20)
+        return structural(payload, rng, MAX_MESSAGE_BYTES)
     raw = json.loads(payload)
     if kind is KeyDirectory and raw["entries"]:
         e = rng.choice(raw["entries"])
@@ -499,7 +500,7 @@ def tamper_down(kind: type, payload: bytes, node: int, rng: random.Random) -> Ta
             return Tampered("negative noise", True, _dumps(raw))
         raw["params"]["plan"]["ring_bits"] = rng.choice([0, 1, 65, 200])
         return Tampered("ring bits out of range", True, _dumps(raw))
-    return structural(payload, rng, 16 << 20)
+    return structural(payload, rng, MAX_MESSAGE_BYTES)
 
 
 # -- one SecAgg round with a hostile client -------------------------------------------------------

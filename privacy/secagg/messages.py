@@ -48,10 +48,10 @@ NONCE_BYTES, TAG_BYTES = 12, 16  # AES-GCM
 # A sealed bundle: nonce, then (src, dst as 8 bytes each, b-share, salt, key share, salt), tag.
 SEALED_PLAIN_BYTES = 8 + 8 + 2 * (shamir.SHARE_BYTES + SALT_BYTES)
 CIPHERTEXT_BYTES = NONCE_BYTES + SEALED_PLAIN_BYTES + TAG_BYTES
-# The largest message anyone decodes without a tighter, caller-known bound. A share bundle or key
-# directory costs under 1 KiB per neighbour, so this covers thousands of neighbours; the
-# coordinator passes a bound sized for the round's degree (``message_limit``).
-MAX_MESSAGE_BYTES = 16 << 20
+# The largest message anyone decodes without a tighter, caller-known bound. A share bundle, key
+# directory or client state costs under 1 KiB per neighbour, so this covers thousands of
+# neighbours; the coordinator passes a bound sized for the round's degree (``message_limit``).
+MAX_MESSAGE_BYTES = 4 << 20
 MAX_REASON_CHARS = 200  # a complaint's reason, as the client words it
 _MAX_INT_DIGITS = 20  # 2^64 - 1 has 20 digits; every int field is < 2^64
 
@@ -311,20 +311,21 @@ def json_depth(data: bytes) -> int:
 
     A quote delimits a string unless an odd run of backslashes precedes it. For valid JSON (and
     for any prefix the parser would accept before failing) this is exact, so the parser never
-    recurses deeper than it reports. Linear time, vectorised."""
+    recurses deeper than it reports. Linear time, vectorised, about 20 bytes of temporaries per
+    input byte (int32 indices: inputs must be under 2 GiB, far above any message limit)."""
     a = np.frombuffer(data, dtype=np.uint8)
     if a.size == 0:
         return 0
-    idx = np.arange(a.size, dtype=np.int64)
-    is_bs = a == _BACKSLASH
-    last_other = np.maximum.accumulate(np.where(is_bs, -1, idx))  # last non-backslash at or before
-    run_before = np.zeros(a.size, dtype=np.int64)  # backslashes immediately before each position
-    run_before[1:] = idx[:-1] - last_other[:-1]
-    delim = (a == _QUOTE) & (run_before % 2 == 0)
-    inside = (np.cumsum(delim) - delim) % 2 == 1  # within a string (its opening quote excluded)
-    outside = ~inside & ~delim
-    step = np.where(outside, _NESTING[a], 0)
-    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+    idx = np.arange(a.size, dtype=np.int32)
+    # the last non-backslash at or before each position
+    last_other = np.maximum.accumulate(np.where(a == _BACKSLASH, np.int32(-1), idx))
+    # a quote at i is escaped when an odd run of backslashes ends at i - 1
+    escaped = np.zeros(a.size, dtype=bool)
+    escaped[1:] = (idx[:-1] - last_other[:-1]) % 2 == 1
+    delim = (a == _QUOTE) & ~escaped
+    inside = (np.cumsum(delim, dtype=np.int32) - delim) % 2 == 1  # opening quote excluded
+    step = np.where(inside | delim, np.int8(0), _NESTING[a])
+    return int(np.cumsum(step, dtype=np.int32).max(initial=0))
 
 
 def _from_json(value: Any, annotation: Any, name: str) -> Any:
