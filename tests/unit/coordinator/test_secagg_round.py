@@ -161,7 +161,7 @@ def test_default_three_client_round_with_two_dropped_fails_cleanly(stage: str) -
     assert m["reason"].startswith(want), m["reason"]
 
 
-def test_tampered_share_bundle_takes_both_parties_out_and_a_second_strike_excludes() -> None:
+def test_tampered_share_bundle_takes_both_out_and_a_second_counterpart_excludes() -> None:
     """The complaint rule (privacy/secagg/server.py): a client that cannot open a neighbour's
     bundle complains and both leave the round. The dealer that tampers again in round 2, with
     another neighbour, has been party to complaints with two different clients and is excluded;

@@ -1,8 +1,11 @@
 """Regression tests for the secure-aggregation cases of issue 12, each against the coordinator's
 state machine (privacy/secagg/server.py) or an honest client's steps (privacy/secagg/client.py),
-with the real encoded messages. Every test here failed on the code before the fix (see the
-report of the change); the round-level versions over a Grid are in
-tests/unit/coordinator/test_secagg_round.py."""
+with the real encoded messages; the round-level versions over a Grid are in
+tests/unit/coordinator/test_secagg_round.py. Run against the code before the fix, every test here
+fails (RecursionError, ValueError from X25519, the accused excluded, ShamirError, ...) except
+``test_any_decoder_failure_is_a_rejection_of_its_sender`` and
+``test_an_honest_client_complains_about_undecryptable_shares_and_refuses_bad_requests``, which
+pin behaviour that was already right, and the size-consistency check at the end."""
 
 from __future__ import annotations
 
