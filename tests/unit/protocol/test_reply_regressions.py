@@ -1,5 +1,8 @@
 """Regression tests for the protocol cases of issue 12: exact types, the round bound into every
-reply, duplicate keys. Each failed on the code before the fix (see the report of the change)."""
+reply, duplicate keys. The behaviour each pins was wrong before the fix (checked on that code:
+``schema-version`` True and 1.0 accepted by decode_update and decode_eval_result at version 1,
+replies carrying no round, a duplicated SecAgg key keeping its last copy); the tests use the new
+``rnd=`` API, so on that code they fail at the call already."""
 
 from __future__ import annotations
 
