@@ -187,7 +187,7 @@ def run_utility(
                 up = train_round(
                     model, client_data(cid), instr, adapter, pad_id=pad, client_seed=cid
                 )
-                up = decode_update(encode_update(up), expected)  # what crosses the wire
+                up = decode_update(encode_update(up, rnd=rnd), expected, rnd=rnd)  # the wire
                 norms.append(
                     float(
                         math.sqrt(

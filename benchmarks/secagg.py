@@ -71,10 +71,10 @@ def plaintext_round(deltas: list[dict[str, np.ndarray]], weights: list[int]) -> 
     decoded = []
     for d, w in zip(deltas, weights, strict=True):
         c0 = time.process_time()
-        content = encode_update(ClientUpdate(d, w, {"train-loss": 1.0}))
+        content = encode_update(ClientUpdate(d, w, {"train-loss": 1.0}), rnd=1)
         cpu_client.append(time.process_time() - c0)
         up += payload_bytes(content)
-        decoded.append(decode_update(content, spec))
+        decoded.append(decode_update(content, spec, rnd=1))
     fedavg(zero, [(u.delta, u.num_examples) for u in decoded])
     return {
         "round_seconds": time.perf_counter() - t0,

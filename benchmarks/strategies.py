@@ -44,8 +44,9 @@ from client.model import (  # noqa: E402
     resolve_model,
 )
 from client.train import Correction, evaluate, train_round  # noqa: E402
+from coordinator.aggregators import Accumulator  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
-from coordinator.pipeline import Accumulator, Contribution, NoPrivacy  # noqa: E402
+from coordinator.pipeline import Contribution, NoPrivacy  # noqa: E402
 from coordinator.strategies import STRATEGIES, Strategy  # noqa: E402
 from protocol.adapter import AdapterSpec  # noqa: E402
 from protocol.messages import decode_update, encode_update  # noqa: E402
@@ -170,8 +171,8 @@ def main() -> None:
                     new_c = scaffold.new_client_control()
                     delta.update(scaffold.control_delta(new_c))
                     controls[cid] = new_c
-                wire = encode_update(dataclasses.replace(up, delta=delta))
-                decoded = decode_update(wire, expected)  # what crosses the wire
+                wire = encode_update(dataclasses.replace(up, delta=delta), rnd=rnd)
+                decoded = decode_update(wire, expected, rnd=rnd)  # what crosses the wire
                 acc.add(decoded.delta, float(decoded.num_examples))
             mean, _ = privacy.release(Contribution(acc.sum, acc.weight, list(cohort)))
             adapter = strategy.apply(adapter, mean)

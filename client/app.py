@@ -48,6 +48,7 @@ from protocol.messages import (
     decode_train_instruction,
     encode_eval_result,
     encode_update,
+    train_instruction_round,
 )
 
 
@@ -182,7 +183,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return Message(encode_update(local_update(msg, context)), reply_to=msg)
+        update = local_update(msg, context)
+        return Message(
+            encode_update(update, rnd=train_instruction_round(msg.content)), reply_to=msg
+        )
 
     # Secure aggregation: the same local update, sent masked over four stages (client/secagg.py).
     secagg.register(app, local_update)
@@ -199,7 +203,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             pad_id=runtime.pad_id,
             global_adapter=global_adapter,
         )
-        return Message(encode_eval_result(result), reply_to=msg)
+        return Message(encode_eval_result(result, rnd=instr.round), reply_to=msg)
 
     return app
 

@@ -367,7 +367,7 @@ def keep_nf4_trainable(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
             count += 1
     return count
 

@@ -5,6 +5,10 @@ SuperNode in deployment); the plaintext update never leaves this module.
 
 Stage 1 also trains: the coordinator's first message carries the train instruction and the global
 adapter, so a dropout during training is a dropout at stage 1.
+
+A message that fails any check (malformed, tampered, replayed, for another session, naming an
+invalid neighbour key, ...) is refused: the client forgets the round and answers with an error
+reply that says why, instead of raising.
 """
 
 from __future__ import annotations
@@ -101,18 +105,22 @@ def _guarded(
     stage: str, fn: Callable[[Message, Context], Message]
 ) -> Callable[[Message, Context], Message]:
     def handler(msg: Message, context: Context) -> Message:
-        rec = _config(msg)
-        if rec.get(keys.SECAGG_INJECT_DROPOUT) is True:
+        try:
+            if _config(msg).get(keys.SECAGG_INJECT_DROPOUT) is True:
+                _clear(context)
+                return Message(
+                    Error(
+                        ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"injected dropout at stage {stage}"
+                    ),
+                    reply_to=msg,
+                )
+            return fn(msg, context)
+        except SecAggError as exc:  # a tampered or inconsistent message: refuse it and say why
             _clear(context)
             return Message(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"injected dropout at stage {stage}"),
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"secagg {stage}: rejected: {exc}"),
                 reply_to=msg,
             )
-        try:
-            return fn(msg, context)
-        except SecAggError:
-            _clear(context)
-            raise
 
     return handler
 

@@ -110,6 +110,25 @@ class RunConfig:
     proximal_mu: float = option(
         0.01, "fedprox: weight mu of the proximal term mu/2 ||w - w_global||^2 in the local loss"
     )
+    # -- bounded influence and robust aggregation (README, "Security: hostile clients") -------
+    max_client_weight: int = option(
+        0,
+        "cap on a client's FedAvg weight (its example count); 0: the largest client's training "
+        "rows in simulation, 65536 in deployment",
+    )
+    max_update_norm: float = option(
+        0.0,
+        "updates with a larger L2 norm are rejected; 0: 4 x learning-rate x local-steps x "
+        "sqrt(trained values), more than AdamW can move an adapter in a round",
+    )
+    aggregator: str = option(
+        "mean",
+        "plaintext aggregation: mean | median | trimmed-mean | krum | multi-krum (robust rules "
+        "need individual updates: not with --secagg or --dp client)",
+    )
+    trim_fraction: float = option(0.1, "trimmed-mean: share of values cut at each end")
+    krum_byzantine: int = option(1, "krum, multi-krum: hostile clients f tolerated")
+    krum_select: int = option(0, "multi-krum: updates averaged (0: clients - f)")
     # -- files ---------------------------------------------------------------------------------
     output_dir: str = option("", "run directory (default runs/<timestamp>)")
     central_eval_data: str = option("", "coordinator-side held-out data file")
@@ -240,6 +259,7 @@ class RunConfig:
         except (ProtocolError, ConfigError) as exc:
             raise ConfigError(str(exc).replace("lora.", "lora-").replace("_", "-")) from exc
         self._check_strategy(need)
+        self._check_robust(need)
         self._check_secagg(need)
         self._check_privacy(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
@@ -281,6 +301,45 @@ class RunConfig:
             "strategy",
             "scaffold's control variates are built from the clients' non-private gradients, "
             "which DP-SGD (--dp sample) does not allow; use another strategy or --dp client",
+        )
+
+    def _check_robust(self, need: Any) -> None:
+        from coordinator.aggregators import AGGREGATORS
+
+        need(
+            self.aggregator in AGGREGATORS,
+            "aggregator",
+            f"{self.aggregator!r} is not one of {', '.join(AGGREGATORS)}",
+        )
+        need(
+            self.max_client_weight >= 0,
+            "max-client-weight",
+            f"must be >= 0 (0: automatic), got {self.max_client_weight}",
+        )
+        need(
+            self.max_update_norm >= 0,
+            "max-update-norm",
+            f"must be >= 0 (0: automatic), got {self.max_update_norm}",
+        )
+        need(
+            0.0 <= self.trim_fraction < 0.5,
+            "trim-fraction",
+            f"must be in [0, 0.5), got {self.trim_fraction}",
+        )
+        need(self.krum_byzantine >= 0, "krum-byzantine", f"must be >= 0, got {self.krum_byzantine}")
+        need(self.krum_select >= 0, "krum-select", f"must be >= 0, got {self.krum_select}")
+        robust = self.aggregator != "mean"
+        need(
+            not (robust and self.secagg),
+            "aggregator",
+            f"{self.aggregator!r} needs each client's update, which secure aggregation hides; "
+            "use --aggregator mean with --secagg",
+        )
+        need(
+            not (robust and self.dp is DpMode.CLIENT),
+            "aggregator",
+            f"{self.aggregator!r} is not a clipped sum, which client-level DP's noise is "
+            "calibrated for; use --aggregator mean with --dp client",
         )
 
     def _check_secagg(self, need: Any) -> None:

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregation import Aggregator, Arrays, Update, fedavg_aggregator
+from coordinator.aggregators import Accumulator
 from coordinator.config import ConfigError, RunConfig
-from coordinator.pipeline import Accumulator, Contribution
+from coordinator.pipeline import Contribution
 from privacy.accounting import (
     AccountantKind,
     GaussianRelease,

@@ -17,7 +17,6 @@ mode or strategy is in use. Transports: ``PlainTransport`` (here) and ``SecureTr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ import numpy as np
 from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from coordinator.aggregators import Accumulator, Bounds, UpdateOutOfBounds
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.exchange import exchange, reply_reason, sample_nodes
 from coordinator.progress import Progress
@@ -59,21 +59,6 @@ class Contribution:
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific metrics
     release: Any = None  # distributed DP: what reached the sum (a SkellamRelease)
     error: str | None = None  # the transport could not produce a sum (the reason)
-
-
-class Accumulator:
-    """A running sum of weighted updates: memory is one update, whatever the number of clients."""
-
-    def __init__(self, spec: AdapterSpec) -> None:
-        self.sum = {name: np.zeros(t.shape, np.float64) for name, t in spec.tensors}
-        self.weight = 0.0
-
-    def add(self, update: Arrays, weight: float) -> None:
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"weight must be positive and finite, got {weight}")
-        for k, acc in self.sum.items():
-            acc += weight * np.asarray(update[k], np.float64)
-        self.weight += weight
 
 
 class Transport(Protocol):
@@ -147,14 +132,24 @@ class NoPrivacy:
 
 
 class PlainTransport:
-    """Updates in the clear: each reply is decoded, validated, prepared by the privacy stage and
-    folded into the running sum as it arrives, then dropped."""
+    """Updates in the clear: each reply is decoded, validated, held to the round's bounds
+    (``coordinator.aggregators.Bounds``), prepared by the privacy stage and folded into the
+    accumulator as it arrives, then dropped."""
 
     excluded: Mapping[int, str] = {}
 
-    def __init__(self, timeout: float, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        bounds: Bounds | None = None,
+        accumulator: Callable[[AdapterSpec], Accumulator] = Accumulator,
+    ) -> None:
         self.timeout = timeout
         self.clock = clock
+        self.bounds = bounds
+        self.accumulator = accumulator
 
     def collect(
         self,
@@ -166,8 +161,9 @@ class PlainTransport:
         progress: Progress,
         prepare: Prepare,
     ) -> Contribution:
-        acc = Accumulator(expected)
+        acc = self.accumulator(expected)
         c = Contribution(acc.sum, 0.0, sampled=len(nodes))
+        capped: list[int] = []
 
         def fold(node: int, reply: Any) -> None:
             ok = False
@@ -175,10 +171,14 @@ class PlainTransport:
                 c.failures.append({"node": node, "reason": reply_reason(reply)})
             else:
                 try:
-                    update: ClientUpdate = decode_update(reply.content, expected)
-                    delta, weight = prepare(update.delta, float(update.num_examples))
-                    acc.add(delta, weight)
-                except (ProtocolError, ValueError) as exc:
+                    update: ClientUpdate = decode_update(reply.content, expected, rnd=rnd)
+                    delta, weight = update.delta, float(update.num_examples)
+                    if self.bounds is not None:
+                        delta, weight = self.bounds.apply(delta, weight)
+                        if weight < update.num_examples:
+                            capped.append(node)
+                    acc.add(*prepare(delta, weight))
+                except (ProtocolError, UpdateOutOfBounds, ValueError) as exc:
                     c.failures.append({"node": node, "reason": str(exc)})
                 else:
                     ok = True
@@ -204,7 +204,12 @@ class PlainTransport:
             {"node": n, "reason": f"no reply within {self.timeout:g}s"} for n in ex.missing
         ] + sorted(c.failures, key=lambda f: f["node"])
         c.contributors.sort()
-        c.total_weight = acc.weight
+        try:
+            c.weighted_sum, c.total_weight = acc.result()
+        except ValueError as exc:  # a robust rule that cannot run on what arrived
+            c.error = f"aggregation failed: {exc}"
+        if capped:
+            c.extra["weights_capped"] = sorted(capped)
         c.bytes_down, c.bytes_up, c.phase_seconds = ex.bytes_down, ex.bytes_up, ex.seconds
         return c
 

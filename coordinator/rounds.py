@@ -22,6 +22,12 @@ import numpy as np
 from flwr.app import MessageType
 from flwr.serverapp import Grid
 
+from coordinator.aggregators import (
+    DEPLOYMENT_WEIGHT_CAP,
+    Bounds,
+    default_norm_bound,
+    make_accumulator,
+)
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import DpMode, RunConfig
 from coordinator.ddp import DistributedClientDP, DistributedDpSettings, resolve_distributed_dp
@@ -122,7 +128,7 @@ def federated_evaluate(
     ex = broadcast(
         grid, nodes, content, MessageType.EVALUATE, rnd, cfg.round_timeout, progress, clock
     )
-    decoded, failures = ex.collect(decode_eval_result)
+    decoded, failures = ex.collect(lambda content: decode_eval_result(content, rnd=rnd))
     results = list(decoded.values())
     loss = _weighted([(r.loss, r.num_tokens) for r in results if r.num_tokens > 0])
     return (
@@ -177,9 +183,20 @@ def _privacy(
     return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys)
 
 
-def _transport(cfg: RunConfig, privacy: Privacy, clock: Clock) -> Transport:
+def _transport(cfg: RunConfig, privacy: Privacy, clock: Clock, trained_numel: int) -> Transport:
     if not cfg.secagg:
-        return PlainTransport(cfg.round_timeout, clock)
+        bounds = Bounds(
+            cfg.max_client_weight or DEPLOYMENT_WEIGHT_CAP,
+            cfg.max_update_norm
+            or default_norm_bound(cfg.learning_rate, cfg.local_steps, trained_numel),
+        )
+        accumulator = make_accumulator(
+            cfg.aggregator,
+            trim_fraction=cfg.trim_fraction,
+            krum_f=cfg.krum_byzantine,
+            krum_m=cfg.krum_select,
+        )
+        return PlainTransport(cfg.round_timeout, clock, bounds=bounds, accumulator=accumulator)
     from coordinator.secagg_round import SecureTransport
 
     ddp = privacy.settings.mechanism() if isinstance(privacy, DistributedClientDP) else None
@@ -294,7 +311,7 @@ def run_federation(
         strategy.load_state_arrays(rundir.load_server_arrays(int(saved[0]["round"])))
     pipeline = Pipeline(
         privacy,
-        _transport(cfg, privacy, clock),
+        _transport(cfg, privacy, clock, trained.numel),
         strategy,
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,

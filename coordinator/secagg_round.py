@@ -45,6 +45,7 @@ from privacy.secagg.server import (
     SHARE_KEYS,
     STAGES,
     UNMASK,
+    ComplaintLedger,
     SecAggResult,
     ServerSession,
 )
@@ -69,12 +70,19 @@ def _metrics(reply: Message) -> dict[str, float]:
     rec = reply.content.get(keys.METRICS)
     if not isinstance(rec, MetricRecord):
         return {}
-    return {k: float(v) for k, v in rec.items() if isinstance(v, int | float)}
+    return {
+        k: float(v)
+        for k, v in rec.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+    }
 
 
 class SecureTransport:
     """Secure-aggregation rounds of one run. Keeps, across rounds, the clients excluded for
-    misbehaving (inconsistent or tampered shares): they are not sampled again in this run."""
+    misbehaving (inconsistent or tampered shares, bad or replayed public keys, disputes with two
+    different clients: privacy/secagg/server.py); they are not sampled again in this run. Also
+    kept: every public key advertised so far (a replayed one is refused) and the dispute
+    ledger."""
 
     def __init__(
         self, cfg: RunConfig, ddp: DistributedDp | None = None, *, clock: Clock = SYSTEM_CLOCK
@@ -85,6 +93,8 @@ class SecureTransport:
         self.ddp = ddp
         self.clock = clock
         self.excluded: dict[int, str] = {}
+        self.seen_keys: set[bytes] = set()  # 64 bytes per client and round
+        self.complaint_ledger = ComplaintLedger()
 
     def plan(self, n: int, numel: int) -> tuple[EncodingPlan, float]:
         """The encoding for ``n`` sampled clients and the Skellam parameter each client adds."""
@@ -139,6 +149,7 @@ class SecureTransport:
                 degree=cfg.secagg_neighbours,
                 threshold=cfg.secagg_threshold,
                 noise_mu=mu,
+                known_keys=self.seen_keys,
             )
         except (SecAggError, EncodingError) as exc:
             c.error = f"secure aggregation cannot start: {exc}"
@@ -229,10 +240,14 @@ class SecureTransport:
         except SecAggAborted as exc:
             for culprit in exc.culprits:
                 self.excluded.setdefault(culprit, exc.reason)
-            self._report(c, session, cpu, train_metrics, phase_seconds, None)
+            self._report(c, session, cpu, train_metrics, phase_seconds, None, rnd)
             c.error = exc.reason
             return c
-        self._report(c, session, cpu, train_metrics, phase_seconds, result)
+        except SecAggError as exc:  # not the clients' doing, but the run goes on without a sum
+            self._report(c, session, cpu, train_metrics, phase_seconds, None, rnd)
+            c.error = f"secure aggregation failed: {exc}"
+            return c
+        self._report(c, session, cpu, train_metrics, phase_seconds, result, rnd)
 
         try:
             decoded = decode_sum(result.ring_sum, plan, len(result.contributors))
@@ -254,6 +269,7 @@ class SecureTransport:
         train_metrics: dict[int, dict[str, float]],
         phase_seconds: dict[str, float],
         result: SecAggResult | None,
+        rnd: int,
     ) -> None:
         c.contributors = sorted(result.contributors) if result else []
         c.client_metrics = train_metrics
@@ -262,6 +278,8 @@ class SecureTransport:
             {"node": d.node, "stage": d.stage, "reason": d.reason} for d in session.dropouts
         ]
         excluded = list(result.excluded) if result else list(session.excluded.values())
+        excluded += self.complaint_ledger.record(rnd, session.disputes)
+        self.seen_keys |= session.advertised_keys()
         for d in excluded:
             self.excluded.setdefault(d.node, d.reason)
         c.extra["secagg"] = {

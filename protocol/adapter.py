@@ -87,6 +87,44 @@ class AdapterSpec:
                 raise UpdateRejected(f"{what}: tensor {name!r} contains NaN or infinite values")
 
 
+# np.save's header is 128 bytes for an adapter tensor; anything beyond the data plus this is refused
+# before decoding.
+MAX_HEADER_BYTES = 4096
+
+
+def check_declared(spec: AdapterSpec, record: ArrayRecord, *, what: str) -> None:
+    """Before any array is decoded: the record names exactly ``spec``'s tensors, each Array
+    declares the expected shape and dtype, and carries no more bytes than that needs (plus
+    ``MAX_HEADER_BYTES``). Raises ``UpdateRejected`` naming the first tensor that does not."""
+    expected = dict(spec.tensors)
+    missing = [n for n in expected if n not in record]
+    extra = [n for n in record if n not in expected]
+    if missing:
+        raise UpdateRejected(f"{what}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra:
+        raise UpdateRejected(f"{what}: {len(extra)} unexpected tensor(s), e.g. {extra[0][:80]!r}")
+    for name, t in expected.items():
+        arr = record[name]
+        shape = tuple(arr.shape) if isinstance(arr.shape, list | tuple) else arr.shape
+        if shape != t.shape:
+            raise UpdateRejected(
+                f"{what}: tensor {name!r} has shape {shape!r:.80}, expected {t.shape}"
+            )
+        try:
+            dtype = np.dtype(arr.dtype)
+        except Exception:
+            raise UpdateRejected(f"{what}: tensor {name!r} has dtype {arr.dtype!r:.40}") from None
+        if dtype != np.dtype(t.dtype):
+            raise UpdateRejected(
+                f"{what}: tensor {name!r} has dtype {dtype}, expected {np.dtype(t.dtype)}"
+            )
+        limit = t.numel * dtype.itemsize + MAX_HEADER_BYTES
+        if len(arr.data) > limit:
+            raise UpdateRejected(
+                f"{what}: tensor {name!r} carries {len(arr.data)} bytes, at most {limit} expected"
+            )
+
+
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Encode named arrays as an ``ArrayRecord``, keeping their order."""
     record = ArrayRecord()

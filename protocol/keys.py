@@ -3,6 +3,9 @@
 from typing import Final
 
 # Bumped whenever a field is added, removed or changes meaning. Both ends refuse other versions.
+# 2: replies carry the round they answer (reply-meta "round", and a "round" field in every SecAgg
+#    reply); SecAgg payloads are parsed strictly (duplicate keys, NaN, deep nesting refused); train
+#    instructions carry proximal-mu and scaffold (and SCAFFOLD's server control variate).
 SCHEMA_VERSION: Final = 2
 
 # -- records inside a Message's RecordDict --------------------------------------------------------
@@ -10,7 +13,7 @@ GLOBAL_ADAPTER: Final = "global-adapter"  # ArrayRecord: every adapter tensor of
 TRAIN_CONFIG: Final = "train-config"  # ConfigRecord: a TrainInstruction
 EVAL_CONFIG: Final = "eval-config"  # ConfigRecord: an EvalInstruction
 UPDATE: Final = "update"  # ArrayRecord: the client's adapter delta (trained tensors only)
-REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and client notes
+REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and the round the reply answers
 METRICS: Final = "metrics"  # MetricRecord: numbers about the local work
 SERVER_CONTROL: Final = "server-control"  # ArrayRecord: SCAFFOLD's server control variate c
 # SCAFFOLD: a client's control-variate delta travels in the update record under this prefix + the

@@ -5,6 +5,14 @@ A train round sends ``TrainInstruction`` + the global adapter; the client replie
 An evaluation round sends ``EvalInstruction`` + the global adapter; the client replies with an
 ``EvalResult``. Decoding validates everything and raises ``ProtocolError``/``UpdateRejected`` with
 a message naming the field.
+
+Types are exact: an int field refuses ``True`` and ``1.0`` (``schema-version`` included, which
+``!=`` used to let through). Every reply carries, in its ``reply-meta`` record, the schema version
+and the round it answers; the coordinator's decoders take the round they expect (``rnd=``) and
+refuse a reply for any other, so a late or replayed reply from an earlier round is not aggregated.
+Flower's records are dictionaries by the time they reach this module (its deserialiser keeps the
+last of duplicated keys), so duplicate keys are refused where this project parses text itself: the
+SecAgg JSON payloads (privacy/secagg/messages.py).
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ from typing import Any, TypeVar, get_args, get_origin
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol import keys
-from protocol.adapter import AdapterSpec, Arrays, arrays_from_record, arrays_to_record
+from protocol.adapter import (
+    AdapterSpec,
+    Arrays,
+    arrays_from_record,
+    arrays_to_record,
+    check_declared,
+)
 from protocol.errors import ProtocolError, UpdateRejected
 
 MetricValue = int | float | list[int] | list[float]
@@ -244,8 +258,12 @@ def _from_config(cls: type[_T], record: Mapping[str, Any], prefix: str = "") -> 
         raise ProtocolError(str(exc)) from exc
 
 
+def _exact_int(value: Any) -> bool:
+    return type(value) is int  # not bool (a subclass), not float, not numpy
+
+
 def _check_schema(version: Any, what: str) -> None:
-    if version != keys.SCHEMA_VERSION:
+    if not _exact_int(version) or version != keys.SCHEMA_VERSION:
         raise ProtocolError(
             f"{what}: schema version {version!r} is not supported (this side speaks "
             f"{keys.SCHEMA_VERSION}); upgrade the older side"
@@ -327,32 +345,67 @@ def decode_train_instruction(content: RecordDict) -> tuple[TrainInstruction, Arr
     return instr, adapter
 
 
-def encode_update(update: ClientUpdate) -> RecordDict:
+def train_instruction_round(content: RecordDict) -> int:
+    """The round a train message is for (what its reply must name); ``ProtocolError`` if it
+    names none."""
+    cfg = _record(content, keys.TRAIN_CONFIG, ConfigRecord, "train message")
+    rnd = cfg.get(keys.ROUND)
+    _require(_exact_int(rnd) and rnd >= 1, keys.ROUND, f"must be an int >= 1, got {rnd!r}")
+    return int(rnd)
+
+
+def _reply_meta(rnd: int) -> ConfigRecord:
+    return ConfigRecord({keys.SCHEMA: keys.SCHEMA_VERSION, keys.ROUND: int(rnd)})
+
+
+def _check_reply(content: RecordDict, what: str, rnd: int) -> None:
+    """The reply-meta record: this schema version and the round the coordinator expects."""
+    meta = _record(content, keys.REPLY_META, ConfigRecord, what)
+    _check_schema(meta.get(keys.SCHEMA), what)
+    got = meta.get(keys.ROUND)
+    if not _exact_int(got):
+        raise UpdateRejected(f"{what}: {keys.ROUND} must be an int, got {got!r}")
+    if got != rnd:
+        raise UpdateRejected(f"{what}: reply is for round {got}, this is round {rnd}")
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def encode_update(update: ClientUpdate, *, rnd: int) -> RecordDict:
+    """A train reply for round ``rnd`` (the round of the instruction it answers)."""
     metrics: dict[str, MetricValue] = {keys.NUM_EXAMPLES: int(update.num_examples)}
     metrics.update({k: float(v) for k, v in update.metrics.items()})
     return RecordDict(
         {
             keys.UPDATE: arrays_to_record(update.delta),
             keys.METRICS: MetricRecord(metrics),
-            keys.REPLY_META: ConfigRecord({keys.SCHEMA: keys.SCHEMA_VERSION}),
+            keys.REPLY_META: _reply_meta(rnd),
         }
     )
 
 
-def decode_update(content: RecordDict, expected: AdapterSpec) -> ClientUpdate:
-    """Decode and validate a train reply. Raises ``UpdateRejected`` with the reason."""
+def decode_update(content: RecordDict, expected: AdapterSpec, *, rnd: int) -> ClientUpdate:
+    """Decode and validate a train reply to round ``rnd``. Raises ``UpdateRejected`` with the
+    reason, and nothing else whatever the content."""
     what = "update"
     try:
-        meta = _record(content, keys.REPLY_META, ConfigRecord, what)
-        _check_schema(meta.get(keys.SCHEMA), what)
-        metrics_rec = _record(content, keys.METRICS, MetricRecord, what)
-        arrays_rec = _record(content, keys.UPDATE, ArrayRecord, what)
+        return _decode_update(content, expected, rnd, what)
     except UpdateRejected:
         raise
     except ProtocolError as exc:
         raise UpdateRejected(str(exc)) from exc
+    except Exception as exc:  # whatever else a hostile reply provokes is still a rejection
+        raise UpdateRejected(f"{what}: malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_update(content: RecordDict, expected: AdapterSpec, rnd: int, what: str) -> ClientUpdate:
+    _check_reply(content, what, rnd)
+    metrics_rec = _record(content, keys.METRICS, MetricRecord, what)
+    arrays_rec = _record(content, keys.UPDATE, ArrayRecord, what)
     num_examples = metrics_rec.get(keys.NUM_EXAMPLES)
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+    if not _exact_int(num_examples) or num_examples <= 0:
         raise UpdateRejected(
             f"{what}: {keys.NUM_EXAMPLES} must be a positive int, got {num_examples!r}"
         )
@@ -360,12 +413,13 @@ def decode_update(content: RecordDict, expected: AdapterSpec) -> ClientUpdate:
     for k, v in metrics_rec.items():
         if k == keys.NUM_EXAMPLES:
             continue
-        if not isinstance(v, int | float) or not math.isfinite(float(v)):
+        if not _finite_number(v):
             raise UpdateRejected(f"{what}: metric {k!r} must be a finite number, got {v!r}")
         metrics[k] = float(v)
+    check_declared(expected, arrays_rec, what=what)  # before decoding any bytes
     delta = arrays_from_record(arrays_rec, what=what)
     expected.check(delta, what=what)
-    return ClientUpdate(delta=delta, num_examples=num_examples, metrics=metrics)
+    return ClientUpdate(delta=delta, num_examples=int(num_examples), metrics=metrics)
 
 
 # -- evaluate -------------------------------------------------------------------------------------
@@ -379,7 +433,8 @@ def decode_eval_instruction(content: RecordDict) -> tuple[EvalInstruction, Array
     return _decode_instruction(content, EvalInstruction, keys.EVAL_CONFIG, "evaluate message")
 
 
-def encode_eval_result(result: EvalResult) -> RecordDict:
+def encode_eval_result(result: EvalResult, *, rnd: int) -> RecordDict:
+    """An evaluation reply for round ``rnd`` (the round of the instruction it answers)."""
     metrics: dict[str, MetricValue] = {
         keys.LOSS: float(result.loss),
         keys.NUM_TOKENS: int(result.num_tokens),
@@ -389,36 +444,53 @@ def encode_eval_result(result: EvalResult) -> RecordDict:
     return RecordDict(
         {
             keys.METRICS: MetricRecord(metrics),
-            keys.REPLY_META: ConfigRecord({keys.SCHEMA: keys.SCHEMA_VERSION}),
+            keys.REPLY_META: _reply_meta(rnd),
         }
     )
 
 
-def decode_eval_result(content: RecordDict) -> EvalResult:
+def decode_eval_result(content: RecordDict, *, rnd: int) -> EvalResult:
+    """Decode and validate an evaluation reply to round ``rnd``. Raises ``UpdateRejected`` with
+    the reason, and nothing else whatever the content."""
     what = "evaluation reply"
     try:
-        meta = _record(content, keys.REPLY_META, ConfigRecord, what)
-        _check_schema(meta.get(keys.SCHEMA), what)
-        rec = _record(content, keys.METRICS, MetricRecord, what)
+        return _decode_eval_result(content, rnd, what)
+    except UpdateRejected:
+        raise
     except ProtocolError as exc:
         raise UpdateRejected(str(exc)) from exc
+    except Exception as exc:  # whatever else a hostile reply provokes is still a rejection
+        raise UpdateRejected(f"{what}: malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_eval_result(content: RecordDict, rnd: int, what: str) -> EvalResult:
+    _check_reply(content, what, rnd)
+    rec = _record(content, keys.METRICS, MetricRecord, what)
     loss = rec.get(keys.LOSS)
     num_tokens = rec.get(keys.NUM_TOKENS)
     num_examples = rec.get(keys.NUM_EXAMPLES)
-    if not isinstance(num_tokens, int) or num_tokens < 0:
+    if not _exact_int(num_tokens) or num_tokens < 0:
         raise UpdateRejected(f"{what}: {keys.NUM_TOKENS} must be an int >= 0, got {num_tokens!r}")
-    if not isinstance(num_examples, int) or num_examples < 0:
+    if not _exact_int(num_examples) or num_examples < 0:
         raise UpdateRejected(
             f"{what}: {keys.NUM_EXAMPLES} must be an int >= 0, got {num_examples!r}"
         )
-    if not isinstance(loss, int | float) or (num_tokens > 0 and not math.isfinite(float(loss))):
-        raise UpdateRejected(f"{what}: {keys.LOSS} must be a finite number, got {loss!r}")
-    extra = {
-        k: float(v)
-        for k, v in rec.items()
-        if k not in (keys.LOSS, keys.NUM_TOKENS, keys.NUM_EXAMPLES) and isinstance(v, int | float)
-    }
-    return EvalResult(float(loss), num_tokens, num_examples, extra)
+    # A client with no held-out tokens reports loss 0 (or NaN: nothing to average); it is not
+    # used in the weighted mean.
+    if (
+        not isinstance(loss, int | float)
+        or isinstance(loss, bool)
+        or (num_tokens > 0 and not (math.isfinite(loss) and loss >= 0))
+    ):
+        raise UpdateRejected(f"{what}: {keys.LOSS} must be a finite number >= 0, got {loss!r}")
+    extra = {}
+    for k, v in rec.items():
+        if k in (keys.LOSS, keys.NUM_TOKENS, keys.NUM_EXAMPLES):
+            continue
+        if not _finite_number(v):
+            raise UpdateRejected(f"{what}: metric {k!r} must be a finite number, got {v!r}")
+        extra[k] = float(v)
+    return EvalResult(float(loss), int(num_tokens), int(num_examples), extra)
 
 
 def to_config_dict(obj: Any) -> dict[str, Any]:

@@ -243,6 +243,8 @@ def simulate(
 
     flat = {
         **sim.run.to_mapping(),
+        # Bounded influence: no client of this fleet trains on more rows than the largest shard.
+        "max-client-weight": sim.run.max_client_weight or max(int(c["rows"]) for c in index),
         "output-dir": str(run_dir),
         "partition-dir": str(part_dir.resolve()),
         "cache-dir": str(cache),

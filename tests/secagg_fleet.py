@@ -12,7 +12,13 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg
-from protocol.messages import ClientUpdate, EvalResult, decode_train_instruction, encode_eval_result
+from protocol.messages import (
+    ClientUpdate,
+    EvalResult,
+    decode_eval_instruction,
+    decode_train_instruction,
+    encode_eval_result,
+)
 from tests.fakegrid import FakeGrid
 
 # hook(direction "down"|"up", node, message) -> message to deliver, or None to lose it
@@ -52,7 +58,8 @@ class Fleet:
         def evaluate(msg: Message, context: Context) -> Message:
             i = self.nodes.index(context.node_id)
             res = EvalResult(loss=2.0 + i, num_tokens=10, num_examples=1)
-            return Message(encode_eval_result(res), reply_to=msg)
+            instr, _adapter = decode_eval_instruction(msg.content)
+            return Message(encode_eval_result(res, rnd=instr.round), reply_to=msg)
 
     def handler(self, node: int) -> Callable[[Message], Message | None]:
         def handle(msg: Message) -> Message | None:

@@ -25,6 +25,7 @@ from privacy.secagg import shamir
 from privacy.secagg.encoding import to_ring
 from privacy.secagg.messages import (
     B_SHARE,
+    MAX_REASON_CHARS,
     SALT_BYTES,
     SK_SHARE,
     Advertise,
@@ -43,7 +44,7 @@ from privacy.secagg.messages import (
 
 ADVERTISED, SHARED, MASKED, DONE = "advertised", "shared", "masked", "done"
 _PLAIN = struct.Struct(f">QQ{shamir.SHARE_BYTES}s{SALT_BYTES}s{shamir.SHARE_BYTES}s{SALT_BYTES}s")
-CIPHERTEXT_BYTES = P.NONCE_BYTES + _PLAIN.size + 16  # nonce + plaintext + GCM tag
+# (tests/unit/privacy/test_secagg_regressions.py checks _PLAIN.size == SEALED_PLAIN_BYTES)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ def mask_key(sk_mask: bytes, pk_mask: bytes, session: bytes, a: int, b: int) -> 
     return P.agree(sk_mask, pk_mask, "pairwise-mask", session, a, b)
 
 
+def _reason(exc: Exception) -> str:
+    """An error as a complaint reason: printable, at most ``MAX_REASON_CHARS`` characters."""
+    text = "".join(c if c.isprintable() else " " for c in str(exc))
+    return text[:MAX_REASON_CHARS]
+
+
 def _check_session(state: ClientState, session: bytes, stage: str) -> None:
     if session != state.setup.params.session:
         raise SecAggError(f"{stage}: session id does not match this round (stale or replayed)")
@@ -108,6 +115,7 @@ def advertise(setup: Setup) -> tuple[ClientState, Advertise]:
     msg = Advertise(
         node=setup.node,
         session=setup.params.session,
+        round=setup.params.round,
         pk_enc=pk_enc,
         pk_mask=pk_mask,
         b_commit=b_commitment(setup.params.session, setup.node, b_seed),
@@ -133,8 +141,17 @@ def share_keys(state: ClientState, directory: KeyDirectory) -> tuple[ClientState
     keys = [e.pk_enc for e in entries] + [e.pk_mask for e in entries]
     if len(set(keys)) != len(keys):
         raise SecAggError("share keys: two neighbours advertised the same public key")
-    if any(e.session != setup.params.session for e in entries):
-        raise SecAggError("share keys: a directory entry belongs to another session")
+    if any(e.session != setup.params.session or e.round != setup.params.round for e in entries):
+        raise SecAggError("share keys: a directory entry belongs to another session or round")
+    own = {P.public_key_of(state.sk_enc), P.public_key_of(state.sk_mask)}
+    for e in entries:
+        if own & {e.pk_enc, e.pk_mask}:
+            raise SecAggError(f"share keys: neighbour {e.node} advertised this client's own key")
+        for key in (e.pk_enc, e.pk_mask):
+            try:
+                P.check_public_key(key)
+            except P.InvalidPublicKey as exc:
+                raise SecAggError(f"share keys: neighbour {e.node}: {exc}") from None
     t = setup.params.threshold
     if len(entries) + 1 < t:
         raise SecAggError(
@@ -165,7 +182,7 @@ def share_keys(state: ClientState, directory: KeyDirectory) -> tuple[ClientState
         )
     own_b_hash = share_hash(B_SHARE, session, me, me, own_b_y, own_b_salt)
     new = replace(state, stage=SHARED, directory=entries, own_b_y=own_b_y, own_b_salt=own_b_salt)
-    return new, ShareBundle(me, session, tuple(items), own_b_hash)
+    return new, ShareBundle(me, session, rnd, tuple(items), own_b_hash)
 
 
 # -- stage 3 --------------------------------------------------------------------------------------
@@ -219,8 +236,8 @@ def masked_input(
     for item in delivery.items:
         try:
             held.append(_open_shares(state, item, directory[item.src].pk_enc))
-        except (SecAggError, ValueError) as exc:
-            complaints.append(Complaint(item.src, str(exc)))
+        except (SecAggError, ValueError) as exc:  # ShamirError, DecryptionFailed, bad key
+            complaints.append(Complaint(item.src, _reason(exc)))
 
     me, bits = state.setup.node, params.plan.ring_bits
     y = to_ring(encoded, bits)
@@ -238,7 +255,7 @@ def masked_input(
     if bits < y.dtype.itemsize * 8:
         y &= y.dtype.type((1 << bits) - 1)
     new = replace(state, stage=MASKED, held=tuple(held), partners=tuple(sorted(srcs)))
-    return new, MaskedHeader(me, params.session, tuple(complaints)), y
+    return new, MaskedHeader(me, params.session, params.round, tuple(complaints)), y
 
 
 # -- stage 4 --------------------------------------------------------------------------------------
@@ -283,4 +300,4 @@ def unmask(state: ClientState, request: UnmaskRequest) -> tuple[ClientState, Unm
         own_b_y=b"",
         own_b_salt=b"",
     )
-    return done, UnmaskResponse(me, request.session, tuple(shares))
+    return done, UnmaskResponse(me, request.session, state.setup.params.round, tuple(shares))

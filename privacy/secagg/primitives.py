@@ -13,6 +13,7 @@ Nothing here keeps state; secrets are plain ``bytes``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -36,6 +37,10 @@ DOMAIN = b"fedtune-secagg-v1"
 
 class DecryptionFailed(ValueError):
     """A ciphertext did not authenticate (tampered, replayed, or meant for someone else)."""
+
+
+class InvalidPublicKey(ValueError):
+    """A peer's X25519 public key is malformed, not on the curve or of low order."""
 
 
 def random_bytes(n: int) -> bytes:
@@ -78,6 +83,51 @@ def generate_keypair() -> tuple[bytes, bytes]:
     )
 
 
+# Curve25519: p = 2^255 - 19, Montgomery form v^2 = u^3 + A u^2 + u.
+_P25519 = (1 << 255) - 19
+_A25519 = 486662
+
+
+@functools.cache
+def _probe_key() -> X25519PrivateKey:
+    # Any scalar does: X25519 clamps it to a multiple of 8, which sends every point of order
+    # 1, 2, 4 or 8 to the all-zero output that the library refuses.
+    return X25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def _check_point(public_key: bytes) -> X25519PublicKey:
+    if len(public_key) != KEY_BYTES:
+        raise InvalidPublicKey(f"a public key is {KEY_BYTES} bytes, got {len(public_key)}")
+    u = int.from_bytes(public_key, "little")
+    if u >= _P25519:
+        raise InvalidPublicKey("public key is not a canonical X25519 encoding")
+    rhs = (u * u * u + _A25519 * u * u + u) % _P25519
+    if rhs and pow(rhs, (_P25519 - 1) // 2, _P25519) != 1:
+        raise InvalidPublicKey("public key is not a point of Curve25519 (it is on the twist)")
+    return X25519PublicKey.from_public_bytes(public_key)
+
+
+def _exchange(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
+    try:
+        return private.exchange(public)
+    except ValueError:  # the library refuses an all-zero result: a low-order point
+        raise InvalidPublicKey("public key is a low-order point (all-zero shared secret)") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def check_public_key(public_key: bytes) -> None:
+    """Refuse a peer key unless it is the canonical encoding of a point on Curve25519 (not its
+    twist) outside the small subgroup. Raises ``InvalidPublicKey`` saying which. (Results are
+    cached per key: a key is checked once per process however often it is used.)
+
+    X25519 itself accepts any 32 bytes: a non-canonical encoding (u >= p, or the unused top bit
+    set) names the same point as a canonical one, so two such keys would pass a byte comparison
+    for distinctness; a low-order point (u = 0, u = 1, ...) makes every shared secret all-zero
+    (the library then raises, which is how honest neighbours used to crash); a point on the
+    twist is never what an honest client sends."""
+    _exchange(_probe_key(), _check_point(public_key))
+
+
 def public_key_of(private_key: bytes) -> bytes:
     sk = X25519PrivateKey.from_private_bytes(private_key)
     return sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -88,8 +138,9 @@ def agree(
 ) -> bytes:
     """A 32-byte key shared by nodes ``a`` and ``b`` (order-independent), for one purpose.
 
-    Raises ``ValueError`` for a malformed or low-order peer key (X25519 all-zero output).
+    Raises ``InvalidPublicKey`` for a malformed or low-order peer key (X25519 all-zero output).
     """
+    check_public_key(peer_public)
     shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
         X25519PublicKey.from_public_bytes(peer_public)
     )

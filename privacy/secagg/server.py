@@ -15,11 +15,52 @@ raised with the reason and the session produces nothing. Malformed, tampered or 
 are rejected with the client named (``MessageRejected`` reasons in ``rejected``) and the client is
 treated as dropped at that stage; a client whose shares do not match its own commitments is
 excluded.
+
+Every byte from a client is untrusted. A reply is decoded under a size bound sized for the round's
+degree (``message_limit``) and the depth of its type; *any* failure while decoding or checking one
+client's reply, whatever its type, is a rejection of that client at that stage, never an exception
+out of the session. Only ``SecAggAborted`` (the round cannot produce its sum) leaves a ``receive_*``
+method because of what clients sent.
+
+Public keys. Each advertised X25519 key must be a canonical encoding of a point on the curve
+outside the small subgroup (``primitives.check_public_key``: an all-zero key used to make every
+honest neighbour fail), differ from the sender's other key and from every key seen in earlier
+rounds of the run (``known_keys``: an honest client draws two fresh keys per round, so a key seen
+before is a replay). A sender breaking any of these is excluded. Two clients advertising the same
+key in one round are both dropped from the round and the pair counts as a dispute, like a
+complaint below: which of the two copied the other cannot be told from here (an honest
+coordinator shows no key before the advertise stage is over, but the rule does not rely on it).
+
+Complaints. A client that cannot open a neighbour's sealed shares says so in its masked-input
+header. The coordinator cannot tell who is lying: the accused dealt bad shares, or the accuser
+claims so falsely. The rule is symmetric, so that a complaint costs the accuser what it costs the
+accused:
+
+1. *in the round*, both parties of every complaint leave: neither input is in the sum (their
+   masked vectors are discarded before any is added) and both count as dropped after sharing keys
+   (their pairwise masks are removed through their neighbours' key shares);
+2. *across the run* (``ComplaintLedger``), a client that has been party to disputes (complaints,
+   either side, and shared keys) with ``limit`` different clients (2 by default) is excluded.
+
+An honest client is party to a dispute only when a hostile client is the other party (under an
+honest coordinator and authenticated transport, honest clients never dispute each other). So all
+of an honest client's counterparts are hostile, and with fewer than ``limit`` hostile clients in
+the run no honest client is ever excluded, while a hostile client is excluded as soon as it has
+disputed with ``limit`` clients (the rule of "dispute control" in multi-party computation: a party
+with more disputes than there are corrupt parties is corrupt). With the default limit 2 this
+covers one hostile client: it can never get an honest client excluded, and it is excluded itself
+as soon as it involves a second client (a hostile client that complains about many neighbours at
+once is excluded after that round). ``limit`` colluding clients can get an honest one excluded
+(two colluders both complaining about it). What a single hostile client can still do is keep the
+*same* honest neighbour out of every round in which it complains about it, giving up its own
+contribution each time; the coordinator cannot tell which of the two lies. The earlier rule (the
+accused alone excluded at once) let any client exclude any honest neighbour at no cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -27,11 +68,12 @@ import numpy as np
 
 from privacy.secagg import primitives as P
 from privacy.secagg import shamir
-from privacy.secagg.client import CIPHERTEXT_BYTES, b_commitment, mask_key, share_hash
+from privacy.secagg.client import b_commitment, mask_key, share_hash
 from privacy.secagg.encoding import EncodingPlan
 from privacy.secagg.graph import Graph, default_degree, default_threshold, random_graph
 from privacy.secagg.messages import (
     B_SHARE,
+    CIPHERTEXT_BYTES,
     SESSION_BYTES,
     SK_SHARE,
     Advertise,
@@ -50,6 +92,7 @@ from privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
     from_bytes,
+    message_limit,
 )
 
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, UNMASK = "advertise", "share-keys", "masked-input", "unmask"
@@ -100,7 +143,10 @@ class ServerSession:
         threshold: int = 0,
         noise_mu: float = 0.0,
         graph: Graph | None = None,
+        known_keys: Collection[bytes] = (),
     ) -> None:
+        """``known_keys``: public keys advertised in earlier rounds of the run (a client
+        advertising one of them again is excluded)."""
         if len(set(nodes)) != len(nodes):
             raise SecAggError("sampled nodes must be distinct")
         n = len(nodes)
@@ -125,6 +171,8 @@ class ServerSession:
             vector_len=vector_len,
             noise_mu=noise_mu,
         )
+        self.known_keys = known_keys
+        self.max_message_bytes = message_limit(max(len(v) for v in self.graph.neighbours.values()))
         self.min_survivors = max(2, min_survivors)
         self.x = {u: i + 1 for i, u in enumerate(sorted(nodes))}
         self.active: set[int] = set(nodes)
@@ -138,6 +186,8 @@ class ServerSession:
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
         self._requests: dict[int, UnmaskRequest] = {}
+        self._complaints: set[tuple[int, int]] = set()
+        self._disputes: set[tuple[int, int]] = set()  # complaints and shared keys
         self.stage = ADVERTISE
 
     # -- helpers ------------------------------------------------------------------------------
@@ -155,6 +205,22 @@ class ServerSession:
 
     def _exclude(self, node: int, stage: str, reason: str) -> None:
         self.excluded.setdefault(node, Dropout(node, stage, reason))
+
+    @property
+    def complaints(self) -> frozenset[tuple[int, int]]:
+        """(accuser, accused) pairs of this round's accepted complaints."""
+        return frozenset(self._complaints)
+
+    @property
+    def disputes(self) -> frozenset[tuple[int, int]]:
+        """Pairs of clients of which one misbehaved and the coordinator cannot tell which: this
+        round's complaints and pairs that advertised the same public key. For the
+        ``ComplaintLedger``."""
+        return frozenset(self._complaints | self._disputes)
+
+    def advertised_keys(self) -> set[bytes]:
+        """Every public key accepted this round (to pass as ``known_keys`` to later rounds)."""
+        return {k for adv in self.view.public_keys.values() for k in (adv.pk_enc, adv.pk_mask)}
 
     def _gather(
         self, stage: str, replies: Mapping[int, bytes], failures: Mapping[int, str]
@@ -194,14 +260,18 @@ class ServerSession:
 
     def _decode(self, cls: type[_M], node: int, payload: bytes) -> _M:
         try:
-            msg = from_bytes(cls, payload)
-        except SecAggError as exc:
+            msg = from_bytes(cls, payload, max_bytes=self.max_message_bytes)
+        except Exception as exc:  # from_bytes raises only SecAggError; a bug is still the input's
             raise MessageRejected(node, f"malformed {cls.__name__}: {exc}") from None
         claimed = getattr(msg, "node", node)
         if claimed != node:
             raise MessageRejected(node, f"message claims to come from {claimed}")
         if getattr(msg, "session", None) != self.params.session:
             raise MessageRejected(node, "session id does not match this round (replayed or stale)")
+        if getattr(msg, "round", None) != self.params.round:
+            raise MessageRejected(
+                node, f"reply is for round {getattr(msg, 'round', None)}, not {self.params.round}"
+            )
         return msg
 
     # -- stage 1 ------------------------------------------------------------------------------
@@ -221,16 +291,36 @@ class ServerSession:
         self, replies: Mapping[int, bytes], failures: Mapping[int, str] | None = None
     ) -> dict[int, KeyDirectory]:
         got = self._gather(ADVERTISE, replies, failures or {})
-        seen_keys: set[bytes] = set()
+        adverts: dict[int, Advertise] = {}
         for u, payload in got.items():
             try:
-                adv = self._decode(Advertise, u, payload)
-                if adv.pk_enc in seen_keys or adv.pk_mask in seen_keys:
-                    raise MessageRejected(u, "public key already advertised by another client")
-                seen_keys |= {adv.pk_enc, adv.pk_mask}
-                self.view.public_keys[u] = adv
+                adverts[u] = self._decode(Advertise, u, payload)
             except MessageRejected as exc:
                 self._drop(u, ADVERTISE, exc.reason)
+        clean: dict[int, Advertise] = {}
+        for u, adv in adverts.items():
+            problem = self._key_problem(adv)
+            if problem:  # its own doing: excluded
+                self._drop(u, ADVERTISE, problem)
+                self._exclude(u, ADVERTISE, problem)
+            else:
+                clean[u] = adv
+        senders: dict[bytes, set[int]] = {}
+        for u, adv in clean.items():
+            for key in (adv.pk_enc, adv.pk_mask):
+                senders.setdefault(key, set()).add(u)
+        sharing: dict[int, int] = {}
+        for group in senders.values():
+            for a, b in itertools.combinations(sorted(group), 2):
+                self._disputes.add((a, b))
+                sharing.setdefault(a, b)
+                sharing.setdefault(b, a)
+        for u, adv in clean.items():
+            if u in sharing:  # one of the two copied the other's key: both leave (a dispute)
+                self._drop(u, ADVERTISE, f"advertised a public key that client {sharing[u]} also "
+                           "advertised (one of the two copied it)")  # fmt: skip
+            else:
+                self.view.public_keys[u] = adv
         self._prune(ADVERTISE)
         self._need_survivors(ADVERTISE)
         self.counts[ADVERTISE] = len(self.active)
@@ -243,6 +333,19 @@ class ServerSession:
             )
         self.stage = SHARE_KEYS
         return out
+
+    def _key_problem(self, adv: Advertise) -> str:
+        """Why the sender of ``adv`` is excluded for its keys, or "" if they are fine."""
+        if adv.pk_enc == adv.pk_mask:
+            return "advertised the same public key twice (its two keys must differ)"
+        for name, key in (("pk-enc", adv.pk_enc), ("pk-mask", adv.pk_mask)):
+            try:
+                P.check_public_key(key)
+            except P.InvalidPublicKey as exc:
+                return f"{name}: {exc}"
+            if key in self.known_keys:
+                return f"{name} was advertised in an earlier round (keys must be fresh)"
+        return ""
 
     # -- stage 2 ------------------------------------------------------------------------------
 
@@ -295,42 +398,39 @@ class ServerSession:
     ) -> dict[int, UnmaskRequest]:
         headers = {u: h for u, (h, _) in replies.items()}
         got = self._gather(MASKED_INPUT, headers, failures or {})
-        plan = self.params.plan
-        complaints: set[tuple[int, int]] = set()
+        valid: dict[int, tuple[MaskedHeader, np.ndarray]] = {}
         for v, payload in got.items():
             try:
                 header = self._decode(MaskedHeader, v, payload)
-                vec = replies[v][1]
-                if vec.dtype != plan.dtype or vec.shape != (self.params.vector_len,):
-                    raise MessageRejected(
-                        v,
-                        f"masked vector is {vec.dtype}{list(vec.shape)}, expected "
-                        f"{plan.dtype}[{self.params.vector_len}]",
-                    )
-                if (
-                    plan.ring_bits < vec.dtype.itemsize * 8
-                    and int(vec.max(initial=0)) >> plan.ring_bits
-                ):
-                    raise MessageRejected(
-                        v, f"masked vector has values outside Z_2^{plan.ring_bits}"
-                    )
+                vec = self._check_vector(v, replies)
                 accused = [c.node for c in header.complaints]
                 if not set(accused) <= self._partners[v] or len(set(accused)) != len(accused):
                     raise MessageRejected(v, "complains about clients that sent it no shares")
             except MessageRejected as exc:
                 self._drop(v, MASKED_INPUT, exc.reason)
                 continue
-            # Only the running sum is kept: the coordinator never stores one masked vector.
-            if self.view.masked_sum is None:
-                self.view.masked_sum = np.zeros(self.params.vector_len, dtype=plan.dtype)
-            self.view.masked_sum += vec
+            valid[v] = (header, vec)
+        # The complaint rule (module docstring): both parties of a complaint leave the round.
+        leaving: dict[int, str] = {}
+        for v, (header, _vec) in sorted(valid.items()):
             for c in header.complaints:
-                complaints.add((v, c.node))
-                self._exclude(
-                    c.node, SHARE_KEYS, f"client {v} could not use its shares: {c.reason}"
+                self._complaints.add((v, c.node))
+                self._disputes.add((v, c.node))
+                leaving.setdefault(v, f"complained about client {c.node}: {c.reason}")
+                leaving.setdefault(c.node, f"client {v} could not use its shares: {c.reason}")
+        for u, reason in sorted(leaving.items()):
+            if u in valid:
+                del valid[u]
+                self._drop(u, MASKED_INPUT, f"left the round over a complaint: {reason}")
+        # Only the running sum is kept: the coordinator never stores one masked vector.
+        for _v, (_header, vec) in sorted(valid.items()):
+            if self.view.masked_sum is None:
+                self.view.masked_sum = np.zeros(
+                    self.params.vector_len, dtype=self.params.plan.dtype
                 )
+            self.view.masked_sum += vec
+        valid.clear()
         self._u3 = frozenset(self.active)
-        self._complaints = complaints
         self.counts[MASKED_INPUT] = len(self.active)
         self._need_survivors(MASKED_INPUT)
         for u in sorted(self._u2):
@@ -361,6 +461,21 @@ class ServerSession:
         self._requests = out
         self.stage = UNMASK
         return out
+
+    def _check_vector(self, v: int, replies: Mapping[int, tuple[bytes, np.ndarray]]) -> np.ndarray:
+        plan = self.params.plan
+        vec = replies[v][1]
+        if not isinstance(vec, np.ndarray):
+            raise MessageRejected(v, f"masked vector is a {type(vec).__name__}, not an array")
+        if vec.dtype != plan.dtype or vec.shape != (self.params.vector_len,):
+            raise MessageRejected(
+                v,
+                f"masked vector is {vec.dtype}{list(vec.shape)}, expected "
+                f"{plan.dtype}[{self.params.vector_len}]",
+            )
+        if plan.ring_bits < vec.dtype.itemsize * 8 and int(vec.max(initial=0)) >> plan.ring_bits:
+            raise MessageRejected(v, f"masked vector has values outside Z_2^{plan.ring_bits}")
+        return vec
 
     def _holders(self, u: int) -> set[int]:
         """Live clients (in U3) that received u's shares and did not reject them."""
@@ -445,8 +560,10 @@ class ServerSession:
                 raise MessageRejected(
                     v, f"revealed a {s.kind}-share of {s.target} it was not asked"
                 )
-            if len(s.y) != shamir.SHARE_BYTES:
-                raise MessageRejected(v, f"share of {s.target} has {len(s.y)} bytes")
+            try:
+                shamir.share_from_bytes(s.y)
+            except shamir.ShamirError as exc:
+                raise MessageRejected(v, f"share of {s.target}: {exc}") from None
             if s.target == v:  # its own b-share (the only own share a client may reveal)
                 want = self.view.own_b_hash[v]
             else:
@@ -478,3 +595,37 @@ class ServerSession:
                 "inconsistent shares",
                 culprits=(u,),
             ) from None
+
+
+@dataclass
+class ComplaintLedger:
+    """Complaints over a whole run (the rule in the module docstring): a client that has been
+    party to complaints, on either side, with ``limit`` different clients is excluded."""
+
+    limit: int = 2
+    counterparts: dict[int, dict[int, int]] = field(default_factory=dict)  # node -> {other: round}
+
+    def __post_init__(self) -> None:
+        if self.limit < 2:
+            raise ValueError(f"complaint limit must be >= 2, got {self.limit}")
+
+    def record(self, rnd: int, complaints: Iterable[tuple[int, int]]) -> list[Dropout]:
+        """Add a round's (accuser, accused) pairs; return the clients that now reach the limit."""
+        reached = []
+        for accuser, accused in sorted(set(complaints)):
+            for node, other in ((accuser, accused), (accused, accuser)):
+                seen = self.counterparts.setdefault(node, {})
+                if other in seen:
+                    continue
+                seen[other] = rnd
+                if len(seen) == self.limit:
+                    pairs = ", ".join(f"client {o} (round {r})" for o, r in sorted(seen.items()))
+                    reached.append(
+                        Dropout(
+                            node,
+                            MASKED_INPUT,
+                            f"party to complaints with {self.limit} different clients ({pairs}): "
+                            "an honest client meets a complaint only from or about a hostile one",
+                        )
+                    )
+        return reached

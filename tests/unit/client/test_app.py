@@ -60,13 +60,13 @@ def test_train_and_evaluate_handlers_load_the_model_once(setup) -> None:  # type
     for rnd in (1, 2):
         instr = TrainInstruction(round=rnd, lora=LORA, local_steps=2, batch_size=4, seq_len=48)
         reply = app(_message(encode_train_instruction(instr, adapter), MessageType.TRAIN), context)
-        update = decode_update(reply.content, AdapterSpec.of(adapter))
+        update = decode_update(reply.content, AdapterSpec.of(adapter), rnd=rnd)
         assert update.num_examples == 36  # 40 rows minus a 10% held-out split
         assert update.metrics["train-seconds"] > 0 and update.metrics["peak-rss-mb"] > 0
         assert any(np.abs(v).max() > 0 for v in update.delta.values())
     ev = app(_message(encode_eval_instruction(EvalInstruction(round=2, lora=LORA), adapter),
                       MessageType.EVALUATE), context)  # fmt: skip
-    result = decode_eval_result(ev.content)
+    result = decode_eval_result(ev.content, rnd=2)
     assert result.num_examples == 4 and result.num_tokens > 0 and np.isfinite(result.loss)
     info = client_app.get_runtime.cache_info()
     assert info.misses == 1 and info.hits == 2, "one model load per process, reused by every call"

@@ -275,10 +275,10 @@ def real_client(model: Any, examples: list[Any], pad: int, seed: int):  # type: 
         if msg.metadata.message_type == MessageType.EVALUATE:
             instr, adapter = decode_eval_instruction(msg.content)
             res = evaluate(model, examples[:8], batch_size=8, pad_id=pad, global_adapter=adapter)
-            return Message(encode_eval_result(res), reply_to=msg)
+            return Message(encode_eval_result(res, rnd=instr.round), reply_to=msg)
         instr, adapter = decode_train_instruction(msg.content)
         up = train_round(model, examples, instr, adapter, pad_id=pad, client_seed=seed)
-        return Message(encode_update(up), reply_to=msg)
+        return Message(encode_update(up, rnd=instr.round), reply_to=msg)
 
     return handle
 
@@ -334,11 +334,11 @@ def test_update_record_of_an_ffa_client_holds_only_b(
     rows = load_records("builtin:chatterbot")[:8]
     ex = tokenize_all(base.tokenizer, to_conversations(rows, "b"), 64)
     up = train_round(model, ex, instr, g, pad_id=int(base.tokenizer.pad_token_id), client_seed=0)
-    record = encode_update(up)[keys.UPDATE]
+    record = encode_update(up, rnd=1)[keys.UPDATE]
     assert set(record.keys()) == set(b_keys)
     # The upload is B alone: (out x r) per module instead of (r x in) + (out x r). In this tiny
     # model B is the smaller half (v_proj's out is 32), so the upload is under half.
-    full = encode_update(dataclasses.replace(up, delta=g))[keys.UPDATE].count_bytes()
+    full = encode_update(dataclasses.replace(up, delta=g), rnd=1)[keys.UPDATE].count_bytes()
     assert record.count_bytes() < 0.5 * full
 
 

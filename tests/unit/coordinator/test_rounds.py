@@ -32,12 +32,12 @@ def client(node_index: int, *, bad: str | None = None):  # type: ignore[no-untyp
 
     def handle(msg: Message) -> Message | None:
         if msg.metadata.message_type == MessageType.EVALUATE:
-            decode_eval_instruction(msg.content)
+            ev_instr, _ = decode_eval_instruction(msg.content)
             res = EvalResult(
                 loss=1.0 + node_index, num_tokens=100 * (node_index + 1), num_examples=5
             )
-            return Message(encode_eval_result(res), reply_to=msg)
-        _, adapter = decode_train_instruction(msg.content)
+            return Message(encode_eval_result(res, rnd=ev_instr.round), reply_to=msg)
+        instr, adapter = decode_train_instruction(msg.content)
         if bad == "silent":
             return None
         if bad == "error":
@@ -49,7 +49,7 @@ def client(node_index: int, *, bad: str | None = None):  # type: ignore[no-untyp
         up = ClientUpdate(
             delta=delta, num_examples=10 * (node_index + 1), metrics={"train-loss": 2.0}
         )
-        return Message(encode_update(up), reply_to=msg)
+        return Message(encode_update(up, rnd=instr.round), reply_to=msg)
 
     return handle
 

@@ -52,6 +52,7 @@ def secure_round(  # type: ignore[no-untyped-def]
     nodes: list[int],
     rnd: int,
     privacy: Privacy | None = None,
+    adapter: dict[str, np.ndarray] | None = None,
 ):
     """One training round of the pipeline over the secure transport (FedAvg): (new adapter or
     None, the round's metrics row, bytes down, bytes up)."""
@@ -59,8 +60,9 @@ def secure_round(  # type: ignore[no-untyped-def]
     strategy = Strategy.create(StrategySettings(), len(nodes), len(nodes))
     pipeline = Pipeline(privacy, secure, strategy, SPEC, secure.cfg.min_clients)
     new, result = pipeline.train(
-        fleet.grid(), secure.cfg, nodes, ADAPTER, rnd, Progress(1, live=False)
-    )
+        fleet.grid(), secure.cfg, nodes, ADAPTER if adapter is None else adapter, rnd,
+        Progress(1, live=False),
+    )  # fmt: skip
     return new, result.to_row(), result.bytes_down, result.bytes_up
 
 
@@ -181,8 +183,13 @@ def test_default_three_client_round_with_two_dropped_fails_cleanly(stage: str) -
     assert m["reason"].startswith(want), m["reason"]
 
 
-def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> None:
+def test_tampered_share_bundle_takes_both_out_and_a_second_counterpart_excludes() -> None:
+    """The complaint rule (privacy/secagg/server.py): a client that cannot open a neighbour's
+    bundle complains and both leave the round. The dealer that tampers again in round 2, with
+    another neighbour, has been party to complaints with two different clients and is excluded;
+    the two clients it dealt to have one counterpart each and stay."""
     victim = NODES[4]
+    receivers: list[int] = []
 
     def hook(direction: str, node: int, msg: Message) -> Message | None:
         if (
@@ -192,22 +199,35 @@ def test_tampered_share_bundle_names_the_sender_and_excludes_it_next_round() -> 
         ):
             rec = msg.content[keys.SECAGG]
             raw = json.loads(rec[keys.SECAGG_PAYLOAD])
-            ct = bytearray(bytes.fromhex(raw["items"][1]["ciphertext"]))
+            item = raw["items"][len(receivers)]  # another neighbour each round
+            receivers.append(item["dst"])
+            ct = bytearray(bytes.fromhex(item["ciphertext"]))
             ct[30] ^= 0x01
-            raw["items"][1]["ciphertext"] = ct.hex()
+            item["ciphertext"] = ct.hex()
             msg.content[keys.SECAGG] = ConfigRecord({keys.SECAGG_PAYLOAD: json.dumps(raw).encode()})
         return msg
 
     fleet = fleet_of(hook=hook)
     secure, new, m, _d, _u = run(fleet, config())
     assert m["status"] == "ok" and new is not None
-    (ex,) = m["secagg"]["excluded"]
-    assert ex["node"] == victim and "authentication failed" in ex["reason"]
-    assert_close(new, expected(fleet, fleet.nodes), m["secagg"]["step"])
+    assert m["secagg"]["excluded"] == [] and secure.excluded == {}
+    left = {f["node"]: f["reason"] for f in m["failures"]}
+    assert set(left) == {victim, receivers[0]}
+    assert "could not use its shares: authentication failed" in left[victim]
+    assert f"complained about client {victim}" in left[receivers[0]]
+    assert sorted(m["secagg"]["recovered"]) == sorted(left)
+    contributors = [u for u in fleet.nodes if u not in left]
+    assert_close(new, expected(fleet, contributors), m["secagg"]["step"])
+
+    new2, m2, _d, _u = secure_round(secure, fleet, fleet.nodes, 2, adapter=new)
+    assert m2["status"] == "ok" and new2 is not None and m2["clients_ok"] == 8
+    (ex,) = m2["secagg"]["excluded"]
+    assert ex["node"] == victim and "party to complaints with 2 different clients" in ex["reason"]
+    assert set(secure.excluded) == {victim}  # its two accusers have one counterpart each
     fleet.hook = None
-    _new2, m2, _d, _u = secure_round(secure, fleet, fleet.nodes, 2)
-    assert m2["clients_sampled"] == 10 and m2["clients_ok"] == 9
-    assert m2["failures"][0]["node"] == victim and m2["failures"][0]["stage"] == "sampling"
+    _new3, m3, _d, _u = secure_round(secure, fleet, fleet.nodes, 3, adapter=new2)
+    assert m3["clients_sampled"] == 10 and m3["clients_ok"] == 9
+    assert m3["failures"][0]["node"] == victim and m3["failures"][0]["stage"] == "sampling"
 
 
 def test_malformed_masked_vector_is_rejected_with_the_client_named() -> None:
@@ -393,3 +413,118 @@ def test_each_server_optimizer_under_secagg_equals_its_plaintext_result(name: st
     for k in ADAPTER:
         np.testing.assert_allclose(new[k], want[k], atol=steps * step + 1e-6, rtol=0)
     assert any(np.abs(new[k] - ADAPTER[k]).max() > 1e-4 for k in ADAPTER)
+
+
+# -- issue 12: hostile clients over the real round ------------------------------------------------
+
+
+def _rewrite(stage_action: str, node: int, direction: str, fn):  # type: ignore[no-untyped-def]
+    """A Fleet hook that rewrites the SecAgg payload of ``node``'s message of type
+    ``train.<stage_action>`` going ``direction``."""
+
+    def hook(d: str, n: int, msg: Message) -> Message | None:
+        if (
+            (d, n) == (direction, node)
+            and msg.metadata.message_type == f"train.{stage_action}"
+            and msg.has_content()
+            and keys.SECAGG in msg.content
+        ):
+            rec = msg.content[keys.SECAGG]
+            new = dict(rec)
+            new[keys.SECAGG_PAYLOAD] = fn(rec[keys.SECAGG_PAYLOAD])
+            msg.content[keys.SECAGG] = ConfigRecord(new)
+        return msg
+
+    return hook
+
+
+ACTIONS = dict(zip(STAGES, keys.SECAGG_ACTIONS, strict=True))
+# Every client answers (an error reply is an answer) and FakeGrid answers at once, so a long
+# timeout costs nothing and keeps these tests independent of the machine's speed.
+SLOW_OK = config(**{"round-timeout": 300.0})
+ADVERTISE_, MASKED_ = STAGES[0], STAGES[2]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deeply_nested_reply_is_a_rejection_and_the_round_goes_on(stage: str) -> None:
+    """Issue 12: 5,000 nested [ from one client used to raise RecursionError out of the round."""
+    bad = NODES[3]
+    payload = b"[" * 5000 if stage in (ADVERTISE_, MASKED_) else b'{"a":' * 3000
+    fleet = fleet_of(hook=_rewrite(ACTIONS[stage], bad, "up", lambda _p: payload))
+    _s, new, m, _d, _u = run(fleet, SLOW_OK)
+    assert m["status"] == "ok" and new is not None
+    named = m["failures"] + m["secagg"]["excluded"]
+    assert [f["node"] for f in named] == [bad] and "nested" in named[0]["reason"]
+
+
+def test_an_all_zero_public_key_excludes_its_sender_and_the_round_goes_on() -> None:
+    """Issue 12: an all-zero X25519 key made every honest client fail (share-keys: 0 left) and
+    its sender stayed in the run."""
+    bad = NODES[5]
+
+    def zero(payload: bytes) -> bytes:
+        raw = json.loads(payload)
+        raw["pk_mask"] = "00" * 32
+        return json.dumps(raw).encode()
+
+    fleet = fleet_of(hook=_rewrite(ACTIONS[ADVERTISE_], bad, "up", zero))
+    secure, new, m, _d, _u = run(fleet, SLOW_OK)
+    assert m["status"] == "ok" and new is not None and m["clients_ok"] == 9
+    (ex,) = m["secagg"]["excluded"]
+    assert ex["node"] == bad and "low-order point" in ex["reason"]
+    assert_close(new, expected(fleet, [u for u in fleet.nodes if u != bad]), m["secagg"]["step"])
+    fleet.hook = None
+    _n, m2, _d, _u = secure_round(secure, fleet, fleet.nodes, 2, adapter=ADAPTER)
+    assert m2["clients_ok"] == 9 and m2["failures"][0]["stage"] == "sampling"
+
+
+def test_false_complaints_never_exclude_an_honest_client() -> None:
+    """Issue 12: one false complaint got an honest client excluded for the rest of the run. Now
+    the accuser and the accused both leave the round; the liar accusing the same client round
+    after round excludes nobody; accusing a second client excludes the liar alone."""
+    liar, victims = NODES[7], [NODES[1], NODES[1], NODES[1], NODES[2]]
+    rnd = [0]
+
+    def accuse(payload: bytes) -> bytes:
+        raw = json.loads(payload)
+        raw["complaints"] = [{"node": victims[rnd[0]], "reason": "cannot open its shares"}]
+        return json.dumps(raw).encode()
+
+    fleet = fleet_of(hook=_rewrite(ACTIONS[MASKED_], liar, "up", accuse))
+    secure = SecureTransport(SLOW_OK, clock=VirtualClock())
+    adapter = ADAPTER
+    for i in range(4):
+        rnd[0] = i
+        new, m, _d, _u = secure_round(secure, fleet, fleet.nodes, i + 1, adapter=adapter)
+        assert m["status"] == "ok" and new is not None, m.get("reason")
+        assert {f["node"] for f in m["failures"]} == {liar, victims[i]}
+        assert m["clients_ok"] == 8
+        adapter = new
+        assert victims[i] not in secure.excluded
+        assert (liar in secure.excluded) == (i == 3)
+    assert set(secure.excluded) == {liar}
+    assert "party to complaints with 2 different clients" in secure.excluded[liar]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_honest_client_rejects_and_reports_a_tampered_message(stage: str) -> None:
+    """Issue 12: honest clients crashed on tampered inputs. A message to one client that fails
+    its checks now gets an error reply saying why, and the round goes on without it."""
+    victim = NODES[6]
+
+    def tamper(payload: bytes) -> bytes:
+        if stage == "share-keys":  # a directory naming an all-zero key
+            raw = json.loads(payload)
+            raw["entries"][0]["pk_enc"] = "00" * 32
+            return json.dumps(raw).encode()
+        return b"[" * 5000
+
+    fleet = fleet_of(hook=_rewrite(ACTIONS[stage], victim, "down", tamper))
+    _s, new, m, _d, _u = run(fleet, SLOW_OK)
+    assert m["status"] == "ok" and new is not None
+    (f,) = [f for f in m["failures"] if f["node"] == victim]
+    assert f["stage"] == stage and "rejected" in f["reason"]
+    want = "public key" if stage == "share-keys" else "nested"
+    assert want in f["reason"]
+    replies = [r for d, n, r in fleet.record if n == victim and r.has_error()]
+    assert len(replies) == 1 and "rejected" in replies[0].error.reason

@@ -38,9 +38,10 @@ class Fleet:
     def handler(self, i: int, node: int):  # type: ignore[no-untyped-def]
         def handle(msg: Message) -> Message | None:
             if msg.metadata.message_type == MessageType.EVALUATE:
-                _, adapter = decode_eval_instruction(msg.content)
+                ei, adapter = decode_eval_instruction(msg.content)
                 loss = float(sum(np.sum((v - (i + 1)) ** 2) for v in adapter.values()))
-                return Message(encode_eval_result(EvalResult(loss, 10, 1)), reply_to=msg)
+                res = EvalResult(loss, 10, 1)
+                return Message(encode_eval_result(res, rnd=ei.round), reply_to=msg)
             instr, adapter = decode_train_instruction(msg.content)
             self.mu_seen.append(instr.proximal_mu)
             delta = {k: (0.1 * ((i + 1) - v)).astype(np.float32) for k, v in adapter.items()}
@@ -51,7 +52,7 @@ class Fleet:
                 self.client_control[node] = new
                 delta.update({keys.CONTROL_PREFIX + k: new[k] - old[k] for k in new})
             up = ClientUpdate(delta, 10 * (i + 1), {"train-loss": 1.0})
-            return Message(encode_update(up), reply_to=msg)
+            return Message(encode_update(up, rnd=instr.round), reply_to=msg)
 
         return handle
 

@@ -186,24 +186,35 @@ def test_clients_refuse_to_reveal_both_shares_or_answer_twice() -> None:
         C.unmask(st, stale)
 
 
-def test_tampered_ciphertext_is_rejected_and_its_sender_named() -> None:
+def test_tampered_ciphertext_takes_both_parties_of_the_complaint_out_of_the_round() -> None:
+    """The receiver cannot open the dealer's bundle and complains. The coordinator cannot tell
+    which of the two lies, so both leave the round (their masks are removed through their
+    neighbours' key shares) and neither is excluded on one complaint."""
     enc, plan = fleet(8, seed=5)
     nodes = sorted(enc)
     victim = nodes[2]
+    receiver: list[int] = []
 
     def tamper(stage: str, node: int, payload: bytes) -> bytes:
         if stage == SHARE_KEYS and node == victim:
             raw = json.loads(payload)
+            receiver.append(raw["items"][0]["dst"])
             ct = bytearray(bytes.fromhex(raw["items"][0]["ciphertext"]))
             ct[20] ^= 0xFF
             raw["items"][0]["ciphertext"] = ct.hex()
             return json.dumps(raw).encode()
         return payload
 
-    res = run_round(enc, plan, transport=tamper)
-    assert_exact(res, enc, plan)  # one missing share of the victim's does not matter
-    (ex,) = res.excluded
-    assert ex.node == victim and "could not use its shares: authentication failed" in ex.reason
+    sess = ServerSession(nodes, 1, plan, L + 1)
+    res = run_round(enc, plan, transport=tamper, server=sess)
+    assert res.excluded == ()
+    assert set(res.contributors) == set(nodes) - {victim, receiver[0]}
+    assert set(res.recovered) == {victim, receiver[0]}
+    left = {d.node: d.reason for d in res.dropouts}
+    assert "could not use its shares: authentication failed" in left[victim]
+    assert f"complained about client {victim}" in left[receiver[0]]
+    assert sess.complaints == {(receiver[0], victim)}
+    assert_exact(res, enc, plan)
 
 
 def test_replayed_message_from_an_earlier_round_is_rejected_with_the_client_named() -> None:
@@ -343,3 +354,25 @@ def test_masked_vector_of_the_wrong_shape_or_range_is_rejected() -> None:
     reasons = {d.node: d.reason for d in sess.dropouts}
     assert "expected uint32[258]" in reasons[nodes[0]] and "expected uint32" in reasons[nodes[1]]
     assert sess.view.masked_sum is not None and sess.view.masked_sum.shape == (L + 1,)
+
+
+def test_complaint_ledger_excludes_at_the_limit_of_distinct_counterparts() -> None:
+    from privacy.secagg.server import ComplaintLedger
+
+    ledger = ComplaintLedger()  # limit 2: tolerates one hostile client
+    h1, h2, h3, m, m2 = 1, 2, 3, 66, 77
+    for rnd in (1, 2, 3):  # the same pair, round after round: nobody excluded
+        assert ledger.record(rnd, [(m, h1)]) == []
+    (ex,) = ledger.record(4, [(m, h2)])  # a second counterpart: the hostile one is out
+    assert ex.node == m and "client 1 (round 1), client 2 (round 4)" in ex.reason
+    assert ledger.record(5, [(h3, m)]) == []  # already past the limit: reported once
+
+    mass = ComplaintLedger()  # complaining about many at once excludes the accuser alone
+    assert [d.node for d in mass.record(1, [(m, h1), (m, h2), (m, h3)])] == [m]
+
+    # The limit is the number of hostile clients tolerated plus one: two colluders accusing the
+    # same client exclude it under limit 2, not under limit 3.
+    assert [d.node for d in ComplaintLedger(2).record(1, [(m, h1), (m2, h1)])] == [h1]
+    assert ComplaintLedger(3).record(1, [(m, h1), (m2, h1)]) == []
+    with pytest.raises(ValueError, match="limit must be >= 2"):
+        ComplaintLedger(1)

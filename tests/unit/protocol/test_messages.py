@@ -89,7 +89,7 @@ def test_eval_roundtrip() -> None:
     got, a = decode_eval_instruction(roundtrip_record(encode_eval_instruction(instr, adapter())))
     assert got == instr and set(a) == set(adapter())
     res = EvalResult(loss=2.5, num_tokens=120, num_examples=7, metrics={"eval-seconds": 0.25})
-    back = decode_eval_result(roundtrip_record(encode_eval_result(res)))
+    back = decode_eval_result(roundtrip_record(encode_eval_result(res, rnd=0)), rnd=0)
     assert back.loss == 2.5 and back.num_tokens == 120 and back.num_examples == 7
     assert back.metrics == {"eval-seconds": 0.25}
 
@@ -100,7 +100,7 @@ def test_update_roundtrip_is_exact() -> None:
         delta=delta, num_examples=42, metrics={"train-loss": 1.25, "train-seconds": 3.0}
     )
     spec = AdapterSpec.of(delta)
-    back = decode_update(roundtrip_record(encode_update(up)), spec)
+    back = decode_update(roundtrip_record(encode_update(up, rnd=3)), spec, rnd=3)
     assert back.num_examples == 42
     assert back.metrics == {"train-loss": 1.25, "train-seconds": 3.0}
     for k in delta:
@@ -119,7 +119,7 @@ def test_adapter_record_preserves_order() -> None:
 def good_update() -> tuple[RecordDict, AdapterSpec]:
     delta = adapter(2)
     return encode_update(
-        ClientUpdate(delta=delta, num_examples=5, metrics={"train-loss": 1.0})
+        ClientUpdate(delta=delta, num_examples=5, metrics={"train-loss": 1.0}), rnd=1
     ), AdapterSpec.of(delta)
 
 
@@ -183,7 +183,7 @@ def test_bad_updates_are_rejected_with_reason(mutate, reason: str) -> None:  # t
     content, spec = good_update()
     mutate(content)
     with pytest.raises(UpdateRejected) as err:
-        decode_update(content, spec)
+        decode_update(content, spec, rnd=1)
     assert reason in err.value.reason
 
 
@@ -193,7 +193,7 @@ def test_missing_tensor_is_rejected() -> None:
     del arrays[NAME]
     content[keys.UPDATE] = arrays_to_record(arrays)
     with pytest.raises(UpdateRejected, match="missing 1 tensor"):
-        decode_update(content, spec)
+        decode_update(content, spec, rnd=1)
 
 
 def test_pickled_payload_is_refused() -> None:
@@ -201,9 +201,10 @@ def test_pickled_payload_is_refused() -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     rec = content[keys.UPDATE]
-    rec[NAME] = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
+    # declared as the expected float32 (16, 4), so the check before decoding lets it through
+    rec[NAME] = Array(dtype="float32", shape=(16, 4), stype="numpy.ndarray", data=buf.getvalue())
     with pytest.raises(UpdateRejected, match="cannot be decoded"):
-        decode_update(content, spec)
+        decode_update(content, spec, rnd=1)
 
 
 def test_train_message_errors_name_the_field() -> None:
@@ -250,14 +251,14 @@ def test_train_instruction_validates(kwargs: dict, message: str) -> None:  # typ
 
 
 def test_eval_result_rejections() -> None:
-    content = encode_eval_result(EvalResult(loss=1.0, num_tokens=3, num_examples=1))
+    content = encode_eval_result(EvalResult(loss=1.0, num_tokens=3, num_examples=1), rnd=1)
     content[keys.METRICS] = MetricRecord(
         {keys.LOSS: float("inf"), keys.NUM_TOKENS: 3, keys.NUM_EXAMPLES: 1}
     )
     with pytest.raises(UpdateRejected, match="loss must be a finite number"):
-        decode_eval_result(content)
+        decode_eval_result(content, rnd=1)
     content[keys.METRICS] = MetricRecord(
         {keys.LOSS: 1.0, keys.NUM_TOKENS: -1, keys.NUM_EXAMPLES: 1}
     )
     with pytest.raises(UpdateRejected, match="num-tokens must be an int >= 0"):
-        decode_eval_result(content)
+        decode_eval_result(content, rnd=1)
