@@ -8,9 +8,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType
 
+from coordinator.clock import VirtualClock
 from coordinator.config import RunConfig
+from coordinator.pipeline import NoPrivacy, PlainTransport
 from coordinator.progress import Progress
-from coordinator.rounds import federated_evaluate, train_round
+from coordinator.rounds import Pipeline, federated_evaluate
+from coordinator.strategies import Strategy, StrategySettings
 from protocol import keys
 from protocol.adapter import AdapterSpec
 from protocol.messages import (
@@ -54,9 +57,15 @@ def node(i: int, *, reply_round: Any = None, schema: Any = None):  # type: ignor
 
 def test_a_reply_for_an_earlier_round_is_not_aggregated() -> None:
     grid = FakeGrid({n: node(i, reply_round=2 if i == 3 else None) for i, n in enumerate(NODES)})
-    new, m, _d, _u = train_round(
-        grid, CFG, NODES, ADAPTER, AdapterSpec.of(ADAPTER), 3, Progress(3, live=False)
+    pipeline = Pipeline(
+        NoPrivacy(4, 0),
+        PlainTransport(CFG.round_timeout, VirtualClock()),
+        Strategy.create(StrategySettings(), 4, 4),
+        AdapterSpec.of(ADAPTER),
+        CFG.min_clients,
     )
+    new, result = pipeline.train(grid, CFG, NODES, ADAPTER, 3, Progress(3, live=False))
+    m = result.to_row()
     assert m["status"] == "ok" and new is not None and m["clients_ok"] == 3
     (f,) = m["failures"]
     assert f["node"] == 44 and "reply is for round 2, this is round 3" in f["reason"]
