@@ -131,6 +131,13 @@ _RUN_OPTIONS: list[tuple[str, type, str]] = [
         int,
         "clients in the population for client-level DP (0 = clients connected at the start)",
     ),
+    # -- task evaluation on the coordinator (README, "Task evaluation")
+    ("eval-task", str, "task file scored by the coordinator at round 0 and after every round"),
+    ("eval-task-kind", str, "kind of --eval-task: choice | label | generate"),
+    ("eval-task-labels", str, "label kind: the label set, comma-separated (default: the file's)"),
+    ("eval-task-columns", str, "ROLE=COLUMN,... renames for --eval-task (as fedtune eval)"),
+    ("eval-task-template", str, "prompt template for --eval-task (as fedtune eval --template)"),
+    ("eval-task-limit", int, "score a seeded subset of this many --eval-task rows (0 = all)"),
 ]
 # Short spellings kept beside --KEY.
 _ALIASES: dict[str, tuple[str, ...]] = {"learning-rate": ("--lr",)}

@@ -88,6 +88,13 @@ class RunConfig:
     accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)
     population: int = 0  # clients in the population; 0: the nodes connected at the start
     ffa_lora: bool = False  # FFA-LoRA: A frozen at the shared init, only B trained and sent
+    # -- task evaluation on the coordinator (README, "Task evaluation") -------------------------
+    eval_task: str = ""  # task file scored at round 0 and after every round ("" = none)
+    eval_task_kind: str = ""  # choice | label | generate
+    eval_task_labels: str = ""  # label kind: the label set ("" = the labels in the file)
+    eval_task_columns: str = ""  # ROLE=COLUMN,... renames (client.tasks.DEFAULT_COLUMNS)
+    eval_task_template: str = ""  # the prompt template ("" = the kind's default)
+    eval_task_limit: int = 0  # score a seeded subset of this many rows (0 = every row)
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -135,6 +142,7 @@ class RunConfig:
         )
         self._check_secagg(need)
         self._check_privacy(need)
+        self._check_eval_task(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
 
@@ -283,6 +291,36 @@ class RunConfig:
             "noise-multiplier",
             "dp 'client' needs a noise multiplier > 0 or a target-epsilon, got neither",
         )
+
+    def _check_eval_task(self, need: Any) -> None:
+        need(
+            bool(self.eval_task) or not self.eval_task_kind,
+            "eval-task-kind",
+            "needs --eval-task FILE (the task to score)",
+        )
+        need(
+            not self.eval_task or bool(self.eval_task_kind),
+            "eval-task-kind",
+            "--eval-task needs a kind: choice | label | generate",
+        )
+        if self.eval_task:
+            self.task_spec()  # raises ConfigError naming the eval-task-* key
+
+    def task_spec(self) -> Any:
+        """The ``client.tasks.TaskSpec`` of ``--eval-task`` (seeded with the run's seed)."""
+        from client.tasks import TaskKind, TaskSpec
+
+        try:
+            return TaskSpec(
+                kind=TaskKind.parse(self.eval_task_kind, field="kind"),
+                columns=self.eval_task_columns,
+                labels=self.eval_task_labels,
+                template=self.eval_task_template,
+                limit=self.eval_task_limit,
+                seed=self.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"eval-task-{exc}") from exc
 
     @property
     def count_stddev(self) -> float:

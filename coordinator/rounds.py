@@ -26,6 +26,7 @@ from coordinator.config import DpMode, RunConfig
 from coordinator.ddp import DistributedClientDP, DistributedDpSettings, resolve_distributed_dp
 from coordinator.dp import ClientDPSettings, ClientLevelDP, resolve_client_dp
 from coordinator.progress import Progress
+from coordinator.report import write_run_report
 from coordinator.rundir import RunDirectory
 from protocol.adapter import AdapterSpec
 from protocol.errors import ProtocolError
@@ -248,6 +249,25 @@ class ServerModel:
             global_adapter=adapter,
         )
 
+    def task_eval(self, adapter: Arrays) -> dict[str, Any]:
+        """``task_*`` metrics of ``adapter`` on ``--eval-task`` (accuracy, and the kind's other
+        metrics), scored on this model; {} without a task. The task is read on the first call."""
+        if not self.cfg.eval_task:
+            return {}
+        from client.model import set_adapter
+        from client.tasks import TaskKind, evaluate_task, load_task
+
+        t0 = time.monotonic()
+        if getattr(self, "task", None) is None:
+            self.task = load_task(self.cfg.eval_task, self.cfg.task_spec())
+        set_adapter(self.model, adapter)
+        result = evaluate_task(self.model, self.base.tokenizer, self.task)
+        row: dict[str, Any] = {f"task_{k}": v for k, v in result.metrics.items()}
+        if result.kind is TaskKind.LABEL:
+            row["task_per_class_recall"] = result.per_class_recall
+        row["task_eval_seconds"] = time.monotonic() - t0
+        return row
+
     def write_peft(self, adapter: Arrays, directory: Path) -> None:
         from client.model import set_adapter
 
@@ -318,6 +338,7 @@ def train_round(
 
     ok = list(updates.values())
     metrics: dict[str, Any] = {
+        "clients": list(nodes),  # who was asked to train (the report's participation grid)
         "clients_sampled": len(nodes),
         "clients_ok": len(ok),
         "failures": failures,
@@ -475,6 +496,7 @@ def run_federation(
         )
         central = server.central_eval(adapter)
         row["central_eval_loss"] = central.loss if central else None
+        row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task
         return row, down, up
 
     if start == 1:
@@ -573,6 +595,7 @@ def run_federation(
                 "(on-round-failure is 'stop')"
             )
     rundir.plot()
+    write_run_report(run_dir)  # PNG plots and report.html (coordinator/report.py)
     return rundir.read_metrics()
 
 

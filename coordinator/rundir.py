@@ -4,7 +4,9 @@
     metrics.jsonl   one JSON object per round (round 0: the untrained base, before training)
     adapter/        the global adapter in PEFT format (PeftModel.from_pretrained loads it)
     state.json      the round reached and what a resumed run needs
-    loss.png        train / held-out loss curves
+    loss.png        train / held-out loss curves (each round); at the end of the run also
+                    task.png, privacy.png, bytes.png, time.png and report.html
+                    (coordinator/report.py)
 
 Every write replaces the old file atomically, so a crash mid-round leaves the previous round's
 files intact.
@@ -202,6 +204,9 @@ class RunDirectory:
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o", label=label)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_xlabel("round")
         ax.set_ylabel("loss per response token")
         ax.set_title("fedtune run")
