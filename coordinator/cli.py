@@ -395,6 +395,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     overrides = _run_overrides(args)
     overrides.setdefault("round-timeout", SIMULATION_ROUND_TIMEOUT)
+    if overrides.get("eval-task"):
+        overrides["eval-task"] = str(Path(overrides["eval-task"]).expanduser().resolve())
     if "output-dir" in overrides:
         overrides["output-dir"] = str(Path(overrides["output-dir"]).expanduser().resolve())
     elif args.resume:
@@ -414,20 +416,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cpus_per_client=args.cpus_per_client,
         resume=args.resume,
     )
-    run_dir = simulate(sim, verbose=args.verbose)
+    check_eval_task(cfg)
+    if not args.verbose:
+        # Importing Flower's simulation turns DeprecationWarnings back on ("once", ahead of our
+        # filters), so torch.jit's deprecation reached users; filter again after that import.
+        import flwr.simulation  # noqa: F401
+
+        quiet_libraries()
+    from coordinator.progress import Progress
+
+    progress = Progress(cfg.rounds, quiet=args.quiet)
+    run_dir = simulate(sim, progress=progress, verbose=args.verbose)
     s = summary(run_dir)
     print(f"run directory: {run_dir}")
+    if (run_dir / "report.html").is_file():
+        print(f"report: {run_dir / 'report.html'}")
     print(
         f"held-out loss (clients): round 0 {s['eval_loss_round0']:.4f} -> round {s['rounds']} "
         f"{s['eval_loss_final']:.4f}"
         if s["eval_loss_final"] is not None
         else "no held-out loss recorded"
     )
+    if s.get("task_accuracy_final") is not None:
+        print(
+            f"task accuracy (coordinator): round 0 {s['task_accuracy_round0']:.4f} -> round "
+            f"{s['rounds']} {s['task_accuracy_final']:.4f}"
+        )
     if s.get("epsilon") is not None:
         print(f"privacy: ({s['epsilon']:.4g}, {s['delta']:g})-DP at the client level")
     if s.get("stopped"):
         print(f"stopped early: {s['stopped']}")
     return 0
+
+
+def check_eval_task(cfg: RunConfig) -> None:
+    """Read and check every row of ``--eval-task`` before a fleet starts (one clear line on a
+    bad row, instead of an error from inside the coordinator later)."""
+    if cfg.eval_task:
+        from client.tasks import load_task
+
+        task = load_task(cfg.eval_task, cfg.task_spec())
+        log.info(
+            "task evaluation: %d of %d rows of %s (%s) scored at round 0 and after every round",
+            len(task.items),
+            task.total_rows,
+            cfg.eval_task,
+            cfg.eval_task_kind,
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> int:

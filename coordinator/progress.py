@@ -44,19 +44,21 @@ def round_eta(
     phase_elapsed: float,
     done: int,
     total: int,
+    later_phases: float = 0.0,
 ) -> float | None:
     """Seconds until the current round ends: the last training round's duration minus the time
-    spent in this one; before any round has finished, the current phase's pace (seconds per
-    client so far times the clients still to reply). None when there is nothing to go on."""
+    spent in this one; before any training round has finished, the current phase's pace (seconds
+    per client so far times the clients still to reply) plus ``later_phases`` (the last
+    evaluate phase's duration while training). None when there is nothing to go on."""
     if previous_round is not None:
         return max(0.0, previous_round - round_elapsed)
     if done > 0 and total >= done:
-        return phase_elapsed / done * (total - done)
+        return phase_elapsed / done * (total - done) + later_phases
     return None
 
 
 def last_round_summary(row: Mapping[str, Any] | None) -> str:
-    """"held-out loss 2.3100  task accuracy 0.4120" of the last finished round ("" if none)."""
+    """ "held-out loss 2.3100  task accuracy 0.4120" of the last finished round ("" if none)."""
     if not row:
         return ""
     parts = [
@@ -91,6 +93,8 @@ class Progress:
         self._round_start = clock()
         self._phase_start = clock()
         self._previous_round: float | None = None  # wall time of the last training round
+        self._phase_name = ""
+        self._eval_phase = 0.0  # wall time of the last evaluate phase
         self._last_row: dict[str, Any] | None = None
         self._last_client = ""
 
@@ -104,6 +108,9 @@ class Progress:
 
     def phase(self, rnd: int, name: str, clients: int) -> None:
         now = self._clock()
+        if self._phase_name == "evaluate":
+            self._eval_phase = now - self._phase_start
+        self._phase_name = name
         if rnd != self._round:
             self._round, self._round_start = rnd, now
         self._phase_start = now
@@ -174,6 +181,7 @@ class Progress:
             now - self._phase_start,
             self._done,
             self._total,
+            self._eval_phase if self._phase_name != "evaluate" else 0.0,
         )
 
     def _fields(self) -> dict[str, str]:

@@ -239,4 +239,6 @@ def summary(run_dir: Path) -> Mapping[str, Any]:
         "eval_loss_final": last.get("eval_loss"),
         "central_eval_loss_round0": first.get("central_eval_loss"),
         "central_eval_loss_final": last.get("central_eval_loss"),
+        "task_accuracy_round0": first.get("task_accuracy"),
+        "task_accuracy_final": last.get("task_accuracy"),
     }

@@ -48,6 +48,7 @@ def test_round_eta() -> None:
     assert round_eta(130.0, 100.0, 10.0, 1, 4) == 0.0
     assert round_eta(30.0, None, 10.0, 2, 5) == 15.0  # 5 s per client, 3 to go
     assert round_eta(30.0, None, 10.0, 0, 5) is None
+    assert round_eta(30.0, None, 10.0, 2, 5, later_phases=40.0) == 55.0  # evaluate still to come
     assert format_seconds(3725.4) == "1:02:05" and format_seconds(None) == "?"
 
 
@@ -79,7 +80,8 @@ def test_log_lines_name_clients_and_give_the_eta(logged: list[str]) -> None:
     assert got[1] == "round 0/3 evaluate: client device-7 ok (1/2), round ETA 0:00:10"
     assert got[2] == f"round 0/3 evaluate: client {2**63 + 1} FAILED (2/2), round ETA 0:00:00"
     assert "task_accuracy 0.2500" in got[3]
-    assert got[5] == "round 1/3 train: client device-7 ok (1/2), round ETA 0:00:30"
+    # train: 30 s per client, one to go, then an evaluate phase like round 0's (20 s)
+    assert got[5] == "round 1/3 train: client device-7 ok (1/2), round ETA 0:00:50"
     # round 1 took 50 s; round 2 is 20 s in
     assert got[-1] == "round 2/3 train: client device-7 ok (1/2), round ETA 0:00:30"
 
@@ -109,6 +111,6 @@ def test_live_bar_shows_names_eta_and_last_round() -> None:
     p.close()
     assert "round 1/2 train" in text and "1/2 clients" in text
     assert "last reply: device-7 ok" in text
-    assert "round ETA 0:00:03" in text  # phase pace: 3 s per client, one to go
+    assert "round ETA 0:00:07" in text  # 3 s per client, one to go, then 4 s of evaluate
     assert "last round: held-out loss 3.0000  task accuracy 0.2500" in text
     assert "round 0/2: train_loss -  eval_loss 3.0000  task_accuracy 0.2500" in text
