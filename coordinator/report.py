@@ -159,12 +159,13 @@ def participation(
     """(clients, training rounds, cell) where cell[(client, round)] is "ok" (trained and its
     update was used), or the reason it failed; absent = not asked to train that round.
 
-    Clients come from each row's ``clients`` (the sampled nodes) and ``failures``."""
+    Clients come from each row's ``clients`` (the sampled nodes) and ``failures``; a round
+    without ``clients`` (secure aggregation, older runs) is left out."""
     cells: dict[tuple[int, int], str] = {}
     rounds = []
     for r in rows:
         rnd = int(r["round"])
-        if rnd == 0:
+        if rnd == 0 or "clients" not in r:
             continue
         rounds.append(rnd)
         failed = {int(f["node"]): str(f.get("reason", "")) for f in r.get("failures") or []}

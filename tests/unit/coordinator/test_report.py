@@ -32,6 +32,8 @@ def test_participation_and_failures() -> None:
     assert cells[(NODES[0], 1)] == "ok" and (NODES[2], 1) not in cells
     assert cells[(NODES[0], 2)] == "CUDA out of memory"
     assert cells[(NODES[2], 3)] == "ok"
+    secure = [{k: v for k, v in r.items() if k != "clients"} for r in rows()]  # counts only
+    assert report.participation(secure) == ([], [], {})
     assert report.failures(rows()) == [
         (2, "train", str(NODES[0]), "CUDA out of memory"),
         (2, "train", str(NODES[1]), "no reply within 900s"),
