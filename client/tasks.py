@@ -338,13 +338,17 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _cache_argument(model: Any) -> str:
-    """The name of the KV-cache argument (and output): transformers 5.x renamed
-    ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40)."""
+def _forward_parameters(model: Any) -> Mapping[str, Any]:
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return inspect.signature(base.forward).parameters
+
+
+def _cache_argument(model: Any) -> str:
+    """The name of the KV-cache argument (and output): transformers 5.x renamed
+    ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40)."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def score_choices(
@@ -365,7 +369,9 @@ def score_choices(
     device = next(model.parameters()).device
     with torch.no_grad():
         prefix = torch.tensor([seqs[0][0][:shared]], device=device)
-        out = model(input_ids=prefix, use_cache=True)
+        # Only the last prompt position's logits are needed: skip the output head elsewhere.
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+        out = model(input_ids=prefix, use_cache=True, **keep)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts position `shared`
         name = _cache_argument(model)
         cache = out.get(name)

@@ -131,7 +131,7 @@ _RUN_OPTIONS: list[tuple[str, type, str]] = [
         int,
         "clients in the population for client-level DP (0 = clients connected at the start)",
     ),
-    # -- task evaluation on the coordinator (README, "Task evaluation")
+    # -- task evaluation on the coordinator (README, "Accuracy on tasks, and run reports")
     ("eval-task", str, "task file scored by the coordinator at round 0 and after every round"),
     ("eval-task-kind", str, "kind of --eval-task: choice | label | generate"),
     ("eval-task-labels", str, "label kind: the label set, comma-separated (default: the file's)"),
@@ -568,8 +568,17 @@ def _row_progress(total: int, *, quiet: bool) -> Any:
 
     @contextlib.contextmanager
     def bar() -> Any:
-        if quiet or not sys.stderr.isatty():
+        if quiet:
             yield None
+            return
+        if not sys.stderr.isatty():  # a log line every tenth of the rows
+            step = max(1, total // 10)
+
+            def line(done: int, n: int) -> None:
+                if done % step == 0:
+                    log.info("scored %d/%d rows", done, n)
+
+            yield line
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 

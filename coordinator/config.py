@@ -9,10 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.defaults import DEFAULT_MODEL, Choice, Quantization
 from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
+
+if TYPE_CHECKING:
+    from client.tasks import TaskSpec
 
 ROUND_FAILURE_POLICIES = ("continue", "stop")
 
@@ -88,7 +91,7 @@ class RunConfig:
     accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)
     population: int = 0  # clients in the population; 0: the nodes connected at the start
     ffa_lora: bool = False  # FFA-LoRA: A frozen at the shared init, only B trained and sent
-    # -- task evaluation on the coordinator (README, "Task evaluation") -------------------------
+    # -- task evaluation on the coordinator (README, "Accuracy on tasks, and run reports") ----
     eval_task: str = ""  # task file scored at round 0 and after every round ("" = none)
     eval_task_kind: str = ""  # choice | label | generate
     eval_task_labels: str = ""  # label kind: the label set ("" = the labels in the file)
@@ -306,7 +309,7 @@ class RunConfig:
         if self.eval_task:
             self.task_spec()  # raises ConfigError naming the eval-task-* key
 
-    def task_spec(self) -> Any:
+    def task_spec(self) -> TaskSpec:
         """The ``client.tasks.TaskSpec`` of ``--eval-task`` (seeded with the run's seed)."""
         from client.tasks import TaskKind, TaskSpec
 
