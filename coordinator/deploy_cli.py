@@ -243,10 +243,9 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
         from client.data import load_records
 
         load_records(cfg.central_eval_data)
-    if cfg.eval_task:  # every row checked before the run starts
-        from client.tasks import load_task
+    from coordinator.task_cli import check_eval_task
 
-        load_task(cfg.eval_task, cfg.task_spec())
+    check_eval_task(cfg)  # every row of --eval-task checked before the run starts
     sink = _quiet_sink if args.quiet else None
     submit(SubmitConfig(run=cfg, endpoint=endpoint, poll_interval=args.poll_interval,
                         verbose=args.verbose), sink=sink)  # fmt: skip
