@@ -471,7 +471,7 @@ def classification_result(
         "macro_f1_summed": tm.macro_f1(cm_sum),
         "majority_baseline": majority_acc,
         "chance_baseline": tm.chance_baseline([len(s) for s in normalised]),
-        "rows": float(len(y)),
+        "rows_scored": float(len(y)),
     }
     recall = tm.per_class_recall(cm)
     per_row = [
@@ -508,7 +508,12 @@ def generation_result(
     def mean(values: list[float]) -> float:
         return float(np.mean(values)) if values else float("nan")
 
-    metrics = {"accuracy": mean(em), "exact_match": mean(em), "token_f1": mean(f1), "rows": n}
+    metrics = {
+        "accuracy": mean(em),
+        "exact_match": mean(em),
+        "token_f1": mean(f1),
+        "rows_scored": n,
+    }
     per_row = [
         {
             "row": int(rows[i]) if rows else i + 1,
@@ -610,7 +615,7 @@ def result_table(result: TaskResult, *, title: str = "") -> str:
         ]
     width = max(len(name) for name, _ in rows)
     lines += [f"  {name:<{width}}  {value:.4f}" for name, value in rows]
-    lines.append(f"  {'rows scored':<{width}}  {int(m['rows'])}")
+    lines.append(f"  {'rows scored':<{width}}  {int(m['rows_scored'])}")
     if result.confusion is not None and result.kind is TaskKind.LABEL:
         cm = np.asarray(result.confusion)
         name_w = max(len(c) for c in result.classes)

@@ -37,7 +37,7 @@ PLOT_FILES = {
     "bytes": "bytes.png",
     "time": "time.png",
 }
-# task_* keys plotted (others, e.g. task_rows, are shown only in the table).
+# task_* keys plotted (others, e.g. task_rows_scored, are shown only in the table).
 TASK_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1")
 TASK_BASELINES = ("majority_baseline", "chance_baseline")
 LOSSES = (

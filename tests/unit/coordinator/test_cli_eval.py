@@ -53,7 +53,7 @@ def test_eval_base_and_adapter_write_json_with_top_level_accuracy(
     assert base["kind"] == "label" and base["rows_in_file"] == 5 and base["adapter"] is None
     assert 0.0 <= base["accuracy"] <= 1.0 and "macro_f1" in base
     assert base["classes"] == ["colors", "joke", "question"]
-    assert len(base["rows"]) == 4 and base["rows"][0]["row"] >= 1
+    assert len(base["rows"]) == base["rows_scored"] == 4 and base["rows"][0]["row"] >= 1
     assert sum(map(sum, base["confusion_matrix"])) == 4
 
     adapter = make_adapter(tiny_model_dir, model_cache, tmp_path / "adapter")

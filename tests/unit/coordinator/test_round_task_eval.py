@@ -82,9 +82,9 @@ def test_eval_task_rows_in_metrics(tiny_model_dir: Path, model_cache: Path, tmp_
 
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
-        for key in ("task_accuracy", "task_macro_f1", "task_majority_baseline", "task_rows"):
+        for key in ("task_accuracy", "task_macro_f1", "task_majority_baseline", "task_rows_scored"):
             assert key in r, (r["round"], key)
-        assert r["task_rows"] == 3.0  # --eval-task-limit
+        assert r["task_rows_scored"] == 3.0  # --eval-task-limit
         assert set(r["task_per_class_recall"]) == {"colors", "joke", "question"}
     assert rows[1]["clients"] == sorted(rows[1]["clients"]) and len(rows[1]["clients"]) == 2
 
