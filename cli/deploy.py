@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +224,8 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
             "client-quantization: applies to simulated fleets; in a deployment each device "
             "chooses with `fedtune client start --quantization`"
         )
+    if overrides.get("eval-task"):  # read by the ServerApp on this (the coordinator's) machine
+        overrides["eval-task"] = str(Path(overrides["eval-task"]).expanduser().resolve())
     cfg = RunConfig.from_mapping(overrides)
     out = resolve_output_dir(cfg).expanduser().resolve()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -240,9 +244,14 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
     log.info("preparing model %s (%s) in cache %s", source.label, cfg.quantization.value, cache)
     prepare(source, [Quantization.NONE, cfg.quantization], cache)
     check_lora_targets(weight_module_names(ensure_base(source, cache)), cfg.lora)
+    from cli.tasks import check_eval_task
+
+    check_eval_task(cfg)  # every row of --eval-task checked before the run starts
+    sink = _quiet_sink if args.quiet else None
     submit(SubmitConfig(run=cfg, endpoint=endpoint, poll_interval=args.poll_interval,
-                        verbose=args.verbose))  # fmt: skip
+                        verbose=args.verbose), sink=sink)  # fmt: skip
     print(f"run directory: {out}")
+    _name_nodes(endpoint, out)
     s = run_summary(out)
     if s and s["eval_loss_final"] is not None and s["eval_loss_round0"] is not None:
         print(
@@ -250,6 +259,36 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
             f"{s['rounds']} {s['eval_loss_final']:.4f}"
         )
     return 0
+
+
+# Progress lines of the ServerApp ("round 2/5 train: client ...", "round 2/5: train_loss ...").
+_PROGRESS_LINE = re.compile(r"round \d+/\d+( \S+)*: (waiting for|client |train_loss )")
+
+
+def _quiet_sink(line: str) -> None:
+    """--quiet: the run's log without its progress lines (warnings and errors stay)."""
+    if not _PROGRESS_LINE.search(line):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _name_nodes(endpoint: Any, run_dir: Path) -> None:
+    """Record the devices' names (node id -> name, from the coordinator) in the run's
+    config.json and rewrite its report, so participation and failures show names, not ids.
+    Only when the run directory is on this machine."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return
+    from coordinator.report import write_run_report
+    from coordinator.rundir import RunDirectory
+    from coordinator.superlink import list_nodes
+
+    try:
+        names = {str(n["node_id"]): n["name"] for n in list_nodes(endpoint) if n.get("name")}
+    except Exception as exc:  # the run is done; names are a nicety
+        log.warning("could not read the devices' names from the coordinator: %s", exc)
+        return
+    if names:
+        RunDirectory(run_dir).update_config("node_names", names)
+        write_run_report(run_dir)
 
 
 def cmd_coordinator_nodes(args: argparse.Namespace) -> int:

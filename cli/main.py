@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli.options import add_run_options, run_overrides
-from client.logs import setup_logging
+from client.logs import quiet_libraries, setup_logging
 from coordinator.config import RunConfig
 
 log = logging.getLogger("fedtune")
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedtune",
         description="Federated LoRA fine-tuning of quantized language models.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show library logs and warnings"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = sub.add_parser("simulate", help="run a simulated fleet on this machine (Flower + Ray)")
@@ -80,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--cache-dir", type=Path, default=None)
 
     from cli.deploy import add_deploy_commands
+    from cli.tasks import add_output_flags, add_task_commands
 
+    add_task_commands(sub)  # eval, report
     add_deploy_commands(sub)
+    add_output_flags(parser)  # -q/--quiet and -v/--verbose on every subcommand too
     return parser
 
 
@@ -97,6 +102,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     overrides = run_overrides(args)
     overrides.setdefault("round-timeout", SIMULATION_ROUND_TIMEOUT)
+    if overrides.get("eval-task"):
+        overrides["eval-task"] = str(Path(overrides["eval-task"]).expanduser().resolve())
     if "output-dir" in overrides:
         overrides["output-dir"] = str(Path(overrides["output-dir"]).expanduser().resolve())
     elif args.resume:
@@ -121,17 +128,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cpus_per_client=args.cpus_per_client,
         resume=args.resume,
     )
-    run_dir = simulate(sim, verbose=args.verbose)
+    from cli.tasks import check_eval_task
+
+    check_eval_task(cfg)
+    if not args.verbose:
+        # Importing Flower's simulation turns DeprecationWarnings back on ("once", ahead of our
+        # filters), so torch.jit's deprecation reached users; filter again after that import.
+        import flwr.simulation  # noqa: F401
+
+        quiet_libraries()
+    from coordinator.progress import Progress
+
+    progress = Progress(cfg.rounds, quiet=args.quiet)
+    run_dir = simulate(sim, progress=progress, verbose=args.verbose)
     from coordinator.rundir import summary
 
     s = summary(run_dir)
     print(f"run directory: {run_dir}")
+    if (run_dir / "report.html").is_file():
+        print(f"report: {run_dir / 'report.html'}")
     print(
         f"held-out loss (clients): round 0 {s['eval_loss_round0']:.4f} -> round {s['rounds']} "
         f"{s['eval_loss_final']:.4f}"
         if s["eval_loss_final"] is not None
         else "no held-out loss recorded"
     )
+    if s.get("task_accuracy_final") is not None:
+        print(
+            f"task accuracy (coordinator): round 0 {s['task_accuracy_round0']:.4f} -> round "
+            f"{s['rounds']} {s['task_accuracy_final']:.4f}"
+        )
     if s.get("epsilon") is not None:
         print(f"privacy: ({s['epsilon']:.4g}, {s['delta']:g})-DP at the client level")
     if s.get("stopped"):
@@ -192,7 +218,7 @@ _COMMANDS = {"simulate": cmd_simulate, "export": cmd_export, "chat": cmd_chat}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     label = getattr(args, "label", args.command)
     try:
         command = getattr(args, "func", None) or _COMMANDS[args.command]

@@ -244,6 +244,12 @@ def _render(
     )
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> str:
+    """The chat so far plus the assistant's generation prompt, rendered exactly as training
+    renders the prefix of a reply (the text a model continues when it answers)."""
+    return _render(tokenizer, messages, generation_prompt=True)
+
+
 def _texts(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[str]:
     """The full chat, then for each assistant turn i the two prefixes bounding it:
     "messages[:i] + generation prompt" and "messages[:i+1]" (chat templates render prefixes

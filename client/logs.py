@@ -12,13 +12,13 @@ import warnings
 log = logging.getLogger("fedtune")
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
     for old in list(log.handlers):  # main() may run more than once in a process (tests)
         log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.WARNING if quiet and not verbose else logging.INFO)
     log.propagate = False
     if verbose:
         logging.basicConfig(level=logging.INFO)

@@ -11,12 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.defaults import DEFAULT_MODEL, Choice, Quantization
 from coordinator.strategies import STRATEGIES, StrategySettings
 from protocol.errors import ProtocolError
 from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
+
+if TYPE_CHECKING:
+    from client.tasks import TaskSpec
 
 ROUND_FAILURE_POLICIES = ("continue", "stop")
 
@@ -189,6 +192,22 @@ class RunConfig:
     )
     ffa_lora: bool = option(False, "FFA-LoRA: freeze A at the shared init, train and send only B")
 
+    # -- task evaluation on the coordinator (README, "Accuracy on tasks, and run reports") ----
+    eval_task: str = option(
+        "", "task file scored by the coordinator at round 0 and after every round"
+    )
+    eval_task_kind: str = option("", "kind of --eval-task: choice | label | generate")
+    eval_task_labels: str = option(
+        "", "label kind: the label set, comma-separated (default: the file's)"
+    )
+    eval_task_columns: str = option("", "ROLE=COLUMN,... renames for --eval-task (as fedtune eval)")
+    eval_task_template: str = option(
+        "", "prompt template for --eval-task (as fedtune eval --template)"
+    )
+    eval_task_limit: int = option(
+        0, "score a seeded subset of this many --eval-task rows (0 = all)"
+    )
+
     @property
     def lora(self) -> LoraSpec:
         return LoraSpec(
@@ -262,6 +281,7 @@ class RunConfig:
         self._check_robust(need)
         self._check_secagg(need)
         self._check_privacy(need)
+        self._check_eval_task(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
 
@@ -470,6 +490,36 @@ class RunConfig:
             "noise-multiplier",
             "dp 'client' needs a noise multiplier > 0 or a target-epsilon, got neither",
         )
+
+    def _check_eval_task(self, need: Any) -> None:
+        need(
+            bool(self.eval_task) or not self.eval_task_kind,
+            "eval-task-kind",
+            "needs --eval-task FILE (the task to score)",
+        )
+        need(
+            not self.eval_task or bool(self.eval_task_kind),
+            "eval-task-kind",
+            "--eval-task needs a kind: choice | label | generate",
+        )
+        if self.eval_task:
+            self.task_spec()  # raises ConfigError naming the eval-task-* key
+
+    def task_spec(self) -> TaskSpec:
+        """The ``client.tasks.TaskSpec`` of ``--eval-task`` (seeded with the run's seed)."""
+        from client.tasks import TaskKind, TaskSpec
+
+        try:
+            return TaskSpec(
+                kind=TaskKind.parse(self.eval_task_kind, field="kind"),
+                columns=self.eval_task_columns,
+                labels=self.eval_task_labels,
+                template=self.eval_task_template,
+                limit=self.eval_task_limit,
+                seed=self.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"eval-task-{exc}") from exc
 
     @property
     def count_stddev(self) -> float:

@@ -51,6 +51,7 @@ class Contribution:
     total_weight: float
     contributors: list[int] = field(default_factory=list)
     sampled: int = 0
+    nodes: list[int] = field(default_factory=list)  # who was asked to train
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_down: int = 0
@@ -162,7 +163,7 @@ class PlainTransport:
         prepare: Prepare,
     ) -> Contribution:
         acc = self.accumulator(expected)
-        c = Contribution(acc.sum, 0.0, sampled=len(nodes))
+        c = Contribution(acc.sum, 0.0, sampled=len(nodes), nodes=sorted(nodes))
         capped: list[int] = []
 
         def fold(node: int, reply: Any) -> None:
@@ -233,6 +234,7 @@ class RoundResult:
 
     status: str  # "ok" | "failed"
     reason: str | None = None
+    clients: list[int] = field(default_factory=list)  # who was asked to train (participation)
     clients_sampled: int = 0
     clients_ok: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -262,6 +264,7 @@ class RoundResult:
         return cls(
             status=status,
             reason=reason,
+            clients=list(c.nodes),
             clients_sampled=c.sampled,
             clients_ok=len(c.contributors),
             failures=list(c.failures),

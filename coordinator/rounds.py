@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from coordinator.pipeline import (
     update_norm,
 )
 from coordinator.progress import Progress
+from coordinator.report import write_run_report
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from protocol.adapter import AdapterSpec
@@ -98,6 +100,25 @@ class ServerModel:
             pad_id=pad,
             global_adapter=adapter,
         )
+
+    def task_eval(self, adapter: Arrays) -> dict[str, Any]:
+        """``task_*`` metrics of ``adapter`` on ``--eval-task`` (accuracy, and the kind's other
+        metrics), scored on this model; {} without a task. The task is read on the first call."""
+        if not self.cfg.eval_task:
+            return {}
+        from client.model import set_adapter
+        from client.tasks import TaskKind, evaluate_task, load_task
+
+        t0 = time.monotonic()
+        if getattr(self, "task", None) is None:
+            self.task = load_task(self.cfg.eval_task, self.cfg.task_spec())
+        set_adapter(self.model, adapter)
+        result = evaluate_task(self.model, self.base.tokenizer, self.task)
+        row: dict[str, Any] = {f"task_{k}": v for k, v in result.metrics.items()}
+        if result.kind is TaskKind.LABEL:
+            row["task_per_class_recall"] = result.per_class_recall
+        row["task_eval_seconds"] = time.monotonic() - t0
+        return row
 
     def write_peft(self, adapter: Arrays, directory: Path) -> None:
         from client.model import set_adapter
@@ -342,6 +363,7 @@ def run_federation(
         )
         central = server.central_eval(adapter)
         row["central_eval_loss"] = central.loss if central else None
+        row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task
         return row, down, up
 
     def save(rnd: int) -> None:
@@ -414,4 +436,5 @@ def run_federation(
                 "(on-round-failure is 'stop')"
             )
     rundir.plot()
+    write_run_report(run_dir)  # PNG plots and report.html (coordinator/report.py)
     return rundir.read_metrics()

@@ -5,7 +5,9 @@
     adapter/        the global adapter in PEFT format (PeftModel.from_pretrained loads it)
     state.json      the round reached and what a resumed run needs
     server-state.safetensors   the server optimizer's state of that round (FedAdam's moments, ...)
-    loss.png        train / held-out loss curves
+    loss.png        train / held-out loss curves (each round); at the end of the run also
+                    task.png, privacy.png, bytes.png, time.png and report.html
+                    (coordinator/report.py)
 
 Every write replaces the old file atomically, so a crash mid-round leaves the previous round's
 files intact.
@@ -352,6 +354,9 @@ class RunDirectory:
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o", label=label)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_xlabel("round")
         ax.set_ylabel("loss per response token")
         ax.set_title("fedtune run")
@@ -381,4 +386,6 @@ def summary(run_dir: Path) -> Mapping[str, Any]:
         "eval_loss_final": last.get("eval_loss"),
         "central_eval_loss_round0": first.get("central_eval_loss"),
         "central_eval_loss_final": last.get("central_eval_loss"),
+        "task_accuracy_round0": first.get("task_accuracy"),
+        "task_accuracy_final": last.get("task_accuracy"),
     }

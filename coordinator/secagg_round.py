@@ -129,6 +129,7 @@ class SecureTransport:
             {name: np.zeros(t.shape, np.float64) for name, t in expected.tensors},
             0.0,
             sampled=len(nodes),
+            nodes=sorted(nodes),
             failures=[
                 {"node": n, "stage": "sampling", "reason": f"excluded: {self.excluded[n]}"}
                 for n in nodes

@@ -207,6 +207,11 @@ def test_two_rounds_complete_and_write_the_run_directory(deployment: Deployment)
     assert json.loads((d.run_dir / "state.json").read_text())["round"] == 2
     assert (d.run_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (d.run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # The devices' names, read from the coordinator after the run, name them in the report.
+    names = json.loads((d.run_dir / "config.json").read_text())["node_names"]
+    assert {names[str(node)] for node in d.node_ids.values()} == set(d.node_ids)
+    report = (d.run_dir / "report.html").read_text()
+    assert 'id="plot-loss"' in report and all(name in report for name in d.node_ids)
 
 
 def test_progress_is_streamed_to_the_operator(deployment: Deployment) -> None:

@@ -46,7 +46,9 @@ def node(i: int, *, value: Any = None, examples: int | None = None):  # type: ig
 def run(tiny: Path, cache: Path, out: Path, hostile: Any, rounds: int = 1, **kw: Any) -> list[dict]:  # type: ignore[type-arg]
     handlers = {n: node(i) for i, n in enumerate(NODES[:3])}
     handlers[NODES[3]] = hostile
-    cfg = cfg_for(tiny, cache, out, rounds=rounds, **{"clients-per-round": 4, **kw})
+    # max-update-norm 0: the automatic bound (4 x lr x local steps x sqrt(trained values)).
+    values = {"clients-per-round": 4, "max-update-norm": 0.0, **kw}
+    cfg = cfg_for(tiny, cache, out, rounds=rounds, **values)
     return run_virtual(FakeGrid(handlers), cfg, out, progress=Progress(rounds, live=False))
 
 
