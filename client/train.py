@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from client.data import IGNORE_INDEX, TokenizedExample
+from client.loss import head_losses
 from client.model import adapter_parameters, get_adapter, set_adapter
 from protocol.messages import ClientUpdate, EvalResult, TrainInstruction
 
@@ -72,7 +73,8 @@ def batch_schedule(
 
 def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy at each labelled position (N,), and the example each position
-    belongs to (N,)."""
+    belongs to (N,). The head runs a chunk of labelled positions at a time (``client.loss``):
+    never the full B x T x V logits, in training or in evaluation."""
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
     base = cast("PreTrainedModel", model.get_base_model())
@@ -82,11 +84,10 @@ def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Te
         hidden = decoder(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state  # (B, T, D)
-        logits = head(hidden[:, :-1][keep])  # (N, V), N labelled positions
+        losses = head_losses(head, hidden[:, :-1][keep], targets[keep])  # (N,)
     else:
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logits = full[:, :-1][keep]
-    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        losses = F.cross_entropy(full[:, :-1][keep].float(), targets[keep], reduction="none")
     return losses, keep.nonzero()[:, 0]
 
 
@@ -106,6 +107,42 @@ def per_example_loss(model: PeftModel, batch: Batch) -> torch.Tensor:
     return sums / counts.clamp(min=1)
 
 
+def split_batch(batch: Batch, rows: int) -> list[Batch]:
+    """Micro-batches of at most ``rows`` examples, each cut to its own longest row (right
+    padding: the cut columns are padding only, so no position's loss changes)."""
+    out = []
+    for start in range(0, batch.input_ids.shape[0], rows):
+        mask = batch.attention_mask[start : start + rows]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        out.append(
+            Batch(
+                batch.input_ids[start : start + rows, :width],
+                mask[:, :width],
+                batch.labels[start : start + rows, :width],
+            )
+        )
+    return out
+
+
+def backward_mean_loss(model: PeftModel, batch: Batch, micro_batch: int = 0) -> float:
+    """Backpropagate the batch's mean loss per labelled token and return it; with ``micro_batch``
+    (0: off) one micro-batch of rows at a time, each scaled by the whole batch's token count, so
+    the accumulated gradients are those of one backward over the batch (up to float rounding;
+    with LoRA dropout the masks are drawn per micro-batch)."""
+    if micro_batch <= 0 or micro_batch >= batch.input_ids.shape[0]:
+        loss_sum, n = response_loss(model, batch)
+        loss = loss_sum / max(n, 1)
+        loss.backward()
+        return float(loss.detach())
+    n_total = max(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), 1)
+    total = 0.0
+    for part in split_batch(batch, micro_batch):
+        loss_sum, _ = response_loss(model, part)
+        (loss_sum / n_total).backward()
+        total += float(loss_sum.detach())
+    return total / n_total
+
+
 def _client_rng(instr: TrainInstruction, client_seed: int) -> np.random.Generator:
     return np.random.default_rng([instr.seed, instr.round, client_seed])
 
@@ -118,8 +155,11 @@ def train_round(
     *,
     pad_id: int,
     client_seed: int,
+    micro_batch: int = 0,
 ) -> ClientUpdate:
-    """One round of local training from ``global_adapter``; returns the adapter delta."""
+    """One round of local training from ``global_adapter``; returns the adapter delta.
+    ``micro_batch`` > 0 accumulates each step's gradients over micro-batches of that many rows
+    (the memory plan's choice, ``client.memory``)."""
     device = next(model.parameters()).device
     set_adapter(model, global_adapter)
     trainable = set(instr.trainable_keys) if instr.trainable_keys else set(global_adapter)
@@ -140,13 +180,11 @@ def train_round(
         torch.manual_seed(int(rng.integers(2**31)))  # LoRA dropout
         for idx in schedule:
             batch = collate([examples[i] for i in idx], pad_id, device)
-            loss_sum, n = response_loss(model, batch)
-            loss = loss_sum / max(n, 1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = backward_mean_loss(model, batch, micro_batch)
             torch.nn.utils.clip_grad_norm_([params[k] for k in trainable], instr.max_grad_norm)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             tokens += int(batch.attention_mask.sum())
     seconds = time.perf_counter() - t0
     model.eval()

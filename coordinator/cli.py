@@ -32,6 +32,12 @@ _RUN_OPTIONS: list[tuple[str, type, str]] = [
         str,
         "a mixed fleet: modes given to clients round-robin, e.g. nf4,int8,none",
     ),
+    (
+        "client-max-memory",
+        str,
+        "simulation: memory budget of each client, e.g. 1GB; a list is given round-robin "
+        "(768MB,2GB); clients plan micro-batches and checkpointing to fit it",
+    ),
     ("rounds", int, "federated rounds"),
     ("clients-per-round", int, "clients sampled for training each round"),
     ("min-clients", int, "fewest usable updates for a round to count"),
@@ -145,6 +151,10 @@ _RUN_SWITCHES: list[tuple[str, str]] = [
         "client-level DP: track a quantile of update norms (Andrew et al. 2021)",
     ),
     ("ffa-lora", "FFA-LoRA: freeze A at the shared init, train and send only B"),
+    (
+        "quantize-to-fit",
+        "clients may fall back to a smaller quantization (none, int8, nf4) to fit their memory",
+    ),
 ]
 
 

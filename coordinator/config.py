@@ -43,6 +43,11 @@ class RunConfig:
     quantization: Quantization = Quantization.NF4
     # Simulation only: comma-separated modes given to clients round-robin ("" = all `quantization`).
     client_quantization: str = ""
+    # Simulation only: comma-separated memory budgets (e.g. "1GB" or "768MB,2GB") given to
+    # clients round-robin, a device's max-memory ("" = none).
+    client_max_memory: str = ""
+    # Clients may fall back to a smaller quantization to fit their memory budget.
+    quantize_to_fit: bool = False
     rounds: int = 3
     clients_per_round: int = 3
     min_clients: int = 2
@@ -96,6 +101,7 @@ class RunConfig:
 
         need(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         self.client_quantizations()  # raises ConfigError naming a bad mode
+        self.client_memory_budgets()  # raises ConfigError naming a bad size
         need(
             self.clients_per_round >= 1,
             "clients-per-round",
@@ -148,6 +154,20 @@ class RunConfig:
                 out.append(Quantization.parse(mode.strip(), field="client-quantization"))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+        return out
+
+    def client_memory_budgets(self) -> list[int]:
+        """The simulated clients' memory budgets in bytes (empty: none)."""
+        from client.defaults import parse_size
+
+        out = []
+        for size in (b.strip() for b in self.client_max_memory.split(",") if b.strip()):
+            try:
+                out.append(parse_size(size, "client-max-memory"))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            if out[-1] < 64 * 2**20:
+                raise ConfigError(f"client-max-memory: {size} is below 64 MiB")
         return out
 
     def _check_secagg(self, need: Any) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from coordinator.rundir import RunDirectory
 from protocol.adapter import AdapterSpec
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    ClientUpdate,
     EvalResult,
     decode_eval_result,
     decode_update,
@@ -256,6 +257,31 @@ class ServerModel:
         self.base.tokenizer.save_pretrained(str(directory))
 
 
+# Per-client memory figures a reply carries (client/app.py, client/memory.py) -> metrics keys.
+_MEMORY_METRICS = {
+    "peak-rss-mb": "peak_rss_mb",
+    "max-memory-mb": "max_memory_mb",
+    "weight-bits": "weight_bits",
+    "plan-micro-batch": "micro_batch",
+    "plan-accumulation": "accumulation",
+    "plan-checkpointing": "checkpointing",
+    "plan-estimated-mb": "estimated_mb",
+}
+
+
+def client_memory(updates: Mapping[int, ClientUpdate]) -> list[dict[str, Any]]:
+    """Each client's memory plan and peak RSS for metrics.jsonl, by node."""
+    rows = []
+    for node, u in sorted(updates.items()):
+        row: dict[str, Any] = {"node": node}
+        for key, name in _MEMORY_METRICS.items():
+            if key in u.metrics:
+                value = u.metrics[key]
+                row[name] = bool(value) if name == "checkpointing" else value
+        rows.append(row)
+    return rows
+
+
 def _weighted(values: list[tuple[float, float]]) -> float | None:
     total = sum(w for _, w in values)
     return sum(v * w for v, w in values) / total if total > 0 else None
@@ -280,6 +306,9 @@ def federated_evaluate(
             "eval_failures": failures,
             "eval_phase_seconds": ex.seconds,
             "client_eval_seconds": sum(r.metrics.get("eval-seconds", 0.0) for r in results),
+            "client_eval_peak_rss_mb_max": max(
+                (r.metrics.get("eval-peak-rss-mb", 0.0) for r in results), default=None
+            ),
         },
         ex.bytes_down,
         ex.bytes_up,
@@ -335,6 +364,7 @@ def train_round(
             (u.metrics.get("peak-rss-mb", 0.0) for u in ok), default=None
         ),
     }
+    metrics["client_memory"] = client_memory(updates)
     client_eps = [u.metrics["client-epsilon"] for u in ok if "client-epsilon" in u.metrics]
     if client_eps:  # sample-level DP: each client's own cumulative epsilon
         metrics["client_epsilon_max"] = max(client_eps)
