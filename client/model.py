@@ -352,10 +352,21 @@ def _read_converted(
     directory: Path, key: str, current: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """``current`` (a tensor loaded from ``directory``, still backed by the file's memory map)
-    converted to ``dtype`` a slice at a time from short-lived maps of the file, so the fp32
-    table never becomes resident; converted in place of memory when no file holds ``key``."""
-    from safetensors import safe_open
+    in ``dtype``.
 
+    The first time, it is converted a slice at a time from short-lived maps of the checkpoint,
+    so the fp32 table never becomes resident, and saved beside it (``half-<key>.safetensors``);
+    later loads read that copy (54 MiB for SmolLM2, instead of converting 108 MiB). Where no
+    checkpoint file holds ``key`` it is converted in memory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    sidecar = directory / f"half-{key}.safetensors"
+    if sidecar.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
+            stored = load_file(str(sidecar))[key]
+            if stored.shape == current.shape and stored.dtype == dtype:
+                return stored.to(current.device)
     source = None
     for f in sorted(directory.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
@@ -364,12 +375,17 @@ def _read_converted(
                 break
     if source is None:
         return current.detach().to(dtype)
-    out = torch.empty(current.shape, dtype=dtype, device=current.device)
+    out = torch.empty(current.shape, dtype=dtype)
     rows = max(1, _EMBEDDING_SLICE_BYTES // (current.element_size() * current.shape[-1]))
     for start in range(0, current.shape[0], rows):
         with safe_open(str(source), framework="pt") as fh:
             out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
-    return out
+    with contextlib.suppress(OSError):  # a read-only cache: convert again next time
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".half-", suffix=".tmp")
+        os.close(fd)
+        save_file({key: out}, tmp)
+        os.replace(tmp, sidecar)
+    return out.to(current.device)
 
 
 def hold_embeddings_in_half(model: PreTrainedModel, directory: Path) -> bool:

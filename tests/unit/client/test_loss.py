@@ -18,6 +18,7 @@ from client.model import (
     Quantization,
     activation_checkpointing,
     attach_lora,
+    ensure_quantized,
     get_adapter,
     load_base,
     resolve_model,
@@ -198,6 +199,11 @@ def test_quantized_bases_hold_the_tied_embedding_in_half_precision(
     torch.testing.assert_close(
         emb.weight.float(), fp32.get_input_embeddings().weight.to(FROZEN_EMBEDDING_DTYPE).float()
     )
+    # The converted table is kept beside the checkpoint; the next load reads it.
+    entry = ensure_quantized(resolve_model(str(tiny_model_dir)), Quantization.NF4, model_cache)
+    assert (entry / "half-model.embed_tokens.weight.safetensors").is_file()
+    again = load_base(resolve_model(str(tiny_model_dir)), Quantization.NF4, model_cache).model
+    assert torch.equal(again.get_input_embeddings().weight, emb.weight)
     ids = torch.tensor([[1, 5, 9]])
     assert emb(ids).dtype == torch.float32  # the decoder still computes in fp32
     hidden = torch.randn(1, 3, emb.weight.shape[1])
