@@ -88,6 +88,23 @@ def matmul_ceiling(n: int = 1536, repeats: int = 10) -> tuple[float, float]:
     return flops / t.wall / 1e9, flops / t.cpu / 1e9 * torch.get_num_threads()
 
 
+def llama_decoder_forward_flops(config: Any, batch: int, seq: int, lora_params: int) -> float:
+    """FLOPs of one forward of the decoder layers (what activation checkpointing recomputes)."""
+    d = config.hidden_size
+    f = config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    layers = config.num_hidden_layers
+    tokens = batch * seq
+    per_layer_linear = (
+        d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * f
+    )
+    linear = 2 * tokens * layers * per_layer_linear
+    attention = 2 * 2 * batch * seq * seq * heads * head_dim * layers
+    return float(linear + attention + 2 * tokens * lora_params)
+
+
 def llama_train_flops(
     config: Any, batch: int, seq: int, head_tokens: int, lora_params: int
 ) -> float:

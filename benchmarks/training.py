@@ -1,15 +1,25 @@
-"""Local LoRA training throughput of the real base model for each quantization mode.
+"""Local LoRA training of the real base model: speed, model-FLOPs utilisation and memory.
 
-For ``none``, ``int8`` and ``nf4`` (each in a fresh subprocess, so peak RSS is that mode's own):
-tokens/s, seconds per step and peak RSS at batch 4 x 128 tokens, the dense fp32 GEMM throughput
-measured in the same process, and the model-FLOPs utilisation (MFU) this implies. Each timed step
-is followed by a short GEMM burst and MFU is the median over these (step, ceiling) pairs, so drift
-in what a shared machine gives the process cancels out; min and max over the pairs are printed too.
-MFU is reported on wall time and on process CPU time.
-A second, realistic figure trains on the built-in chatterbot data (short sequences, loss on the
-response tokens only).
+Every configuration runs in a fresh subprocess that imports what a client imports
+(``client.app``: torch, transformers, peft, flwr), so its peak RSS is the whole process's,
+imports and loading included:
 
-    python benchmarks/training.py [--steps 8] [--modes none,int8,nf4] [--model smollm2]
+* for each quantization mode (``none``, ``int8``, ``nf4``), with and without activation
+  checkpointing: seconds per step, tokens/s, peak RSS, and MFU against the fp32 GEMM ceiling
+  measured in the same process. Each timed step is followed by a short GEMM burst and MFU is the
+  median over these (step, ceiling) pairs, so drift in what a shared machine gives the process
+  cancels out. Checkpointing's recomputation cost is the ratio of the paired MFUs without and
+  with it, against the bound of one more forward of the decoder;
+* for each memory budget: the plan ``client.memory`` chooses (as a client with that
+  ``max-memory`` would, allowed to fall back to smaller quantizations), the peak RSS it reaches
+  and its tokens/s, or the refusal;
+* the held-out evaluation's peak (batch 8, chunked head), against the full-logits forward in the
+  same process;
+* with ``--baseline``, the path before the memory work (full logits, one backward, the C
+  allocator's defaults), for the ratio.
+
+    python benchmarks/training.py [--steps 8] [--modes none,int8,nf4] [--checkpointing off,on]
+        [--budgets 512MB,768MB,1GB,2GB] [--batch-size 4] [--seq-len 128] [--baseline] [--json]
 """
 
 from __future__ import annotations
@@ -19,147 +29,295 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+LORA_TARGETS = ("q_proj", "v_proj")
 
-def run_mode(mode: str, model_spec: str, steps: int, lora_dropout: float) -> dict[str, float]:
-    import numpy as np
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this (fresh) process."""
+    import client.app  # noqa: F401  (what a client process has imported)
+    from client.rss import current_rss_mb, lifetime_peak_rss_mb, peak_rss_mb, reset_peak_rss
+
+    imports_mb = current_rss_mb()
+    if spec["threads"]:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    if not spec["baseline"]:
+        from client.rss import tune_allocator
+
+        tune_allocator()
     import torch
+    import torch.nn.functional as F
 
     from benchmarks._common import (
+        llama_decoder_forward_flops,
         llama_train_flops,
         load_average,
         paired_utilisation,
-        peak_rss_mb,
+        timed,
     )
-    from client.data import load_records, to_conversations, tokenize_all
+    from client.data import IGNORE_INDEX, load_records, to_conversations, tokenize_all
+    from client.memory import (
+        MemoryBudgetError,
+        MemoryPlan,
+        client_plan,
+        resident_mib,
+    )
     from client.model import (
         Quantization,
+        activation_checkpointing,
         attach_lora,
         default_cache_dir,
+        ensure_base,
         get_adapter,
         load_base,
+        model_shape,
         resolve_model,
     )
-    from client.train import Batch, response_loss, train_round
+    from client.train import Batch, backward_mean_loss, collate, evaluate, train_round
     from protocol.messages import LoraSpec, TrainInstruction
 
-    lora = LoraSpec(rank=8, alpha=16.0, dropout=lora_dropout, target_modules=("q_proj", "v_proj"))
-    base = load_base(resolve_model(model_spec), Quantization(mode), default_cache_dir())
+    batch_size, seq_len, steps = spec["batch_size"], spec["seq_len"], spec["steps"]
+    lora = LoraSpec(rank=8, alpha=16.0, dropout=spec["lora_dropout"], target_modules=LORA_TARGETS)
+    source = resolve_model(spec["model"])
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "imports_mb": imports_mb}
+    if spec["budget_mb"]:
+        shape = model_shape(ensure_base(source, default_cache_dir()), lora)
+        resident = {q: resident_mib(shape, q, current_rss_mb()) for q in Quantization}
+        out["budget_mb"] = spec["budget_mb"]
+        try:
+            plan = client_plan(
+                spec["budget_mb"],
+                shape,
+                preferred=Quantization(spec["mode"]),
+                quantize_to_fit=True,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                resident_mb=resident,
+            )
+        except MemoryBudgetError as exc:
+            return {**out, "refused": str(exc), "load_avg": load_average()}
+    else:
+        plan = MemoryPlan(
+            Quantization(spec["mode"]), spec["micro_batch"] or batch_size, 1, spec["ckpt"], 0, 0
+        )
+    micro = plan.micro_batch if plan.micro_batch < batch_size else 0
+    out.update(
+        mode=plan.quantization.value,
+        checkpointing=plan.checkpointing,
+        micro_batch=plan.micro_batch,
+        accumulation=-(-batch_size // plan.micro_batch),
+        estimated_mb=plan.estimated_mb or None,
+        baseline=spec["baseline"],
+    )
+
+    base = load_base(source, plan.quantization, default_cache_dir())
     model = attach_lora(base.model, lora)
     model.train()
+    out["load_s"] = base.load_seconds
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.model.config.vocab_size, (4, 128), generator=gen)
+    ids = torch.randint(0, base.model.config.vocab_size, (batch_size, seq_len), generator=gen)
     batch = Batch(ids, torch.ones_like(ids), ids.clone())  # every position labelled
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
+    def plain_backward() -> None:  # before this work: full logits, one cross-entropy
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        F.cross_entropy(logits[:, :-1][keep].float(), targets[keep]).backward()
+
     def step() -> None:
-        loss, n = response_loss(model, batch)
-        (loss / n).backward()
+        if spec["baseline"]:
+            plain_backward()
+        else:
+            backward_mean_loss(model, batch, micro)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    threads = torch.get_num_threads()
+    cfg = base.model.config
+    tokens = batch_size * seq_len
     flops = llama_train_flops(
-        base.model.config, 4, 128, head_tokens=4 * 127, lora_params=lora_params
+        cfg, batch_size, seq_len, head_tokens=batch_size * (seq_len - 1), lora_params=lora_params
     )
-    u = paired_utilisation(step, flops, pairs=steps)
+    with activation_checkpointing(model, plan.checkpointing):
+        u = paired_utilisation(step, flops, pairs=steps)
+        step_peak = peak_rss_mb()
+        realistic = None
+        if spec["realistic"]:  # the built-in data through train_round (response-only loss)
+            rows = load_records("builtin:chatterbot")[:400]
+            examples = tokenize_all(base.tokenizer, to_conversations(rows, "builtin"), seq_len)
+            instr = TrainInstruction(
+                round=1, lora=lora, local_steps=steps, batch_size=batch_size, seq_len=seq_len
+            )
+            update = train_round(
+                model, examples, instr, get_adapter(model),
+                pad_id=base.tokenizer.pad_token_id, client_seed=0, micro_batch=micro,
+            )  # fmt: skip
+            realistic = float(update.metrics["tokens-per-second"])
+    peak = lifetime_peak_rss_mb()
 
-    # Realistic: the built-in data through train_round (response-only loss, dynamic padding).
-    rows = load_records("builtin:chatterbot")[:400]
-    examples = tokenize_all(base.tokenizer, to_conversations(rows, "builtin"), 128)
-    instr = TrainInstruction(round=1, lora=lora, local_steps=steps, batch_size=4, seq_len=128)
-    update = train_round(
-        model,
-        examples,
-        instr,
-        get_adapter(model),
-        pad_id=base.tokenizer.pad_token_id,
-        client_seed=0,
+    # Evaluation: 8 held-out rows of seq_len tokens, chunked head vs the full-logits forward.
+    model.eval()
+    ev_ids = torch.randint(0, cfg.vocab_size, (8, seq_len), generator=gen)
+    ev = Batch(ev_ids, torch.ones_like(ev_ids), ev_ids.clone())
+    from client.data import TokenizedExample
+
+    ev_examples = [TokenizedExample(tuple(r.tolist()), tuple(r.tolist())) for r in ev.input_ids]
+    reset_peak_rss()
+    before = current_rss_mb()
+    t_eval = timed(lambda: evaluate(model, ev_examples, batch_size=8, pad_id=0), 1, warmup=0)
+    eval_peak = peak_rss_mb() - before
+    reset_peak_rss()
+    before = current_rss_mb()
+    with torch.no_grad():
+        batch8 = collate(ev_examples, 0, torch.device("cpu"))
+        model(input_ids=batch8.input_ids, attention_mask=batch8.attention_mask).logits.sum()
+    eval_full_peak = peak_rss_mb() - before
+
+    forward = llama_decoder_forward_flops(cfg, batch_size, seq_len, lora_params)
+    out.update(
+        seconds_per_step=u.step_wall,
+        tokens_per_second=tokens / u.step_wall,
+        model_gflop_per_step=flops / 1e9,
+        decoder_forward_share=forward / flops,
+        gemm_gflops=u.gemm_wall,
+        mfu=u.mfu_wall,
+        mfu_cpu=u.mfu_cpu,
+        mfu_min=u.mfu_wall_spread[0],
+        mfu_max=u.mfu_wall_spread[1],
+        peak_rss_mb=peak,
+        step_peak_rss_mb=step_peak,
+        resident_after_mb=current_rss_mb(),
+        eval_peak_over_resident_mb=eval_peak,
+        eval_full_logits_peak_over_resident_mb=eval_full_peak,
+        eval_seconds=t_eval.wall,
+        real_tokens_per_s=realistic,
+        load_avg=load_average(),
+        trainable=lora_params,
     )
-    return {
-        "mode": mode,  # type: ignore[dict-item]
-        "threads": threads,
-        "load_s": base.load_seconds,
-        "step_s": u.step_wall,
-        "tokens_per_s": 512 / u.step_wall,
-        "model_gflop_per_step": flops / 1e9,
-        "achieved_gflops": flops / u.step_wall / 1e9,
-        "gemm_gflops": u.gemm_wall,
-        "mfu_wall": u.mfu_wall,
-        "mfu_cpu": u.mfu_cpu,
-        "mfu_min": u.mfu_wall_spread[0],
-        "mfu_max": u.mfu_wall_spread[1],
-        "real_tokens_per_s": float(update.metrics["tokens-per-second"]),
-        "peak_rss_mb": peak_rss_mb(),
-        "load_avg": load_average(),
-        "trainable": float(np.float64(lora_params)),
-    }
+    return out
+
+
+def _run(spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"configuration {spec} failed:\n{res.stderr[-3000:]}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=8, help="timed (step, GEMM) pairs per mode")
+    p.add_argument("--steps", type=int, default=8, help="timed (step, GEMM) pairs per config")
     p.add_argument("--modes", default="none,int8,nf4")
+    p.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
+    p.add_argument("--micro-batch", type=int, default=0, help="rows per micro-batch (0: all)")
+    p.add_argument("--budgets", default="512MB,768MB,1GB,2GB", help="'' for none")
+    p.add_argument("--budget-mode", default="none", help="preferred quantization under budgets")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--model", default="smollm2")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)"
+    )
     p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--realistic", action="store_true", help="also train_round on chatterbot")
+    p.add_argument("--baseline", action="store_true", help="also the pre-change path per mode")
+    p.add_argument("--json", action="store_true", help="one JSON object per configuration")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_mode(args.child, args.model, args.steps, args.lora_dropout)))
+        print(json.dumps(child(json.loads(args.child))))
         return
 
+    from client.defaults import parse_size
     from client.model import Quantization, default_cache_dir, prepare, resolve_model
 
-    prepare(
-        resolve_model(args.model),
-        [Quantization(m) for m in args.modes.split(",")],
-        default_cache_dir(),
-    )
-    results = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps)]
-        cmd += ["--model", args.model, "--lora-dropout", str(args.lora_dropout)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    modes = [m for m in args.modes.split(",") if m]
+    prepare(resolve_model(args.model), [Quantization(m) for m in modes], default_cache_dir())
+    common = {
+        "model": args.model,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lora_dropout": args.lora_dropout,
+        "realistic": args.realistic,
+        "micro_batch": args.micro_batch,
+        "budget_mb": 0,
+        "baseline": False,
+        "threads": args.threads,
+    }
+    specs = []
+    for mode in modes:
+        if args.baseline:
+            specs.append({**common, "mode": mode, "ckpt": False, "baseline": True})
+        for ckpt in args.checkpointing.split(","):
+            specs.append({**common, "mode": mode, "ckpt": ckpt == "on"})
+    for budget in (b for b in args.budgets.split(",") if b):
+        mb = parse_size(budget, "--budgets") / 2**20
+        specs.append({**common, "mode": args.budget_mode, "ckpt": False, "budget_mb": mb})
 
+    results = []
+    for spec in specs:
+        r = _run(spec)
+        results.append(r)
+        if args.json:
+            print(json.dumps(r), flush=True)
+    _table(results, args)
+
+
+def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    runs = [r for r in results if "budget_mb" not in r]
     print(
-        f"\nLoRA r=8 on q,v; batch 4 x 128 tokens; {results[0]['threads']} threads; "
-        f"{args.steps} timed steps; lora dropout {args.lora_dropout}"
+        f"\nLoRA r=8 on q,v; batch {args.batch_size} x {args.seq_len} tokens; "
+        f"{results[0]['threads']} threads; {args.steps} timed (step, GEMM) pairs; "
+        "peak RSS = whole process"
     )
-    cols = [
-        ("mode", "mode", "{:<6}"),
-        ("step s", "step_s", "{:>8.2f}"),
-        ("tok/s", "tokens_per_s", "{:>8.0f}"),
-        ("GFLOP/s", "achieved_gflops", "{:>9.1f}"),
-        ("GEMM", "gemm_gflops", "{:>8.1f}"),
-        ("MFU", "mfu_wall", "{:>7.0%}"),
-        ("MFU(cpu)", "mfu_cpu", "{:>10.0%}"),
-        ("MFU min", "mfu_min", "{:>9.0%}"),
-        ("MFU max", "mfu_max", "{:>9.0%}"),
-        ("real tok/s", "real_tokens_per_s", "{:>11.0f}"),
-        ("RSS MB", "peak_rss_mb", "{:>8.0f}"),
-        ("load", "load_avg", "{:>6.1f}"),
-    ]
-    widths = [6, 8, 8, 9, 8, 7, 10, 9, 9, 11, 8, 6]
-    print("".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, ((name, _, _), w) in
-                  enumerate(zip(cols, widths, strict=True))))  # fmt: skip
-    print("-" * sum(widths))
-    for r in results:
-        print("".join(fmt.format(r[key]) for _, key, fmt in cols))
-    base = results[0]
-    print("\nratio vs none (same run):")
-    for r in results[1:]:
-        step_ratio = r["step_s"] / base["step_s"]
-        rss_ratio = r["peak_rss_mb"] / base["peak_rss_mb"]
-        print(f"  {r['mode']}: step time x{step_ratio:.2f}, peak RSS x{rss_ratio:.2f}")
-    print(
-        f"model FLOPs per step: {base['model_gflop_per_step']:.0f} GFLOP; load = 1-min load average"
-    )
+    head = (f"{'mode':<6}{'ckpt':>5}{'path':>9}{'s/step':>8}{'tok/s':>7}{'GEMM':>7}{'MFU':>6}"
+            f"{'min-max':>10}{'peak RSS':>9}{'eval +MB':>9}{'(full)':>8}{'load':>6}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        path = "plain" if r["baseline"] else "chunked"
+        print(f"{r['mode']:<6}{'on' if r['checkpointing'] else 'off':>5}{path:>9}"
+              f"{r['seconds_per_step']:>8.2f}{r['tokens_per_second']:>7.0f}"
+              f"{r['gemm_gflops']:>7.0f}{r['mfu']:>6.0%}"
+              f"{r['mfu_min']:>5.0%}-{r['mfu_max']:<4.0%}{r['peak_rss_mb']:>9.0f}"
+              f"{r['eval_peak_over_resident_mb']:>9.0f}"
+              f"{r['eval_full_logits_peak_over_resident_mb']:>8.0f}"
+              f"{r['load_avg']:>6.1f}")  # fmt: skip
+    by = {(r["mode"], r["checkpointing"], r["baseline"]): r for r in runs}
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        off, on = by.get((mode, False, False)), by.get((mode, True, False))
+        if off and on:
+            cost = off["mfu"] / on["mfu"] - 1
+            bound = off["decoder_forward_share"]
+            print(f"  {mode}: checkpointing costs {cost:+.0%} step time (paired MFU ratio); "
+                  f"one more decoder forward would be {bound:+.0%}; peak RSS "
+                  f"x{on['peak_rss_mb'] / off['peak_rss_mb']:.2f}")  # fmt: skip
+        plain = by.get((mode, False, True))
+        if plain and off:
+            ratio = off["peak_rss_mb"] / plain["peak_rss_mb"]
+            print(f"  {mode}: vs the plain path: peak RSS x{ratio:.2f}, "
+                  f"MFU {plain['mfu']:.0%} -> {off['mfu']:.0%}")  # fmt: skip
+    budgets = [r for r in results if "budget_mb" in r]
+    if budgets:
+        print(f"\nmemory budgets (preferred mode {args.budget_mode}, quantize-to-fit):")
+        for r in budgets:
+            if "refused" in r:
+                print(f"  {r['budget_mb']:>6.0f} MiB: refused: {r['refused']}")
+                continue
+            print(f"  {r['budget_mb']:>6.0f} MiB: {r['mode']}, micro-batch {r['micro_batch']} x "
+                  f"{r['accumulation']}, checkpointing {'on' if r['checkpointing'] else 'off'}: "
+                  f"estimated {r['estimated_mb']:.0f}, peak RSS {r['peak_rss_mb']:.0f} MiB, "
+                  f"{r['tokens_per_second']:.0f} tok/s (MFU {r['mfu']:.0%})")  # fmt: skip
 
 
 if __name__ == "__main__":

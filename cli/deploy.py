@@ -226,6 +226,11 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
         )
     if overrides.get("eval-task"):  # read by the ServerApp on this (the coordinator's) machine
         overrides["eval-task"] = str(Path(overrides["eval-task"]).expanduser().resolve())
+    if overrides.get("client-max-memory"):
+        raise ValueError(
+            "client-max-memory: applies to simulated fleets; in a deployment each device "
+            "sets its own with `fedtune client start --max-memory`"
+        )
     cfg = RunConfig.from_mapping(overrides)
     out = resolve_output_dir(cfg).expanduser().resolve()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -331,7 +336,17 @@ def _add_client(sub: Any) -> None:
     p.add_argument("--quantization", default=None, help="nf4 | int8 | none (default: the run's)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for training (0: all)")
     p.add_argument(
-        "--max-memory", default=None, help="memory cap for the worker, e.g. 3GB (default: none)"
+        "--max-memory",
+        default=None,
+        help="memory budget of the worker, e.g. 2GB: training plans micro-batches and "
+        "checkpointing to stay within it and refuses a round that cannot (default: none)",
+    )
+    p.add_argument(
+        "--quantize-to-fit",
+        action="store_const",
+        const=True,
+        default=None,
+        help="training may fall back to a smaller quantization (none, int8, nf4) to fit",
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache directory")
     p.add_argument("--state-dir", type=Path, default=None, help="state kept across restarts")
@@ -368,6 +383,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
         "quantization": args.quantization,
         "threads": args.threads,
         "max_memory": parse_size(args.max_memory) if args.max_memory is not None else None,
+        "quantize_to_fit": args.quantize_to_fit,
         "cache_dir": args.cache_dir,
         "state_dir": args.state_dir,
         "device": args.device,

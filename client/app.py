@@ -7,9 +7,8 @@ clients, and loading once per process instead of once per call is most of a roun
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import resource
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,19 +29,33 @@ from client.data import (
     to_conversations,
     tokenize_all,
 )
+from client.memory import (
+    MIB,
+    MemoryPlan,
+    ModelShape,
+    client_plan,
+    fitting_quantization,
+    quantization_candidates,
+    resident_mib,
+)
 from client.model import (
     LoadedBase,
     Quantization,
+    activation_checkpointing,
     attach_lora,
+    ensure_base,
     load_base,
+    model_shape,
     pick_device,
     resolve_model,
 )
+from client.rss import current_rss_mb, peak_rss_mb, reset_peak_rss, tune_allocator
 from client.settings import ClientSettings
 from client.train import Correction, evaluate, train_round
 from protocol.messages import (
     ClientUpdate,
     LoraSpec,
+    TrainInstruction,
     decode_eval_instruction,
     decode_server_control,
     decode_train_instruction,
@@ -94,28 +107,97 @@ def get_runtime(
     model: str, quantization: Quantization, cache_dir: Path, device: str, lora: LoraSpec
 ) -> Runtime:
     """The base model with LoRA attached, loaded once per process for each configuration."""
+    before = current_rss_mb()
     base = load_base(resolve_model(model), quantization, cache_dir, pick_device(device))
+    _LOADED[(model, quantization)] = before
     return Runtime(base, attach_lora(base.model, lora))
 
 
 def _prepare(
-    context: Context, lora: LoraSpec, defaults: Mapping[str, Any]
+    context: Context,
+    lora: LoraSpec,
+    defaults: Mapping[str, Any],
+    seq_len: int,
+    plan: MemoryPlan | None = None,
 ) -> tuple[ClientSettings, Runtime]:
-    settings = ClientSettings.resolve(context.node_config, {**defaults, **context.run_config})
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    """Settings and the runtime in the quantization of ``plan`` (or, under a memory budget, the
+    one that fits it: ``client.memory.fitting_quantization``)."""
+    settings = _settings(context, defaults)
+    if plan is not None:
+        settings = dataclasses.replace(settings, quantization=plan.quantization)
+    elif settings.max_memory:
+        shape = _shape(settings, lora)
+        quantization = fitting_quantization(
+            settings.max_memory / MIB,
+            shape,
+            seq_len=seq_len,
+            resident_mb=_residents(settings, shape),
+            quantizations=quantization_candidates(settings.quantization, settings.quantize_to_fit),
+        )
+        settings = dataclasses.replace(settings, quantization=quantization)
     runtime = get_runtime(
         settings.model, settings.quantization, settings.cache_dir, settings.device, lora
     )
     return settings, runtime
 
 
+def _settings(context: Context, defaults: Mapping[str, Any]) -> ClientSettings:
+    settings = ClientSettings.resolve(context.node_config, {**defaults, **context.run_config})
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    tune_allocator()  # client.rss: freed activations go back to the system (once per process)
+    return settings
+
+
 _WEIGHT_BITS = {Quantization.NONE: 32, Quantization.INT8: 8, Quantization.NF4: 4}
 
 
-def _peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+# ------------------------------------------------------------ memory plan (client/memory.py)
+
+# RSS of this process before each (model, quantization) base was loaded.
+_LOADED: dict[tuple[str, Quantization], float] = {}
+
+
+@functools.lru_cache(maxsize=4)
+def _model_shape(model: str, cache_dir: Path, lora: LoraSpec) -> ModelShape:
+    return model_shape(ensure_base(resolve_model(model), cache_dir), lora)
+
+
+def _shape(settings: ClientSettings, lora: LoraSpec) -> ModelShape:
+    return _model_shape(settings.model, settings.cache_dir, lora)
+
+
+def _residents(settings: ClientSettings, shape: ModelShape) -> dict[Quantization, float]:
+    """Each candidate mode's memory with its base loaded and used: estimated from the RSS before
+    it was loaded (or from now, if it is not loaded yet), never below the RSS now."""
+    now = current_rss_mb()
+    out = {}
+    for q in quantization_candidates(settings.quantization, settings.quantize_to_fit):
+        before = _LOADED.get((settings.model, q))
+        out[q] = (
+            resident_mib(shape, q, now)
+            if before is None
+            else max(now, resident_mib(shape, q, before))
+        )
+    return out
+
+
+def plan_round(settings: ClientSettings, instr: TrainInstruction) -> MemoryPlan:
+    """How this client trains the round within its ``max-memory`` (the whole batch when it has
+    none); raises ``client.memory.MemoryBudgetError`` before anything is loaded or trained."""
+    if not settings.max_memory:
+        return MemoryPlan.unplanned(settings.quantization, instr.batch_size)
+    shape = _shape(settings, instr.lora)
+    return client_plan(
+        settings.max_memory / MIB,
+        shape,
+        preferred=settings.quantization,
+        quantize_to_fit=settings.quantize_to_fit,
+        batch_size=instr.batch_size,
+        seq_len=instr.seq_len,
+        resident_mb=_residents(settings, shape),
+        dp_sgd=instr.sample_dp.enabled,
+    )
 
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -127,8 +209,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     def local_update(msg: Message, context: Context) -> ClientUpdate:
         """Decode the train instruction in ``msg``, train, and return the update with metrics."""
         t0 = time.perf_counter()
+        reset_peak_rss()  # this client's peak, not the process's (client.rss)
         instr, global_adapter = decode_train_instruction(msg.content)
-        settings, runtime = _prepare(context, instr.lora, base_defaults)
+        plan = plan_round(_settings(context, base_defaults), instr)
+        settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len, plan)
         t_load = time.perf_counter() - t0
         data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
         corrections: list[Correction] = []
@@ -156,15 +240,17 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 corrections=corrections,
             )
         else:
-            update = train_round(
-                runtime.model,
-                data.train,
-                instr,
-                global_adapter,
-                pad_id=runtime.pad_id,
-                client_seed=data.seed,
-                corrections=corrections,
-            )
+            with activation_checkpointing(runtime.model, plan.checkpointing):
+                update = train_round(
+                    runtime.model,
+                    data.train,
+                    instr,
+                    global_adapter,
+                    pad_id=runtime.pad_id,
+                    client_seed=data.seed,
+                    corrections=corrections,
+                    micro_batch=plan.micro_batch if plan.accumulation > 1 else 0,
+                )
         if scaffold is not None:
             new_control = scaffold.new_client_control()
             delta = {**update.delta, **scaffold.control_delta(new_control)}
@@ -175,8 +261,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             {
                 "load-seconds": t_load,
                 "client-seconds": time.perf_counter() - t0,
-                "peak-rss-mb": _peak_rss_mb(),
+                "peak-rss-mb": peak_rss_mb(),
                 "weight-bits": _WEIGHT_BITS[settings.quantization],
+                **plan.metrics(),
             }
         )
         return ClientUpdate(delta=update.delta, num_examples=update.num_examples, metrics=metrics)
@@ -193,8 +280,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
+        reset_peak_rss()
         instr, global_adapter = decode_eval_instruction(msg.content)
-        settings, runtime = _prepare(context, instr.lora, base_defaults)
+        settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len)
         data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
         result = evaluate(
             runtime.model,
@@ -203,6 +291,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             pad_id=runtime.pad_id,
             global_adapter=global_adapter,
         )
+        metrics = {**result.metrics, "eval-peak-rss-mb": peak_rss_mb()}
+        result = dataclasses.replace(result, metrics=metrics)
         return Message(encode_eval_result(result, rnd=instr.round), reply_to=msg)
 
     return app

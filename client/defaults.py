@@ -5,6 +5,7 @@ supervisor can use them without importing torch (seconds and ~200 MB on a small 
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Self
@@ -39,3 +40,17 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int, what: str = "max-memory") -> int:
+    """Bytes from ``3GB``, ``512m``, ``2GiB`` or a plain number of bytes (multiples are 1024)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"{what}: expected a size such as 3GB or 512MB, got {text!r}")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** "_kmgt".index(unit or "_"))

@@ -86,6 +86,8 @@ class DeviceConfig:
     quantization: str = ""
     threads: int = 0
     max_memory: int = 0  # bytes; 0 = no limit
+    # May training fall back to a smaller quantization to fit max-memory? (None: the run's)
+    quantize_to_fit: bool | None = None
     device: str = ""
     heldout_fraction: float | None = None
     runtime_port: int = 0  # the SuperNode's local runtime API; 0 = pick a free one
@@ -130,6 +132,7 @@ _TOML_KEYS: dict[str, tuple[str, type]] = {
     "quantization": ("quantization", str),
     "threads": ("threads", int),
     "max-memory": ("max_memory", str),
+    "quantize-to-fit": ("quantize_to_fit", bool),
     "device": ("device", str),
     "heldout-fraction": ("heldout_fraction", float),
     "runtime-port": ("runtime_port", int),
@@ -137,18 +140,15 @@ _TOML_KEYS: dict[str, tuple[str, type]] = {
     "worker": ("worker", bool),
 }
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
 
 def parse_size(text: str | int, what: str = "max-memory") -> int:
     """Bytes from ``3GB``, ``512m``, ``2GiB`` or a plain number of bytes (multiples are 1024)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise SettingsError(f"{what}: expected a size such as 3GB or 512MB, got {text!r}")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+    from client.defaults import parse_size as parse
+
+    try:
+        return parse(text, what)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
@@ -252,6 +252,10 @@ def node_config(cfg: DeviceConfig, socket: Path | None) -> dict[str, Any]:
         out["quantization"] = cfg.quantization
     if cfg.threads:
         out["threads"] = cfg.threads
+    if cfg.max_memory:  # training plans to stay within it (client.memory)
+        out["max-memory"] = cfg.max_memory
+    if cfg.quantize_to_fit is not None:
+        out["quantize-to-fit"] = cfg.quantize_to_fit
     if cfg.device:
         out["device"] = cfg.device
     if cfg.heldout_fraction is not None:

@@ -37,6 +37,7 @@ import torch
 from client.defaults import DEFAULT_MODEL as DEFAULT_MODEL
 from client.defaults import Quantization as Quantization
 from client.defaults import default_cache_dir as default_cache_dir
+from client.memory import ModelShape
 from protocol.messages import LoraSpec
 
 if TYPE_CHECKING:
@@ -372,6 +373,86 @@ def keep_nf4_trainable(model: torch.nn.Module) -> int:
     return count
 
 
+# Quantized modes hold the frozen token embedding (and the output head tied to it) in bfloat16:
+# SmolLM2's 49,152 x 576 table is 108 MiB in fp32, as much as all its NF4 decoder layers twice
+# over. Lookups and the head compute in fp32 from it (``client.loss.upcast_linear``).
+FROZEN_EMBEDDING_DTYPE = torch.bfloat16
+_EMBEDDING_SLICE_BYTES = 8 * 2**20
+
+
+def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    out = torch.nn.functional.embedding(ids, self.weight, self.padding_idx)
+    return out.to(torch.float32)
+
+
+def _upcast_head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    from client.loss import upcast_linear
+
+    return upcast_linear(x, self.weight)
+
+
+def _read_converted(
+    directory: Path, key: str, current: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``current`` (a tensor loaded from ``directory``, still backed by the file's memory map)
+    in ``dtype``.
+
+    The first time, it is converted a slice at a time from short-lived maps of the checkpoint,
+    so the fp32 table never becomes resident, and saved beside it (``half-<key>.safetensors``);
+    later loads read that copy (54 MiB for SmolLM2, instead of converting 108 MiB). Where no
+    checkpoint file holds ``key`` it is converted in memory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    sidecar = directory / f"half-{key}.safetensors"
+    if sidecar.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
+            stored = load_file(str(sidecar))[key]
+            if stored.shape == current.shape and stored.dtype == dtype:
+                return stored.to(current.device)
+    source = None
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            if key in fh.keys():  # noqa: SIM118  (safe_open has no __contains__)
+                source = f
+                break
+    if source is None:
+        return current.detach().to(dtype)
+    out = torch.empty(current.shape, dtype=dtype)
+    rows = max(1, _EMBEDDING_SLICE_BYTES // (current.element_size() * current.shape[-1]))
+    for start in range(0, current.shape[0], rows):
+        with safe_open(str(source), framework="pt") as fh:
+            out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
+    with contextlib.suppress(OSError):  # a read-only cache: convert again next time
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".half-", suffix=".tmp")
+        os.close(fd)
+        save_file({key: out}, tmp)
+        os.replace(tmp, sidecar)
+    return out.to(current.device)
+
+
+def hold_embeddings_in_half(model: PreTrainedModel, directory: Path) -> bool:
+    """Hold the frozen input embedding, and an output head tied to it, in
+    ``FROZEN_EMBEDDING_DTYPE``; lookups return fp32 and the head computes in fp32. Returns
+    whether anything changed (only plain fp32 ``nn.Embedding`` tables, heads without bias)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if type(emb) is not torch.nn.Embedding or emb.weight.dtype != torch.float32:
+        return False
+    tied = head is not None and head.weight is emb.weight
+    if head is not None and tied and (type(head) is not torch.nn.Linear or head.bias is not None):
+        return False
+    key = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight)
+    half = _read_converted(directory, key, emb.weight, FROZEN_EMBEDDING_DTYPE)
+    emb.weight = torch.nn.Parameter(half, requires_grad=False)
+    emb.forward = types.MethodType(_embedding_forward, emb)  # type: ignore[method-assign]
+    if tied:
+        assert head is not None
+        head.weight = emb.weight
+        head.forward = types.MethodType(_upcast_head_forward, head)
+    return True
+
+
 def load_base(
     source: ModelSource,
     quant: Quantization,
@@ -397,6 +478,8 @@ def load_base(
         recompute_dequantized_weights(model)
     if quant is Quantization.NF4:
         keep_nf4_trainable(model)
+    if quant is not Quantization.NONE:
+        hold_embeddings_in_half(model, directory)
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token_id is None:
@@ -435,6 +518,50 @@ def weight_module_names(directory: Path) -> set[str]:
     return names
 
 
+def model_shape(base_dir: Path, spec: LoraSpec) -> ModelShape:
+    """The facts the memory planner needs, from ``config.json`` and the safetensors headers of
+    the fp32 base in ``base_dir`` (nothing is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        cfg = json.loads((base_dir / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        hidden = int(cfg["hidden_size"])
+        layers, intermediate = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
+        heads = int(cfg["num_attention_heads"])
+        vocab = int(cfg["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(
+            f"model {base_dir}: config.json lacks what the memory plan needs: {exc}"
+        ) from exc
+    linear = embedding = other = adapter = 0
+    for f in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                shape = fh.get_slice(key).get_shape()
+                numel = int(np.prod(shape)) if shape else 1
+                module = key.rsplit(".", 1)[0]
+                if len(shape) == 2 and int(shape[0]) == vocab:
+                    embedding += numel  # token embedding or an untied output head
+                elif len(shape) == 2:
+                    linear += numel
+                    if any(module == t or module.endswith("." + t) for t in spec.target_modules):
+                        adapter += spec.rank * (int(shape[0]) + int(shape[1]))
+                else:
+                    other += numel
+    return ModelShape(
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        vocab=vocab,
+        linear_params=linear,
+        embedding_params=embedding,
+        other_params=other,
+        adapter_values=adapter,
+    )
+
+
 def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int = 0) -> PeftModel:
     """Wrap ``model`` with freshly initialised LoRA adapters (A random from ``seed``, B zero)."""
     from peft import get_peft_model
@@ -446,6 +573,26 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int = 0) -> PeftMo
     # New LoRA dropout modules start in training mode; callers switch to train() when they train.
     peft_model.eval()
     return peft_model
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: PeftModel, enabled: bool = True) -> Iterator[None]:
+    """Within the block, training forwards keep only each decoder layer's input and recompute
+    the layer in backward (transformers' activation checkpointing, non-reentrant, RNG state
+    preserved so LoRA dropout repeats): 30 layers' activations become 30 inputs plus one
+    layer's, for one more forward of the decoder. Gradients are unchanged."""
+    if not enabled:
+        yield
+        return
+    base = cast("PreTrainedModel", model.get_base_model())
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the embeddings to make their output require grad, which only the
+    # reentrant variant needs; without it no gradient is formed for the (frozen) embeddings.
+    base.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
 
 
 def get_adapter(model: PeftModel) -> dict[str, np.ndarray]:

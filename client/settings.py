@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.defaults import DEFAULT_MODEL, Quantization, default_cache_dir
+from client.defaults import DEFAULT_MODEL, Quantization, default_cache_dir, parse_size
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,19 @@ class ClientSettings:
     device: str = "auto"
     # Client state that must survive restarts (privacy accountant, ...). Never in memory only.
     state_dir: Path = Path()
+    # Memory budget for this client's process, bytes (0: none): training plans to stay within
+    # it and refuses a round that cannot (client.memory).
+    max_memory: int = 0
+    # May the plan fall back to a smaller quantization (none -> int8 -> nf4) to fit max-memory?
+    quantize_to_fit: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction}")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0, got {self.threads}")
+        if self.max_memory < 0:
+            raise ValueError(f"max-memory: must be >= 0 bytes, got {self.max_memory}")
         if not self.data_path:
             raise ValueError(
                 "data-path: no data configured for this client (set node config 'data-path', "
@@ -65,6 +72,12 @@ class ClientSettings:
             part_dir = Path(get("partition-dir", ""))
             data_path = data_path or str(partition_file(part_dir, pid))
             state_dir = state_dir or str(part_dir.parent / "client-state" / f"{pid:04d}")
+        max_memory = get("max-memory", 0)
+        if "partition-id" in node_config and "max-memory" not in node_config:
+            # A simulated device profile: budgets assigned to clients round-robin.
+            budgets = [b.strip() for b in str(get("client-max-memory", "")).split(",") if b.strip()]
+            if budgets:
+                max_memory = budgets[int(node_config["partition-id"]) % len(budgets)]
         cache = get("cache-dir", "")
         return cls(
             model=str(get("model", DEFAULT_MODEL)),
@@ -75,7 +88,19 @@ class ClientSettings:
             threads=int(get("threads", 0)),
             device=str(get("device", "auto")),
             state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
+            max_memory=parse_size(max_memory, "max-memory"),
+            quantize_to_fit=_flag(get("quantize-to-fit", False), "quantize-to-fit"),
         )
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{key}: expected true/false, got {value!r}")
 
 
 def partition_file(partition_dir: Path, partition_id: int) -> Path:

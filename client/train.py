@@ -15,13 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from client.data import IGNORE_INDEX, TokenizedExample
+from client.loss import head_losses
 from client.model import adapter_parameters, get_adapter, set_adapter
 from protocol.messages import ClientUpdate, EvalResult, TrainInstruction
 
@@ -72,7 +73,8 @@ def batch_schedule(
 
 def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy at each labelled position (N,), and the example each position
-    belongs to (N,)."""
+    belongs to (N,). The head runs a chunk of labelled positions at a time (``client.loss``):
+    never the full B x T x V logits, in training or in evaluation."""
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
     base = cast("PreTrainedModel", model.get_base_model())
@@ -82,11 +84,10 @@ def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Te
         hidden = decoder(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state  # (B, T, D)
-        logits = head(hidden[:, :-1][keep])  # (N, V), N labelled positions
+        losses = head_losses(head, hidden[:, :-1][keep], targets[keep])  # (N,)
     else:
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logits = full[:, :-1][keep]
-    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        losses = F.cross_entropy(full[:, :-1][keep].float(), targets[keep], reduction="none")
     return losses, keep.nonzero()[:, 0]
 
 
@@ -104,6 +105,42 @@ def per_example_loss(model: PeftModel, batch: Batch) -> torch.Tensor:
     sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, owner, losses)
     counts = torch.bincount(owner, minlength=n).to(losses.dtype)
     return sums / counts.clamp(min=1)
+
+
+def split_batch(batch: Batch, rows: int) -> list[Batch]:
+    """Micro-batches of at most ``rows`` examples, each cut to its own longest row (right
+    padding: the cut columns are padding only, so no position's loss changes)."""
+    out = []
+    for start in range(0, batch.input_ids.shape[0], rows):
+        mask = batch.attention_mask[start : start + rows]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        out.append(
+            Batch(
+                batch.input_ids[start : start + rows, :width],
+                mask[:, :width],
+                batch.labels[start : start + rows, :width],
+            )
+        )
+    return out
+
+
+def backward_mean_loss(model: PeftModel, batch: Batch, micro_batch: int = 0) -> float:
+    """Backpropagate the batch's mean loss per labelled token and return it; with ``micro_batch``
+    (0: off) one micro-batch of rows at a time, each scaled by the whole batch's token count, so
+    the accumulated gradients are those of one backward over the batch (up to float rounding;
+    with LoRA dropout the masks are drawn per micro-batch)."""
+    if micro_batch <= 0 or micro_batch >= batch.input_ids.shape[0]:
+        loss_sum, n = response_loss(model, batch)
+        loss = loss_sum / max(n, 1)
+        loss.backward()
+        return float(loss.detach())
+    n_total = max(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), 1)
+    total = 0.0
+    for part in split_batch(batch, micro_batch):
+        loss_sum, _ = response_loss(model, part)
+        (loss_sum / n_total).backward()
+        total += float(loss_sum.detach())
+    return total / n_total
 
 
 def _client_rng(instr: TrainInstruction, client_seed: int) -> np.random.Generator:
@@ -150,19 +187,19 @@ class PlainSteps:
     """Minibatch AdamW: seeded shuffled batches, mean loss per response token, gradient-norm
     clipping, then the corrections and the step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, instr: TrainInstruction) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, instr: TrainInstruction, micro_batch: int = 0
+    ) -> None:
         self.optimizer = optimizer
         self.instr = instr
+        self.micro_batch = micro_batch
 
     def batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         return batch_schedule(n, self.instr.batch_size, self.instr.local_steps, rng)
 
     def backward(self, model: PeftModel, batch: Batch | None) -> float | None:
         assert batch is not None
-        loss_sum, n = response_loss(model, batch)
-        loss = loss_sum / max(n, 1)
-        loss.backward()
-        return float(loss.detach())
+        return backward_mean_loss(model, batch, self.micro_batch)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -187,10 +224,6 @@ class PlainSteps:
 EngineFactory = Callable[[torch.optim.Optimizer, TrainInstruction, "PeftModel"], Engine]
 
 
-def plain_steps(optimizer: torch.optim.Optimizer, instr: TrainInstruction, model: Any) -> Engine:
-    return PlainSteps(optimizer, instr)
-
-
 def train_round(
     model: PeftModel,
     examples: Sequence[TokenizedExample],
@@ -199,13 +232,16 @@ def train_round(
     *,
     pad_id: int,
     client_seed: int,
-    engine: EngineFactory = plain_steps,
+    engine: EngineFactory | None = None,
     corrections: Sequence[Correction] = (),
+    micro_batch: int = 0,
 ) -> ClientUpdate:
     """One round of local training from ``global_adapter``; returns the adapter delta.
 
-    ``engine`` decides how a step's gradient is formed (plain or DP-SGD); ``corrections`` are
-    added to the gradients every step (FedProx, SCAFFOLD)."""
+    ``engine`` decides how a step's gradient is formed (plain, the default, or DP-SGD);
+    ``corrections`` are added to the gradients every step (FedProx, SCAFFOLD); ``micro_batch``
+    > 0 makes the plain engine accumulate each step's gradients over micro-batches of that many
+    rows (the memory plan's choice, ``client.memory``)."""
     device = next(model.parameters()).device
     set_adapter(model, global_adapter)
     trainable = set(instr.trainable_keys) if instr.trainable_keys else set(global_adapter)
@@ -215,7 +251,7 @@ def train_round(
     optimizer = torch.optim.AdamW(
         [params[k] for k in sorted(trainable)], lr=instr.learning_rate, weight_decay=0.0
     )
-    steps = engine(optimizer, instr, model)
+    steps = engine(optimizer, instr, model) if engine else PlainSteps(optimizer, instr, micro_batch)
 
     rng = _client_rng(instr, client_seed)
     schedule = steps.batches(len(examples), rng)

@@ -132,6 +132,15 @@ class RunConfig:
     trim_fraction: float = option(0.1, "trimmed-mean: share of values cut at each end")
     krum_byzantine: int = option(1, "krum, multi-krum: hostile clients f tolerated")
     krum_select: int = option(0, "multi-krum: updates averaged (0: clients - f)")
+    # -- memory (README, "Edge clients in 2 GB") -------------------------------------------------
+    client_max_memory: str = option(
+        "",
+        "simulation: memory budget of each client, e.g. 1GB; a list is given round-robin "
+        "(768MB,2GB); clients plan micro-batches and checkpointing to fit it",
+    )
+    quantize_to_fit: bool = option(
+        False, "clients may fall back to a smaller quantization (none, int8, nf4) to fit memory"
+    )
     # -- files ---------------------------------------------------------------------------------
     output_dir: str = option("", "run directory (default runs/<timestamp>)")
     central_eval_data: str = option("", "coordinator-side held-out data file")
@@ -236,6 +245,7 @@ class RunConfig:
         need(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         self.client_quantizations()  # raises ConfigError naming a bad mode
+        self.client_memory_budgets()  # raises ConfigError naming a bad size
         need(
             self.clients_per_round >= 1,
             "clients-per-round",
@@ -361,6 +371,20 @@ class RunConfig:
             f"{self.aggregator!r} is not a clipped sum, which client-level DP's noise is "
             "calibrated for; use --aggregator mean with --dp client",
         )
+
+    def client_memory_budgets(self) -> list[int]:
+        """The simulated clients' memory budgets in bytes (empty: none)."""
+        from client.defaults import parse_size
+
+        out = []
+        for size in (b.strip() for b in self.client_max_memory.split(",") if b.strip()):
+            try:
+                out.append(parse_size(size, "client-max-memory"))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            if out[-1] < 64 * 2**20:
+                raise ConfigError(f"client-max-memory: {size} is below 64 MiB")
+        return out
 
     def _check_secagg(self, need: Any) -> None:
         from privacy.secagg.server import STAGES

@@ -227,6 +227,29 @@ def _max(metrics: Sequence[Mapping[str, float]], key: str) -> float | None:
     return max(values) if values else None
 
 
+_MEMORY_METRICS = {
+    "peak-rss-mb": "peak_rss_mb",
+    "max-memory-mb": "max_memory_mb",
+    "weight-bits": "weight_bits",
+    "plan-micro-batch": "micro_batch",
+    "plan-accumulation": "accumulation",
+    "plan-checkpointing": "checkpointing",
+    "plan-estimated-mb": "estimated_mb",
+}
+
+
+def client_memory(metrics: Mapping[int, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Each client's memory plan and peak RSS for metrics.jsonl, by node."""
+    rows = []
+    for node, m in sorted(metrics.items()):
+        row: dict[str, Any] = {"node": node}
+        for key, name in _MEMORY_METRICS.items():
+            if key in m:
+                row[name] = bool(m[key]) if name == "checkpointing" else m[key]
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class RoundResult:
     """One round's training outcome: the same fields whatever the transport, privacy mode or
@@ -251,6 +274,7 @@ class RoundResult:
     client_peak_rss_mb_max: float | None = None
     bytes_down: int = 0
     bytes_up: int = 0
+    client_memory: list[dict[str, Any]] = field(default_factory=list)  # plan + peak RSS
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -282,6 +306,9 @@ class RoundResult:
             client_peak_rss_mb_max=_max(ms, "peak-rss-mb"),
             bytes_down=c.bytes_down,
             bytes_up=c.bytes_up,
+            client_memory=client_memory(
+                {n: c.client_metrics[n] for n in c.contributors if n in c.client_metrics}
+            ),
             extra=extra,
         )
 

@@ -128,6 +128,7 @@ class ServerModel:
         self.base.tokenizer.save_pretrained(str(directory))
 
 
+# Per-client memory figures a reply carries (client/app.py, client/memory.py) -> metrics keys.
 def _weighted(values: list[tuple[float, float]]) -> float | None:
     total = sum(w for _, w in values)
     return sum(v * w for v, w in values) / total if total > 0 else None
@@ -160,6 +161,9 @@ def federated_evaluate(
             "eval_failures": failures,
             "eval_phase_seconds": ex.seconds,
             "client_eval_seconds": sum(r.metrics.get("eval-seconds", 0.0) for r in results),
+            "client_eval_peak_rss_mb_max": max(
+                (r.metrics.get("eval-peak-rss-mb", 0.0) for r in results), default=None
+            ),
         },
         ex.bytes_down,
         ex.bytes_up,

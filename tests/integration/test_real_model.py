@@ -50,3 +50,47 @@ def test_two_clients_one_round_with_the_real_gguf_model(tmp_path: Path) -> None:
         with model.disable_adapter():
             without = model(input_ids=ids).logits
     assert not torch.equal(with_adapter, without), "the trained adapter changes the model's output"
+
+
+@pytest.mark.parametrize("quant", [Quantization.NF4, Quantization.NONE])
+def test_real_model_gradients_with_checkpointing_chunks_and_micro_batches(
+    quant: Quantization,
+) -> None:
+    """SmolLM2's LoRA gradients through the memory-saving path (chunked head, checkpointed
+    decoder layers, micro-batches) equal those of full logits and one backward."""
+    import torch.nn.functional as F
+
+    from client.data import IGNORE_INDEX, load_records, to_conversations, tokenize_all
+    from client.model import activation_checkpointing, attach_lora, get_adapter, set_adapter
+    from client.train import backward_mean_loss, collate
+    from protocol.messages import LoraSpec
+
+    base = load_base(resolve_model("smollm2"), quant, default_cache_dir())
+    model = attach_lora(base.model, LoraSpec(), seed=0)
+    rng = np.random.default_rng(0)  # B = 0 at init would leave A's gradient zero
+    set_adapter(model, {k: rng.normal(0, 0.02, v.shape).astype(np.float32)
+                        for k, v in get_adapter(model).items()})  # fmt: skip
+    model.train()
+    rows = load_records("builtin:chatterbot")[:3]
+    examples = tokenize_all(base.tokenizer, to_conversations(rows, "builtin"), 64)
+    batch = collate(examples, base.tokenizer.pad_token_id, torch.device("cpu"))
+
+    def grads(run) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+        model.zero_grad(set_to_none=True)
+        run()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def plain() -> None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        F.cross_entropy(logits[:, :-1][keep].float(), targets[keep]).backward()
+
+    ref = grads(plain)
+    assert len(ref) == 2 * 2 * 30  # A and B of q_proj and v_proj in 30 layers
+    with activation_checkpointing(model):
+        got = grads(lambda: backward_mean_loss(model, batch, micro_batch=2))
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-6, msg=name)

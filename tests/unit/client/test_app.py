@@ -44,6 +44,7 @@ def setup(tiny_model_dir: Path, model_cache: Path, tmp_path: Path):  # type: ign
     base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
     adapter = get_adapter(attach_lora(base.model, LORA, seed=5))
     client_app.get_runtime.cache_clear()
+    client_app._LOADED.clear()
     return context, adapter
 
 
@@ -86,3 +87,53 @@ def test_missing_data_path_names_the_file(setup, tmp_path: Path) -> None:  # typ
     instr = TrainInstruction(round=1, lora=LORA, local_steps=1, batch_size=2, seq_len=48)
     with pytest.raises(ValueError, match=r"data path .*gone\.jsonl does not exist"):
         app(_message(encode_train_instruction(instr, adapter), MessageType.TRAIN), context)
+
+
+def test_a_memory_budget_plans_micro_batches_with_the_same_update(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a budget that the whole batch would exceed the client trains in micro-batches of
+    the same effective batch: the update is the unbudgeted one, and the reply says how."""
+    from client.memory import resident_mib, step_mib
+
+    context, adapter = setup
+    monkeypatch.setattr(client_app, "current_rss_mb", lambda: 300.0)  # a steady process
+    app = client_app.make_client_app()
+    instr = TrainInstruction(round=1, lora=LORA, local_steps=2, batch_size=4, seq_len=48)
+    content = encode_train_instruction(instr, adapter)
+    plain = decode_update(
+        app(_message(content, MessageType.TRAIN), context).content, AdapterSpec.of(adapter), rnd=1
+    )
+    assert plain.metrics["plan-micro-batch"] == 4 and plain.metrics["max-memory-mb"] == 0
+
+    shape = client_app._shape(client_app._settings(context, {}), LORA)
+    resident = resident_mib(shape, Quantization.NONE, 300.0)
+    budget = resident + (step_mib(shape, 4, 48, False) + step_mib(shape, 2, 48, False)) / 2
+    context.node_config["max-memory"] = int(budget * 2**20)
+    planned = decode_update(
+        app(_message(content, MessageType.TRAIN), context).content, AdapterSpec.of(adapter), rnd=1
+    )
+    m = planned.metrics
+    assert (m["plan-micro-batch"], m["plan-accumulation"], m["plan-checkpointing"]) == (2, 2, 0)
+    assert m["plan-estimated-mb"] <= m["max-memory-mb"] == pytest.approx(budget, abs=1e-3)
+    assert m["peak-rss-mb"] > 0 and m["weight-bits"] == 32
+    for k in plain.delta:
+        np.testing.assert_allclose(planned.delta[k], plain.delta[k], rtol=1e-4, atol=1e-7)
+
+
+def test_an_impossible_budget_is_refused_before_loading(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    from client.memory import MemoryBudgetError
+
+    context, adapter = setup
+    context.node_config["max-memory"] = 64 * 2**20
+    app = client_app.make_client_app()
+    instr = TrainInstruction(round=1, lora=LORA, local_steps=1, batch_size=4, seq_len=48)
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"^max-memory 64 MiB: training cannot fit; the smallest footprint this client can "
+        r"reach is ~\d+ MiB \(none, micro-batch 1, checkpointing\)$",
+    ):
+        app(_message(encode_train_instruction(instr, adapter), MessageType.TRAIN), context)
+    assert client_app.get_runtime.cache_info().currsize == 0, "refused before loading the model"

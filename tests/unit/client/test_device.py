@@ -64,6 +64,7 @@ def test_toml_file_then_flags(tmp_path: Path, data: Path) -> None:
         'quantization = "int8"\n'
         "threads = 2\n"
         'max-memory = "3GB"\n'
+        "quantize-to-fit = true\n"
         "heldout-fraction = 0\n"
     )
     got = read_settings_file(conf)
@@ -75,6 +76,7 @@ def test_toml_file_then_flags(tmp_path: Path, data: Path) -> None:
         "quantization": "int8",
         "threads": 2,
         "max_memory": 3 * 2**30,
+        "quantize_to_fit": True,
         "heldout_fraction": 0.0,
     }
     cfg = build_config(conf, {"threads": 4, "quantization": None, "coordinator": None})
@@ -134,6 +136,8 @@ def test_node_config_and_supernode_command(keys: Path, data: Path, tmp_path: Pat
             cache_dir=tmp_path / "cache",
             threads=2,
             quantization="int8",
+            max_memory=2**30,
+            quantize_to_fit=True,
         )
     )
     sock = tmp_path / "state" / "worker.sock"
@@ -144,6 +148,8 @@ def test_node_config_and_supernode_command(keys: Path, data: Path, tmp_path: Pat
         "worker-socket": str(sock),
         "quantization": "int8",
         "threads": 2,
+        "max-memory": 2**30,  # the ClientApp plans its training within it
+        "quantize-to-fit": True,
     }
     cmd = supernode_command(cfg, tmp_path / "node.toml", 45678)
     assert cmd[1:] == [

@@ -34,6 +34,8 @@ def test_simulated_client_reads_its_shard_and_keeps_state_in_the_run() -> None:
         ({"data-path": "x", "quantization": "q3"}, "quantization: 'q3' is not one of"),
         ({"data-path": "x", "heldout-fraction": 2.0}, "heldout-fraction: must be in"),
         ({"data-path": "x", "threads": -1}, "threads: must be >= 0"),
+        ({"data-path": "x", "max-memory": "lots"}, "max-memory: expected a size such as 3GB"),
+        ({"data-path": "x", "quantize-to-fit": "maybe"}, "quantize-to-fit: expected true/false"),
     ],
 )
 def test_errors_name_the_setting(node: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -58,3 +60,16 @@ def test_mixed_fleet_assigns_quantization_round_robin() -> None:
     # A device's own setting still wins.
     own = ClientSettings.resolve({"partition-id": 1, "quantization": "none"}, run)
     assert own.quantization is Quantization.NONE
+
+
+def test_memory_budget_from_the_device_or_a_simulated_profile() -> None:
+    device = ClientSettings.resolve({"data-path": "x", "max-memory": 2**30}, {})
+    assert device.max_memory == 2**30 and not device.quantize_to_fit
+    run = {"partition-dir": "/run/partitions", "client-max-memory": "768MB, 2GB",
+           "quantize-to-fit": True}  # fmt: skip
+    budgets = [ClientSettings.resolve({"partition-id": i}, run).max_memory for i in range(3)]
+    assert budgets == [768 * 2**20, 2 * 2**30, 768 * 2**20]
+    assert ClientSettings.resolve({"partition-id": 0}, run).quantize_to_fit
+    # A device's own budget wins; no budget anywhere means none.
+    assert ClientSettings.resolve({"partition-id": 1, "max-memory": "1GB"}, run).max_memory == 2**30
+    assert ClientSettings.resolve({"data-path": "x"}, {}).max_memory == 0

@@ -52,6 +52,8 @@ def test_mapping_roundtrip() -> None:
         ({"learning-rate": -1}, "learning-rate: must be a positive number"),
         ({"round-timeout": 0}, "round-timeout: must be > 0"),
         ({"client-quantization": "nf4,fp4"}, "client-quantization: 'fp4' is not one of"),
+        ({"client-max-memory": "1GB,lots"}, "client-max-memory: expected a size such as 3GB"),
+        ({"client-max-memory": "32MB"}, "client-max-memory: 32MB is below 64 MiB"),
     ],
 )
 def test_bad_values_name_the_key(values: dict, message: str) -> None:  # type: ignore[type-arg]

@@ -215,3 +215,17 @@ def test_sampling_is_seeded_and_handles_large_ids() -> None:
     picks = {tuple(sample_nodes(NODES, 2, seed=1, stream=r)) for r in range(20)}
     assert len(picks) > 1
     assert sample_nodes(NODES, 10, seed=0, stream=1) == sorted(NODES)
+
+
+def test_client_memory_rows_name_each_clients_plan_and_peak() -> None:
+    from coordinator.pipeline import client_memory
+
+    planned = {"peak-rss-mb": 690.5, "max-memory-mb": 1024.0, "weight-bits": 4.0,
+               "plan-micro-batch": 2.0, "plan-accumulation": 2.0, "plan-checkpointing": 1.0,
+               "plan-estimated-mb": 700.0, "train-loss": 1.0}  # fmt: skip
+    rows = client_memory({9: {"peak-rss-mb": 2000.0}, 4: planned})
+    assert rows == [
+        {"node": 4, "peak_rss_mb": 690.5, "max_memory_mb": 1024.0, "weight_bits": 4.0,
+         "micro_batch": 2.0, "accumulation": 2.0, "checkpointing": True, "estimated_mb": 700.0},
+        {"node": 9, "peak_rss_mb": 2000.0},
+    ]  # fmt: skip

@@ -1,0 +1,143 @@
+"""The output head and cross-entropy at labelled positions, a chunk of positions at a time.
+
+A causal LM's head is wide (SmolLM2: 49,152 logits per position). Left to autograd, a batch of
+4 x 128 tokens keeps the N x V logits, their log-softmax and, in backward, their gradient alive
+together: about 300 MB in fp32 for a 135M-parameter model whose NF4 decoder is 60 MB. Here the
+head is applied to at most ``chunk`` positions at once and nothing N x V is ever allocated.
+
+For the usual frozen head (a plain ``nn.Linear``, tied to the embedding, no bias, not trained)
+``_FrozenHeadCrossEntropy`` computes, chunk by chunk, the losses and already their gradient with
+respect to the hidden states, ``(softmax(logits) - onehot(target)) @ W``: the same two GEMMs as
+autograd's forward and backward of the head, done while the chunk's logits are at hand, so only
+the N x D gradient (1.2 MB here) waits for backward. Any other head (trained, biased, wrapped by
+LoRA) goes through autograd one checkpointed chunk at a time: the same memory bound, and one more
+GEMM per chunk to recompute its logits in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Logits of one chunk stay near this size (fp32): 8 MiB is 42 positions of a 49k vocabulary.
+# The GEMMs stay large enough to run at full speed; measured in benchmarks/training.py.
+HEAD_CHUNK_BYTES = 8 * 2**20
+# A head held in half precision is upcast one vocabulary slice of about this size at a time.
+HALF_SLICE_BYTES = 4 * 2**20
+
+
+def head_chunk_rows(vocab_size: int, chunk_bytes: int = HEAD_CHUNK_BYTES) -> int:
+    """Positions per head chunk so that one chunk's fp32 logits take about ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def _slice_rows(weight: torch.Tensor, slice_bytes: int = HALF_SLICE_BYTES) -> int:
+    return max(1, slice_bytes // (4 * int(weight.shape[1])))
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` in ``x``'s precision for a weight held in lower precision (V, D), one
+    vocabulary slice upcast at a time (never a full-precision copy of the weight)."""
+    if weight.dtype == x.dtype:
+        return x @ weight.T
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    rows = _slice_rows(weight)
+    for v in range(0, weight.shape[0], rows):
+        out[..., v : v + rows] = x @ weight[v : v + rows].to(x.dtype).T
+    return out
+
+
+def _upcast_matmul(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``probs @ weight`` (c, V) x (V, D) in ``probs``'s precision, slice by slice."""
+    if weight.dtype == probs.dtype:
+        return probs @ weight
+    rows = _slice_rows(weight)
+    out = probs.new_zeros((probs.shape[0], weight.shape[1]))
+    for v in range(0, weight.shape[0], rows):
+        out.addmm_(probs[:, v : v + rows], weight[v : v + rows].to(probs.dtype))
+    return out
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Per-position ``cross_entropy(hidden @ W.T, targets)`` for a frozen ``W`` (V, D), with the
+    gradient for ``hidden`` formed in forward, one chunk of positions at a time. Each chunk's
+    logits are the only (c, V) buffer: the softmax is formed in place."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,  # (N, D) float32
+        weight: torch.Tensor,  # (V, D), frozen; float32 or held in half precision
+        targets: torch.Tensor,  # (N,) int64
+        chunk: int,
+        want_grad: bool,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        losses = hidden.new_empty(n)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            t = targets[start:stop, None]
+            logits = upcast_linear(hidden[start:stop], weight)  # (c, V)
+            target_logit = logits.gather(1, t).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: logits are not needed any more
+            total = exp.sum(dim=1, keepdim=True)
+            losses[start:stop] = (top + total.log()).squeeze(1) - target_logit
+            if grad_hidden is not None:
+                probs = exp.div_(total)
+                probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))  # softmax - onehot
+                grad_hidden[start:stop] = _upcast_matmul(probs, weight)
+            del logits, exp
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            raise RuntimeError("head losses were computed without a gradient for backward")
+        return grad_hidden * grad_losses[:, None], None, None, None, None
+
+
+def _is_frozen_plain_linear(head: torch.nn.Module) -> bool:
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+        and type(head.weight) in (torch.Tensor, torch.nn.Parameter)
+        and head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> Any:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def head_losses(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(head(hidden), targets, reduction="none")`` (N,) for hidden states (N, D),
+    never holding more than ``chunk`` positions' logits (default: ``head_chunk_rows``)."""
+    weight = cast(torch.Tensor, getattr(head, "weight", None))
+    rows = chunk or head_chunk_rows(int(weight.shape[0]) if weight is not None else 1)
+    if _is_frozen_plain_linear(head):
+        want_grad = torch.is_grad_enabled() and hidden.requires_grad
+        out = _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, rows, want_grad)  # type: ignore[no-untyped-call]
+        return cast(torch.Tensor, out)
+    parts = []
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start : start + rows], targets[start : start + rows]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(
+                cast(torch.Tensor, checkpoint(_chunk_losses, head, h, t, use_reentrant=False))
+            )
+        else:
+            parts.append(_chunk_losses(head, h, t))
+    return torch.cat(parts)

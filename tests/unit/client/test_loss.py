@@ -1,0 +1,249 @@
+"""The chunked head and cross-entropy, activation checkpointing and micro-batches: the same
+losses and LoRA gradients as the plain computation (full logits, one backward), for less memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client.data import IGNORE_INDEX, load_records, to_conversations, tokenize_all
+from client.loss import head_chunk_rows, head_losses, upcast_linear
+from client.model import (
+    FROZEN_EMBEDDING_DTYPE,
+    Quantization,
+    activation_checkpointing,
+    attach_lora,
+    ensure_quantized,
+    get_adapter,
+    load_base,
+    resolve_model,
+    set_adapter,
+)
+from client.train import Batch, backward_mean_loss, collate, evaluate, split_batch
+from protocol.messages import LoraSpec
+
+LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir: Path) -> list:  # type: ignore[type-arg]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = load_records("builtin:chatterbot")[:40]
+    return tokenize_all(tok, to_conversations(rows, "builtin"), seq_len=64)
+
+
+def _model(tiny_model_dir: Path, cache: Path, quant: Quantization = Quantization.NONE):  # type: ignore[no-untyped-def]
+    base = load_base(resolve_model(str(tiny_model_dir)), quant, cache)
+    model = attach_lora(base.model, LORA, seed=2)
+    # B starts at zero, which would leave every A gradient zero: use a random adapter.
+    rng = np.random.default_rng(0)
+    set_adapter(
+        model,
+        {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in get_adapter(model).items()},
+    )
+    model.train()
+    return base, model
+
+
+def _reference_backward(model, batch: Batch) -> float:  # type: ignore[no-untyped-def]
+    """Today's computation before this change: full logits, one cross-entropy, one backward."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
+    loss.backward()
+    return float(loss.detach())
+
+
+def _grads(model, run: Callable[[], float]) -> tuple[float, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    model.zero_grad(set_to_none=True)
+    loss = run()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+@pytest.mark.parametrize("quant", [Quantization.NONE, Quantization.NF4])
+@pytest.mark.parametrize(
+    ("checkpointing", "micro_batch", "chunk"),
+    [(False, 0, None), (False, 0, 5), (True, 0, 5), (False, 3, 5), (True, 2, 7), (True, 1, None)],
+)
+def test_lora_gradients_equal_the_plain_computation(
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+    quant: Quantization,
+    checkpointing: bool,
+    micro_batch: int,
+    chunk: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base, model = _model(tiny_model_dir, model_cache, quant)
+    batch = collate(examples[:6], base.tokenizer.pad_token_id, torch.device("cpu"))
+    ref_loss, ref = _grads(model, lambda: _reference_backward(model, batch))
+    assert len(ref) == 8 and all(float(g.abs().max()) > 0 for g in ref.values())
+
+    if chunk is not None:  # force several head chunks on the tiny vocabulary
+        monkeypatch.setattr("client.loss.head_chunk_rows", lambda vocab: chunk)
+    with activation_checkpointing(model, checkpointing):
+        loss, grads = _grads(model, lambda: backward_mean_loss(model, batch, micro_batch))
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Leaving the block switches checkpointing off again.
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_checkpointing_keeps_only_layer_inputs(
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+) -> None:
+    base, model = _model(tiny_model_dir, model_cache)
+    batch = collate(examples[:8], base.tokenizer.pad_token_id, torch.device("cpu"))
+
+    def saved_bytes() -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            backward_mean_loss(model, batch)
+        model.zero_grad(set_to_none=True)
+        return sum(seen.values())
+
+    plain = saved_bytes()
+    with activation_checkpointing(model):
+        checkpointed = saved_bytes()
+    b, t = batch.input_ids.shape
+    d, layers = base.model.config.hidden_size, base.model.config.num_hidden_layers
+    # Each layer's input, the final norm's input and the head's gradient, not much more.
+    assert checkpointed <= 4 * b * t * d * (layers + 3), (checkpointed, plain)
+    assert plain > 4 * checkpointed
+
+
+def test_chunked_head_loss_equals_unchunked_and_never_holds_all_logits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, d, v = 37, 16, 1000
+    head = torch.nn.Linear(d, v, bias=False).requires_grad_(False)
+    hidden = torch.randn(n, d, generator=gen, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+
+    ref = F.cross_entropy(head(hidden), targets, reduction="none")
+    (g_ref,) = torch.autograd.grad(ref.sum() * 0.5, hidden)
+
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        got = head_losses(head, hidden, targets, chunk=8)
+    (g_got,) = torch.autograd.grad(got.sum() * 0.5, hidden)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
+    assert saved == [torch.Size([n, d])], "only the hidden states' gradient waits for backward"
+
+    with torch.no_grad():  # evaluation: no gradient is formed
+        torch.testing.assert_close(head_losses(head, hidden, targets, chunk=5), ref)
+    assert head_chunk_rows(49_152) == 42  # 8 MiB of fp32 logits per chunk
+
+
+def test_trained_head_goes_through_autograd_chunk_by_chunk() -> None:
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50, bias=True)
+    hidden = torch.randn(11, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (11,), generator=gen)
+    ref = F.cross_entropy(head(hidden), targets, reduction="none")
+    ref_grads = torch.autograd.grad(ref.sum(), [hidden, head.weight, head.bias])
+    got = head_losses(head, hidden, targets, chunk=4)
+    got_grads = torch.autograd.grad(got.sum(), [hidden, head.weight, head.bias])
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_half_precision_head_computes_in_fp32() -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 12, generator=gen).to(torch.bfloat16)
+    head = torch.nn.Linear(12, 300, bias=False).requires_grad_(False)
+    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    hidden = torch.randn(9, 12, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 300, (9,), generator=gen)
+    exact = hidden @ weight.float().T  # what the stored half-precision weights mean
+    ref = F.cross_entropy(exact, targets, reduction="none")
+    (g_ref,) = torch.autograd.grad(ref.sum(), hidden)
+    torch.testing.assert_close(upcast_linear(hidden, weight), exact)
+    got = head_losses(head, hidden, targets, chunk=4)
+    (g_got,) = torch.autograd.grad(got.sum(), hidden)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_quantized_bases_hold_the_tied_embedding_in_half_precision(
+    tiny_model_dir: Path, model_cache: Path
+) -> None:
+    fp32 = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache).model
+    nf4 = load_base(resolve_model(str(tiny_model_dir)), Quantization.NF4, model_cache).model
+    emb, head = nf4.get_input_embeddings(), nf4.get_output_embeddings()
+    assert emb.weight.dtype == FROZEN_EMBEDDING_DTYPE and head.weight is emb.weight
+    assert fp32.get_input_embeddings().weight.dtype == torch.float32
+    torch.testing.assert_close(
+        emb.weight.float(), fp32.get_input_embeddings().weight.to(FROZEN_EMBEDDING_DTYPE).float()
+    )
+    # The converted table is kept beside the checkpoint; the next load reads it.
+    entry = ensure_quantized(resolve_model(str(tiny_model_dir)), Quantization.NF4, model_cache)
+    assert (entry / "half-model.embed_tokens.weight.safetensors").is_file()
+    again = load_base(resolve_model(str(tiny_model_dir)), Quantization.NF4, model_cache).model
+    assert torch.equal(again.get_input_embeddings().weight, emb.weight)
+    ids = torch.tensor([[1, 5, 9]])
+    assert emb(ids).dtype == torch.float32  # the decoder still computes in fp32
+    hidden = torch.randn(1, 3, emb.weight.shape[1])
+    torch.testing.assert_close(head(hidden), hidden @ emb.weight.float().T)
+
+
+def test_split_batch_cuts_padding_only(
+    tiny_model_dir: Path, model_cache: Path, examples: list
+) -> None:  # type: ignore[type-arg]
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    batch = collate(examples[:5], base.tokenizer.pad_token_id, torch.device("cpu"))
+    parts = split_batch(batch, 2)
+    assert [p.input_ids.shape[0] for p in parts] == [2, 2, 1]
+    for i, part in enumerate(parts):
+        rows = slice(2 * i, 2 * i + part.input_ids.shape[0])
+        width = part.input_ids.shape[1]
+        assert width == int(batch.attention_mask[rows].sum(dim=1).max())
+        assert torch.equal(part.labels, batch.labels[rows, :width])
+        assert not (batch.labels[rows, width:] != IGNORE_INDEX).any()
+
+
+def test_evaluation_loss_is_unchanged(
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base, model = _model(tiny_model_dir, model_cache)
+    model.eval()
+    pad = base.tokenizer.pad_token_id
+    total, count = 0.0, 0
+    with torch.no_grad():  # the plain computation, batch by batch
+        for start in range(0, 20, 8):
+            batch = collate(examples[start : min(start + 8, 20)], pad, torch.device("cpu"))
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            targets = batch.labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            total += float(F.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="sum"))
+            count += int(keep.sum())
+    monkeypatch.setattr("client.loss.head_chunk_rows", lambda vocab: 6)
+    result = evaluate(model, examples[:20], batch_size=8, pad_id=pad)
+    assert result.num_tokens == count
+    assert result.loss == pytest.approx(total / count, rel=1e-6)

@@ -1,0 +1,201 @@
+"""The memory planner: exact arithmetic, the plan it picks under a budget, and its refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.data import load_records, to_conversations, tokenize_all
+from client.memory import (
+    ALLOCATOR_SLACK,
+    HALF_HEAD_SLICE_MIB,
+    HEAD_CHUNK_MIB,
+    LOAD_OVERHEAD_MIB,
+    MIB,
+    TRANSIENT_PER_TOKEN,
+    MemoryBudgetError,
+    MemoryPlan,
+    ModelShape,
+    client_plan,
+    micro_batch_sizes,
+    plan_memory,
+    quantization_candidates,
+    resident_mib,
+    saved_activation_floats,
+    step_mib,
+    weights_mib,
+)
+from client.model import (
+    Quantization,
+    activation_checkpointing,
+    attach_lora,
+    ensure_base,
+    load_base,
+    model_shape,
+    resolve_model,
+)
+from client.train import backward_mean_loss, collate
+from protocol.messages import LoraSpec
+
+NONE, INT8, NF4 = Quantization.NONE, Quantization.INT8, Quantization.NF4
+LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+# SmolLM2-135M as the planner sees it (client.model.model_shape on the real checkpoint).
+SMOLLM2 = ModelShape(
+    layers=30,
+    hidden=576,
+    intermediate=1536,
+    heads=9,
+    vocab=49152,
+    linear_params=106_168_320,
+    embedding_params=28_311_552,
+    other_params=35_136,
+    adapter_values=460_800,
+)
+
+
+def test_step_estimate_is_the_documented_arithmetic() -> None:
+    s = SMOLLM2
+    tok = 2 * 128
+    per_layer = 7 * 576 + 3 * 1536 + 9 + 2  # 8651 floats per token and layer
+    mask = 2 * tok * 128
+    assert saved_activation_floats(s, 2, 128, checkpointing=False) == tok * 30 * per_layer + mask
+    assert saved_activation_floats(s, 2, 128, checkpointing=True) == (
+        tok * (30 * 576 + per_layer) + mask
+    )
+    rest = tok * TRANSIENT_PER_TOKEN * 1536 + tok * 576 + 3 * 460_800
+    expected = ALLOCATOR_SLACK * (
+        4 * (tok * (30 * 576 + per_layer) + mask + rest) / MIB
+        + HEAD_CHUNK_MIB
+        + HALF_HEAD_SLICE_MIB
+    )
+    assert step_mib(s, 2, 128, True, NF4) == pytest.approx(expected)
+    assert step_mib(s, 2, 128, True, NONE) == pytest.approx(
+        expected - ALLOCATOR_SLACK * HALF_HEAD_SLICE_MIB
+    )
+    # fp32: 4 bytes per weight; NF4: 0.5 + one fp32 absmax per 64; embedding in bf16.
+    assert weights_mib(s, NONE) == pytest.approx(4 * (106_168_320 + 28_311_552 + 35_136) / MIB)
+    assert weights_mib(s, NF4) == pytest.approx(
+        (106_168_320 * (0.5 + 4 / 64) + 2 * 28_311_552 + 4 * 35_136) / MIB
+    )
+    assert resident_mib(s, INT8, 250.0) == pytest.approx(
+        250.0 + LOAD_OVERHEAD_MIB[INT8] + (106_168_320 + 2 * 28_311_552 + 4 * 35_136) / MIB
+    )
+    assert micro_batch_sizes(4) == [4, 2, 1]
+    assert micro_batch_sizes(8) == [8, 4, 3, 2, 1]
+
+
+def _plan(budget: float, **kw: object) -> MemoryPlan:
+    resident = {q: resident_mib(SMOLLM2, q, 250.0) for q in Quantization}
+    args: dict = {"batch_size": 4, "seq_len": 128, "resident_mb": resident, "quantizations": [NF4]}  # type: ignore[type-arg]
+    args.update(kw)
+    return plan_memory(budget, SMOLLM2, **args)
+
+
+def test_the_fastest_plan_that_fits_is_chosen() -> None:
+    resident = resident_mib(SMOLLM2, NF4, 250.0)
+    whole = resident + step_mib(SMOLLM2, 4, 128, False, NF4)
+    half = resident + step_mib(SMOLLM2, 2, 128, False, NF4)
+    ckpt = resident + step_mib(SMOLLM2, 4, 128, True, NF4)
+    assert whole > half > ckpt  # the 30 layers' activations dominate
+
+    assert _plan(whole + 1) == MemoryPlan(NF4, 4, 1, False, whole, whole + 1)
+    p = _plan(whole - 1)  # the whole batch no longer fits: two micro-batches of two rows
+    assert (p.micro_batch, p.accumulation, p.checkpointing) == (2, 2, False)
+    assert p.estimated_mb == pytest.approx(half) and p.estimated_mb <= p.budget_mb
+    p = _plan(ckpt + 1)  # only checkpointing fits; then the whole batch again
+    assert (p.micro_batch, p.accumulation, p.checkpointing) == (4, 1, True)
+    assert _plan(0) == MemoryPlan(NF4, 4, 1, False, whole, 0)  # no budget: no change
+    assert p.metrics() == {
+        "plan-micro-batch": 4.0,
+        "plan-accumulation": 1.0,
+        "plan-checkpointing": 1.0,
+        "plan-estimated-mb": p.estimated_mb,
+        "max-memory-mb": ckpt + 1,
+    }
+
+
+def test_an_impossible_budget_is_refused_with_the_smallest_footprint() -> None:
+    smallest = resident_mib(SMOLLM2, NF4, 250.0) + step_mib(SMOLLM2, 1, 128, True, NF4)
+    with pytest.raises(MemoryBudgetError) as err:
+        _plan(512)
+    assert str(err.value) == (
+        f"max-memory 512 MiB: training cannot fit; the smallest footprint this client can "
+        f"reach is ~{smallest:.0f} MiB (nf4, micro-batch 1, checkpointing)"
+    )
+    # DP-SGD trains its Poisson batch whole: its smallest footprint is that batch's.
+    whole = resident_mib(SMOLLM2, NF4, 250.0) + step_mib(SMOLLM2, 4, 128, False, NF4)
+    with pytest.raises(MemoryBudgetError, match=f"~{whole:.0f} MiB \\(nf4, micro-batch 4\\)"):
+        _plan(1024, allow_checkpointing=False, allow_micro_batches=False)
+
+
+def test_quantize_to_fit_falls_back_to_the_first_smaller_mode_that_fits() -> None:
+    assert quantization_candidates(NONE, False) == [NONE]
+    assert quantization_candidates(NONE, True) == [NONE, INT8, NF4]
+    assert quantization_candidates(INT8, True) == [INT8, NF4]
+    resident = {q: resident_mib(SMOLLM2, q, 250.0) for q in Quantization}
+    kw = {"batch_size": 4, "seq_len": 128, "resident_mb": resident}
+    fp32_floor = resident[NONE] + step_mib(SMOLLM2, 1, 128, True, NONE)
+    budget = fp32_floor - 1  # fp32 cannot fit at all; int8 can
+    p = client_plan(budget, SMOLLM2, preferred=NONE, quantize_to_fit=True, **kw)  # type: ignore[arg-type]
+    assert p.quantization is INT8 and p.estimated_mb <= budget
+    with pytest.raises(MemoryBudgetError, match=f"max-memory {budget:.0f} MiB"):
+        client_plan(budget, SMOLLM2, preferred=NONE, quantize_to_fit=False, **kw)  # type: ignore[arg-type]
+    # Room for fp32 with checkpointing: the model is kept, the memory paid in recomputation.
+    budget = resident[NONE] + step_mib(SMOLLM2, 4, 128, True, NONE) + 1
+    p = client_plan(budget, SMOLLM2, preferred=NONE, quantize_to_fit=True, **kw)  # type: ignore[arg-type]
+    assert p.quantization is NONE and p.estimated_mb <= budget
+
+
+def test_bad_inputs_are_named() -> None:
+    with pytest.raises(ValueError, match="model shape layers: must be >= 1, got 0"):
+        ModelShape(0, 1, 1, 1, 1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="batch 0 x 128"):
+        _plan(1000, batch_size=0)
+
+
+def test_the_estimate_covers_what_autograd_keeps_on_a_tiny_model(
+    tiny_model_dir: Path, model_cache: Path
+) -> None:
+    """The activation term of the estimate against the tensors autograd actually keeps, for
+    every micro-batch size and with and without checkpointing, on the tiny llama."""
+    from transformers import AutoTokenizer
+
+    shape = model_shape(ensure_base(resolve_model(str(tiny_model_dir)), model_cache), LORA)
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads) == (2, 64, 128, 4)
+    assert shape.adapter_values == 2 * 4 * ((64 + 64) + (64 + 32))
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = load_records("builtin:chatterbot")[:8]
+    examples = tokenize_all(tok, to_conversations(rows, "builtin"), seq_len=64)
+    base = load_base(resolve_model(str(tiny_model_dir)), NONE, model_cache)
+    model = attach_lora(base.model, LORA)
+    model.train()
+    batch = collate(examples[:4], tok.pad_token_id, torch.device("cpu"))
+    seq = batch.input_ids.shape[1]
+
+    def kept_floats(micro: int, ckpt: bool) -> int:
+        """Largest bytes autograd holds for one micro-batch's forward, in floats."""
+        seen: dict[int, int] = {}
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype.is_floating_point and t.untyped_storage().data_ptr() not in weights:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with activation_checkpointing(model, ckpt), hooks:
+            backward_mean_loss(model, batch, micro if micro < 4 else 0)
+        model.zero_grad(set_to_none=True)
+        return sum(seen.values()) // 4 // ((4 + micro - 1) // micro)
+
+    for micro in (4, 2, 1):
+        for ckpt in (False, True):
+            kept = kept_floats(micro, ckpt)
+            estimate = saved_activation_floats(shape, micro, seq, ckpt)
+            head_grad = micro * seq * shape.hidden  # counted apart in step_mib
+            assert kept <= estimate + head_grad, (micro, ckpt, kept, estimate)
+            if not ckpt and micro == 4:  # (micro-batches are cut to their own longest row)
+                assert kept >= 0.9 * estimate, (kept, estimate)
