@@ -363,8 +363,11 @@ def keep_nf4_trainable(model: torch.nn.Module) -> int:
     its first forward in eval mode without gradients (our evaluation), and from then on runs every
     forward, training included, through that bf16 inference kernel, which passes no gradient back:
     LoRA layers below it got no gradients at all once a client had evaluated (seen on this
-    project's machines; ``tests/unit/client/test_model.py``). Clients evaluate and train in one
-    process, so the repacking is switched off. Returns how many layers were switched."""
+    project's machines; ``tests/unit/client/test_model.py``). Worse, ``state_dict()`` (PEFT's
+    adapter helpers call it) converts a packed weight back with a lossy inverse, after which every
+    forward of the frozen base is wrong: with SmolLM2, one ``state_dict()`` after an evaluation
+    took the held-out loss from 3.80 to 15.85. Clients evaluate and train in one process, so the
+    repacking is switched off. Returns how many layers were switched."""
     count = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

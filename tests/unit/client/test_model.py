@@ -224,6 +224,28 @@ def test_trainable_keys_limit_what_changes(
             np.testing.assert_array_equal(after[k], g[k])
 
 
+def test_reading_and_loading_the_adapter_leave_the_nf4_base_untouched(
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks NF4 weights for inference at the first
+    eval-mode forward and ``model.state_dict()`` (inside get_adapter/set_adapter) converts them
+    back lossily: load_base keeps them unpacked. (Where the CPU lacks AVX512-BF16 nothing is
+    repacked and this holds either way.)"""
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NF4, model_cache)
+    model = attach_lora(base.model, LORA, seed=0)
+    pad = base.tokenizer.pad_token_id
+    before = evaluate(model, examples[:16], batch_size=8, pad_id=pad).loss
+    weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    data, absmax = weight.data.clone(), weight.quant_state.absmax.clone()
+
+    g = get_adapter(model)
+    set_adapter(model, g)
+    assert torch.equal(weight.data, data) and torch.equal(weight.quant_state.absmax, absmax)
+    assert evaluate(model, examples[:16], batch_size=8, pad_id=pad).loss == before
+
+
 def test_set_adapter_rejects_mismatch(tiny_model_dir: Path, model_cache: Path) -> None:
     base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
     model = attach_lora(base.model, LORA, seed=0)
