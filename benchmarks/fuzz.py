@@ -41,7 +41,7 @@ FAMILIES = {
     # family: (share of the cases, what it drives)
     "train replies -> decode_update": (0.22, "real decoder"),
     "eval replies -> decode_eval_result": (0.10, "real decoder"),
-    "train replies -> rounds.train_round": (0.05, "round loop over FakeGrid"),
+    "train replies -> the round pipeline": (0.05, "round loop over FakeGrid"),
     "eval replies -> rounds.federated_evaluate": (0.03, "round loop over FakeGrid"),
     "secagg replies -> ServerSession": (0.35, "state machine, runs of 4 rounds"),
     "secagg messages -> from_bytes": (0.05, "every message type, damaged"),
@@ -117,9 +117,12 @@ class Cases:
     def round_reply(self, seed: int, evaluation: bool) -> list[dict[str, Any]]:
         from flwr.app import Message
 
+        from coordinator.clock import VirtualClock
         from coordinator.config import RunConfig
+        from coordinator.pipeline import NoPrivacy
         from coordinator.progress import Progress
-        from coordinator.rounds import federated_evaluate, train_round
+        from coordinator.rounds import Pipeline, _transport, federated_evaluate
+        from coordinator.strategies import Strategy
         from tests.fakegrid import FakeGrid
 
         rnd, honest_hostile, t = self._plain(seed, evaluation)
@@ -150,10 +153,19 @@ class Cases:
                 )
                 failed = {f["node"] for f in row["eval_failures"]}
             else:
-                _new, m, _d, _u = train_round(
-                    grid, cfg, nodes, self.adapter, self.spec, rnd, Progress(10, live=False)
+                # The round's training pipeline as run_federation composes it for this config.
+                privacy = NoPrivacy(cfg.clients_per_round, cfg.seed)
+                pipeline = Pipeline(
+                    privacy,
+                    _transport(cfg, privacy, VirtualClock(), self.spec.numel),
+                    Strategy.create(cfg.strategy_settings(), 4, 4),
+                    self.spec,
+                    cfg.min_clients,
                 )
-                failed = {f["node"] for f in m["failures"]}
+                _new, result = pipeline.train(
+                    grid, cfg, nodes, self.adapter, rnd, Progress(10, live=False)
+                )
+                failed = {f["node"] for f in result.failures}
         except Exception as exc:
             return [outcome(kind, invalid, accepted=False, crash=f"{type(exc).__name__}: {exc}")]
         honest_failed = len(failed - {hostile})
@@ -293,7 +305,7 @@ class Cases:
             return self.decode_reply(seed, evaluation=False)
         if family == "eval replies -> decode_eval_result":
             return self.decode_reply(seed, evaluation=True)
-        if family == "train replies -> rounds.train_round":
+        if family == "train replies -> the round pipeline":
             return self.round_reply(seed, evaluation=False)
         if family == "eval replies -> rounds.federated_evaluate":
             return self.round_reply(seed, evaluation=True)
