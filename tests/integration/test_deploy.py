@@ -31,8 +31,8 @@ pytestmark = pytest.mark.integration
 # Seconds per phase. Far above a busy machine's client start-up (a fresh process per message); the
 # killed client in round 2 is declared unavailable by Flower's heartbeat (~45 s) long before it.
 ROUND_TIMEOUT = 300
-START_TIMEOUT = 180.0
-RUN_TIMEOUT = 600.0
+START_TIMEOUT = 600.0
+RUN_TIMEOUT = 1800.0
 
 
 def fedtune_cmd(*args: str) -> list[str]:

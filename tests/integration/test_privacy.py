@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 pytestmark = pytest.mark.integration
 
 
-def fedtune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def fedtune(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         capture_output=True,

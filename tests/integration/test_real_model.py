@@ -30,7 +30,7 @@ def test_two_clients_one_round_with_the_real_gguf_model(tmp_path: Path) -> None:
             "--clients-per-round", "2", "--rounds", "1", "--local-steps", "2", "--seq-len", "64",
             "--heldout-fraction", "0.02", "--quantization", "nf4", "--output-dir", str(out),
         ],
-        capture_output=True, text=True, timeout=1200,
+        capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -37,7 +37,7 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         "--proxy-server=127.0.0.1:9",  # any network request would fail
         *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 
 
 @pytest.mark.skipif(

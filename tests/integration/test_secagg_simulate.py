@@ -53,7 +53,7 @@ def simulate(out: Path, model: Path, cache: Path, *extra: str) -> list[dict]:  #
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ ROUND_KEYS = (
 )
 
 
-def fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def fedtune(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         capture_output=True,
