@@ -13,6 +13,9 @@ imports and loading included:
 * for each memory budget: the plan ``client.memory`` chooses (as a client with that
   ``max-memory`` would, allowed to fall back to smaller quantizations), the peak RSS it reaches
   and its tokens/s, or the refusal;
+* "lean" runs use what a client under a memory budget uses: the C allocator returns freed memory
+  at once (``client.rss``) and head chunks of 8 MiB; by default checkpointed runs are lean and
+  the others are not (the fast settings of an unbudgeted client);
 * the held-out evaluation's peak (batch 8, chunked head), against the full-logits forward in the
   same process;
 * with ``--baseline``, the path before the memory work (full logits, one backward, the C
@@ -46,7 +49,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    if not spec["baseline"]:
+    lean = bool(spec["budget_mb"]) or spec["lean"]
+    if lean:  # what a client under a memory budget does (client.memory.MemoryPlan)
         from client.rss import tune_allocator
 
         tune_allocator()
@@ -61,7 +65,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         timed,
     )
     from client.data import IGNORE_INDEX, load_records, to_conversations, tokenize_all
+    from client.loss import head_chunk
     from client.memory import (
+        HEAD_CHUNKS_MIB,
+        MIB,
         MemoryBudgetError,
         MemoryPlan,
         client_plan,
@@ -102,9 +109,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         except MemoryBudgetError as exc:
             return {**out, "refused": str(exc), "load_avg": load_average()}
     else:
-        plan = MemoryPlan(
-            Quantization(spec["mode"]), spec["micro_batch"] or batch_size, 1, spec["ckpt"], 0, 0
-        )
+        chunk = HEAD_CHUNKS_MIB[-1] if lean else HEAD_CHUNKS_MIB[0]
+        micro = spec["micro_batch"] or batch_size
+        plan = MemoryPlan(Quantization(spec["mode"]), micro, 1, spec["ckpt"], 0, 0, chunk)
     micro = plan.micro_batch if plan.micro_batch < batch_size else 0
     out.update(
         mode=plan.quantization.value,
@@ -113,6 +120,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         accumulation=-(-batch_size // plan.micro_batch),
         estimated_mb=plan.estimated_mb or None,
         baseline=spec["baseline"],
+        lean=lean,
+        head_chunk_mib=plan.head_chunk_mib,
     )
 
     base = load_base(source, plan.quantization, default_cache_dir())
@@ -144,7 +153,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     flops = llama_train_flops(
         cfg, batch_size, seq_len, head_tokens=batch_size * (seq_len - 1), lora_params=lora_params
     )
-    with activation_checkpointing(model, plan.checkpointing):
+    chunk_bytes = int(plan.head_chunk_mib * MIB)
+    with activation_checkpointing(model, plan.checkpointing), head_chunk(chunk_bytes):
         u = paired_utilisation(step, flops, pairs=steps)
         step_peak = peak_rss_mb()
         realistic = None
@@ -170,7 +180,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ev_examples = [TokenizedExample(tuple(r.tolist()), tuple(r.tolist())) for r in ev.input_ids]
     reset_peak_rss()
     before = current_rss_mb()
-    t_eval = timed(lambda: evaluate(model, ev_examples, batch_size=8, pad_id=0), 1, warmup=0)
+    with head_chunk(chunk_bytes):
+        t_eval = timed(lambda: evaluate(model, ev_examples, batch_size=8, pad_id=0), 1, warmup=0)
     eval_peak = peak_rss_mb() - before
     reset_peak_rss()
     before = current_rss_mb()
@@ -218,6 +229,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed (step, GEMM) pairs per config")
     p.add_argument("--modes", default="none,int8,nf4")
     p.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
+    p.add_argument(
+        "--lean",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the memory-first settings of a budgeted client (allocator returns freed memory, "
+        "8 MiB head chunks); auto: with checkpointing",
+    )
     p.add_argument("--micro-batch", type=int, default=0, help="rows per micro-batch (0: all)")
     p.add_argument("--budgets", default="512MB,768MB,1GB,2GB", help="'' for none")
     p.add_argument("--budget-mode", default="none", help="preferred quantization under budgets")
@@ -257,12 +275,15 @@ def main() -> None:
     specs = []
     for mode in modes:
         if args.baseline:
-            specs.append({**common, "mode": mode, "ckpt": False, "baseline": True})
+            specs.append({**common, "mode": mode, "ckpt": False, "baseline": True, "lean": False})
         for ckpt in args.checkpointing.split(","):
-            specs.append({**common, "mode": mode, "ckpt": ckpt == "on"})
+            lean = ckpt == "on" if args.lean == "auto" else args.lean == "on"
+            specs.append({**common, "mode": mode, "ckpt": ckpt == "on", "lean": lean})
     for budget in (b for b in args.budgets.split(",") if b):
         mb = parse_size(budget, "--budgets") / 2**20
-        specs.append({**common, "mode": args.budget_mode, "ckpt": False, "budget_mb": mb})
+        specs.append(
+            {**common, "mode": args.budget_mode, "ckpt": False, "budget_mb": mb, "lean": True}
+        )
 
     results = []
     for spec in specs:
@@ -280,13 +301,15 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"{results[0]['threads']} threads; {args.steps} timed (step, GEMM) pairs; "
         "peak RSS = whole process"
     )
-    head = (f"{'mode':<6}{'ckpt':>5}{'path':>9}{'s/step':>8}{'tok/s':>7}{'GEMM':>7}{'MFU':>6}"
-            f"{'min-max':>10}{'peak RSS':>9}{'eval +MB':>9}{'(full)':>8}{'load':>6}")  # fmt: skip
+    head = (f"{'mode':<6}{'ckpt':>5}{'lean':>5}{'path':>9}{'s/step':>8}{'tok/s':>7}{'GEMM':>7}"
+            f"{'MFU':>6}{'min-max':>10}{'peak RSS':>9}{'eval +MB':>9}{'(full)':>8}"
+            f"{'load':>6}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in runs:
         path = "plain" if r["baseline"] else "chunked"
-        print(f"{r['mode']:<6}{'on' if r['checkpointing'] else 'off':>5}{path:>9}"
+        print(f"{r['mode']:<6}{'on' if r['checkpointing'] else 'off':>5}"
+              f"{'yes' if r['lean'] else 'no':>5}{path:>9}"
               f"{r['seconds_per_step']:>8.2f}{r['tokens_per_second']:>7.0f}"
               f"{r['gemm_gflops']:>7.0f}{r['mfu']:>6.0%}"
               f"{r['mfu_min']:>5.0%}-{r['mfu_max']:<4.0%}{r['peak_rss_mb']:>9.0f}"

@@ -29,6 +29,7 @@ from client.data import (
     to_conversations,
     tokenize_all,
 )
+from client.loss import HEAD_CHUNK_BYTES, SMALL_HEAD_CHUNK_BYTES, head_chunk
 from client.memory import (
     MIB,
     MemoryPlan,
@@ -145,7 +146,8 @@ def _settings(context: Context, defaults: Mapping[str, Any]) -> ClientSettings:
     settings = ClientSettings.resolve(context.node_config, {**defaults, **context.run_config})
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    tune_allocator()  # client.rss: freed activations go back to the system (once per process)
+    if settings.max_memory:
+        tune_allocator()  # client.rss: freed activations go back to the system at once
     return settings
 
 
@@ -240,7 +242,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 corrections=corrections,
             )
         else:
-            with activation_checkpointing(runtime.model, plan.checkpointing):
+            with (
+                activation_checkpointing(runtime.model, plan.checkpointing),
+                head_chunk(int(plan.head_chunk_mib * MIB)),
+            ):
                 update = train_round(
                     runtime.model,
                     data.train,
@@ -284,13 +289,15 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         instr, global_adapter = decode_eval_instruction(msg.content)
         settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len)
         data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
-        result = evaluate(
-            runtime.model,
-            data.heldout,
-            batch_size=instr.batch_size,
-            pad_id=runtime.pad_id,
-            global_adapter=global_adapter,
-        )
+        chunk = SMALL_HEAD_CHUNK_BYTES if settings.max_memory else HEAD_CHUNK_BYTES
+        with head_chunk(chunk):
+            result = evaluate(
+                runtime.model,
+                data.heldout,
+                batch_size=instr.batch_size,
+                pad_id=runtime.pad_id,
+                global_adapter=global_adapter,
+            )
         metrics = {**result.metrics, "eval-peak-rss-mb": peak_rss_mb()}
         result = dataclasses.replace(result, metrics=metrics)
         return Message(encode_eval_result(result, rnd=instr.round), reply_to=msg)

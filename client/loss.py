@@ -16,22 +16,44 @@ GEMM per chunk to recompute its logits in backward.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Logits of one chunk stay near this size (fp32): 8 MiB is 42 positions of a 49k vocabulary.
-# The GEMMs stay large enough to run at full speed; measured in benchmarks/training.py.
-HEAD_CHUNK_BYTES = 8 * 2**20
+# Logits of one chunk stay near this size (fp32). Each chunk's GEMM streams (and packs) the whole
+# 49k x 576 head, so small chunks are slow: on one core of the development machine the head's
+# forward GEMM ran at 40 GFLOP/s for 42 positions (8 MiB), 72 for 170 (32 MiB), 83 for 508 (all
+# of a 4 x 128 batch), the square fp32 GEMM at 109. Unbudgeted training uses 32 MiB; a memory plan
+# may choose 8 MiB (``head_chunk``).
+HEAD_CHUNK_BYTES = 32 * 2**20
+SMALL_HEAD_CHUNK_BYTES = 8 * 2**20
 # A head held in half precision is upcast one vocabulary slice of about this size at a time.
 HALF_SLICE_BYTES = 4 * 2**20
 
+_chunk_bytes: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "head_chunk_bytes", default=HEAD_CHUNK_BYTES
+)
 
-def head_chunk_rows(vocab_size: int, chunk_bytes: int = HEAD_CHUNK_BYTES) -> int:
-    """Positions per head chunk so that one chunk's fp32 logits take about ``chunk_bytes``."""
-    return max(1, chunk_bytes // (4 * vocab_size))
+
+@contextlib.contextmanager
+def head_chunk(chunk_bytes: int) -> Iterator[None]:
+    """Within the block, head chunks hold about ``chunk_bytes`` of fp32 logits."""
+    token = _chunk_bytes.set(chunk_bytes)
+    try:
+        yield
+    finally:
+        _chunk_bytes.reset(token)
+
+
+def head_chunk_rows(vocab_size: int, chunk_bytes: int | None = None) -> int:
+    """Positions per head chunk so that one chunk's fp32 logits take about ``chunk_bytes``
+    (default: the ``head_chunk`` in force, else ``HEAD_CHUNK_BYTES``)."""
+    return max(1, (chunk_bytes or _chunk_bytes.get()) // (4 * vocab_size))
 
 
 def _slice_rows(weight: torch.Tensor, slice_bytes: int = HALF_SLICE_BYTES) -> int:

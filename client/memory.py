@@ -16,8 +16,9 @@ llama-style decoder with ``L`` layers (hidden ``D``, MLP ``F``), in fp32:
 * with checkpointing, only each layer's input (``D`` per token) is kept, and in backward one layer
   at a time is recomputed with its activations;
 * while a layer runs (forward or backward) it holds ``TRANSIENT_PER_TOKEN`` more floats per token;
-* the head (``client.loss``) holds one chunk of fp32 logits (and, for a half-precision weight, one
-  upcast vocabulary slice) plus the gradient of the labelled hidden states;
+* the head (``client.loss``) holds one chunk of fp32 logits (32 MiB, or 8 MiB where that fits
+  and 32 does not; and, for a half-precision weight, one upcast vocabulary slice) plus the
+  gradient of the labelled hidden states;
 * AdamW keeps a gradient and two moments per trainable adapter value.
 
 The allocator hands memory back in pages and keeps some of what tensors release: the estimate is
@@ -42,7 +43,8 @@ TRANSIENT_PER_TOKEN = (
 # where the counted bytes are 534 MiB (78-82 MiB): the count is already an upper bound there,
 # the margin is for padded batches and more threads.
 ALLOCATOR_SLACK = 1.1
-HEAD_CHUNK_MIB = 8.0  # fp32 logits of one head chunk (client.loss.HEAD_CHUNK_BYTES)
+# fp32 logits of one head chunk (client.loss): the faster size first, then the smaller one.
+HEAD_CHUNKS_MIB = (32.0, 8.0)
 HALF_HEAD_SLICE_MIB = 4.0  # one upcast vocabulary slice of a half-precision head
 # What loading and using the base model costs besides its weights, MiB: transformers' modelling
 # code and what it imports (scipy, sympy, torch.distributed, ...), bitsandbytes for NF4,
@@ -106,6 +108,13 @@ class MemoryPlan:
     checkpointing: bool
     estimated_mb: float  # estimated peak RSS of the process while training, MiB
     budget_mb: float  # 0: no budget
+    head_chunk_mib: float = HEAD_CHUNKS_MIB[0]  # fp32 logits per head chunk (client.loss)
+
+    @property
+    def lean_allocator(self) -> bool:
+        """Under a budget the C allocator returns freed memory at once (``client.rss``): the
+        estimates assume it; it costs page faults, so unbudgeted training keeps the default."""
+        return self.budget_mb > 0
 
     def describe(self) -> str:
         ckpt = ", checkpointing" if self.checkpointing else ""
@@ -117,7 +126,7 @@ class MemoryPlan:
     @classmethod
     def unplanned(cls, quantization: Quantization, batch_size: int) -> MemoryPlan:
         """No budget: the whole batch at once, no checkpointing, nothing estimated."""
-        return cls(quantization, batch_size, 1, False, 0.0, 0.0)
+        return cls(quantization, batch_size, 1, False, 0.0, 0.0, HEAD_CHUNKS_MIB[0])
 
     def metrics(self) -> dict[str, float]:
         """Numbers for the reply's metric record (``plan-*`` keys)."""
@@ -126,6 +135,7 @@ class MemoryPlan:
             "plan-accumulation": float(self.accumulation),
             "plan-checkpointing": float(self.checkpointing),
             "plan-estimated-mb": self.estimated_mb,
+            "plan-head-chunk-mb": self.head_chunk_mib,
             "max-memory-mb": self.budget_mb,
         }
 
@@ -152,6 +162,7 @@ def step_mib(
     seq_len: int,
     checkpointing: bool,
     quantization: Quantization = Quantization.NONE,
+    head_chunk_mib: float = HEAD_CHUNKS_MIB[0],
 ) -> float:
     """Estimated memory (MiB) a training step adds to the loaded model, allocator slack
     included."""
@@ -162,7 +173,7 @@ def step_mib(
     optimizer = 3 * shape.adapter_values
     floats = kept + transient + head_grad + optimizer
     half = _EMBEDDING_BYTES[quantization] < 4
-    head_mib = HEAD_CHUNK_MIB + (HALF_HEAD_SLICE_MIB if half else 0.0)
+    head_mib = head_chunk_mib + (HALF_HEAD_SLICE_MIB if half else 0.0)
     return ALLOCATOR_SLACK * (4 * floats / MIB + head_mib)
 
 
@@ -205,19 +216,22 @@ def plan_memory(
     sizes = micro_batch_sizes(batch_size) if allow_micro_batches else [batch_size]
     ckpts = (False, True) if allow_checkpointing else (False,)
 
-    def plan(q: Quantization, mb: int, ckpt: bool) -> MemoryPlan:
-        est = resident_mb[q] + step_mib(shape, mb, seq_len, ckpt, q)
-        return MemoryPlan(q, mb, math.ceil(batch_size / mb), ckpt, est, budget_mb)
+    def plan(q: Quantization, mb: int, ckpt: bool, chunk: float) -> MemoryPlan:
+        est = resident_mb[q] + step_mib(shape, mb, seq_len, ckpt, q, chunk)
+        return MemoryPlan(q, mb, math.ceil(batch_size / mb), ckpt, est, budget_mb, chunk)
 
     if budget_mb <= 0:
-        return plan(quantizations[0], batch_size, False)
+        return plan(quantizations[0], batch_size, False, HEAD_CHUNKS_MIB[0])
     for q in quantizations:
         for ckpt in ckpts:
             for mb in sizes:
-                candidate = plan(q, mb, ckpt)
-                if candidate.estimated_mb <= budget_mb:
-                    return candidate
-    smallest = min((plan(q, sizes[-1], ckpts[-1]) for q in quantizations), key=_estimate)
+                for chunk in HEAD_CHUNKS_MIB:
+                    candidate = plan(q, mb, ckpt, chunk)
+                    if candidate.estimated_mb <= budget_mb:
+                        return candidate
+    smallest = min(
+        (plan(q, sizes[-1], ckpts[-1], HEAD_CHUNKS_MIB[-1]) for q in quantizations), key=_estimate
+    )
     how = f"{smallest.quantization.value}, micro-batch {smallest.micro_batch}"
     how += ", checkpointing" if smallest.checkpointing else ""
     raise MemoryBudgetError(

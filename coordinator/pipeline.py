@@ -235,6 +235,7 @@ _MEMORY_METRICS = {
     "plan-accumulation": "accumulation",
     "plan-checkpointing": "checkpointing",
     "plan-estimated-mb": "estimated_mb",
+    "plan-head-chunk-mb": "head_chunk_mb",
 }
 
 

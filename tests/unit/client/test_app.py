@@ -108,13 +108,15 @@ def test_a_memory_budget_plans_micro_batches_with_the_same_update(  # type: igno
 
     shape = client_app._shape(client_app._settings(context, {}), LORA)
     resident = resident_mib(shape, Quantization.NONE, 300.0)
-    budget = resident + (step_mib(shape, 4, 48, False) + step_mib(shape, 2, 48, False)) / 2
+    whole, half = (step_mib(shape, rows, 48, False, head_chunk_mib=8.0) for rows in (4, 2))
+    budget = resident + (whole + half) / 2  # (with 8 MiB head chunks: the tiny vocabulary)
     context.node_config["max-memory"] = int(budget * 2**20)
     planned = decode_update(
         app(_message(content, MessageType.TRAIN), context).content, AdapterSpec.of(adapter), rnd=1
     )
     m = planned.metrics
     assert (m["plan-micro-batch"], m["plan-accumulation"], m["plan-checkpointing"]) == (2, 2, 0)
+    assert m["plan-head-chunk-mb"] == 8
     assert m["plan-estimated-mb"] <= m["max-memory-mb"] == pytest.approx(budget, abs=1e-3)
     assert m["peak-rss-mb"] > 0 and m["weight-bits"] == 32
     for k in plain.delta:

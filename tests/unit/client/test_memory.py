@@ -11,7 +11,7 @@ from client.data import load_records, to_conversations, tokenize_all
 from client.memory import (
     ALLOCATOR_SLACK,
     HALF_HEAD_SLICE_MIB,
-    HEAD_CHUNK_MIB,
+    HEAD_CHUNKS_MIB,
     LOAD_OVERHEAD_MIB,
     MIB,
     TRANSIENT_PER_TOKEN,
@@ -67,7 +67,7 @@ def test_step_estimate_is_the_documented_arithmetic() -> None:
     rest = tok * TRANSIENT_PER_TOKEN * 1536 + tok * 576 + 3 * 460_800
     expected = ALLOCATOR_SLACK * (
         4 * (tok * (30 * 576 + per_layer) + mask + rest) / MIB
-        + HEAD_CHUNK_MIB
+        + HEAD_CHUNKS_MIB[0]
         + HALF_HEAD_SLICE_MIB
     )
     assert step_mib(s, 2, 128, True, NF4) == pytest.approx(expected)
@@ -95,29 +95,38 @@ def _plan(budget: float, **kw: object) -> MemoryPlan:
 
 def test_the_fastest_plan_that_fits_is_chosen() -> None:
     resident = resident_mib(SMOLLM2, NF4, 250.0)
-    whole = resident + step_mib(SMOLLM2, 4, 128, False, NF4)
-    half = resident + step_mib(SMOLLM2, 2, 128, False, NF4)
-    ckpt = resident + step_mib(SMOLLM2, 4, 128, True, NF4)
-    assert whole > half > ckpt  # the 30 layers' activations dominate
 
-    assert _plan(whole + 1) == MemoryPlan(NF4, 4, 1, False, whole, whole + 1)
-    p = _plan(whole - 1)  # the whole batch no longer fits: two micro-batches of two rows
-    assert (p.micro_batch, p.accumulation, p.checkpointing) == (2, 2, False)
+    def est(micro: int, ckpt: bool, chunk: float = HEAD_CHUNKS_MIB[0]) -> float:
+        return resident + step_mib(SMOLLM2, micro, 128, ckpt, NF4, chunk)
+
+    whole, whole_small_head = est(4, False), est(4, False, HEAD_CHUNKS_MIB[1])
+    half, ckpt = est(2, False), est(4, True)
+    assert whole > whole_small_head > half > ckpt  # the 30 layers' activations dominate
+
+    assert _plan(whole + 1) == MemoryPlan(NF4, 4, 1, False, whole, whole + 1, 32.0)
+    p = _plan(whole - 1)  # the whole batch fits only with small head chunks
+    assert (p.micro_batch, p.checkpointing, p.head_chunk_mib) == (4, False, 8.0)
+    assert p.estimated_mb == pytest.approx(whole_small_head) and p.lean_allocator
+    p = _plan(whole_small_head - 1)  # no longer: two micro-batches of two rows
+    assert (p.micro_batch, p.accumulation, p.checkpointing, p.head_chunk_mib) == (2, 2, False, 32)
     assert p.estimated_mb == pytest.approx(half) and p.estimated_mb <= p.budget_mb
     p = _plan(ckpt + 1)  # only checkpointing fits; then the whole batch again
     assert (p.micro_batch, p.accumulation, p.checkpointing) == (4, 1, True)
-    assert _plan(0) == MemoryPlan(NF4, 4, 1, False, whole, 0)  # no budget: no change
+    unbudgeted = _plan(0)  # no budget: no change, default allocator
+    assert unbudgeted == MemoryPlan(NF4, 4, 1, False, whole, 0, 32.0)
+    assert not unbudgeted.lean_allocator
     assert p.metrics() == {
         "plan-micro-batch": 4.0,
         "plan-accumulation": 1.0,
         "plan-checkpointing": 1.0,
         "plan-estimated-mb": p.estimated_mb,
+        "plan-head-chunk-mb": 32.0,
         "max-memory-mb": ckpt + 1,
     }
 
 
 def test_an_impossible_budget_is_refused_with_the_smallest_footprint() -> None:
-    smallest = resident_mib(SMOLLM2, NF4, 250.0) + step_mib(SMOLLM2, 1, 128, True, NF4)
+    smallest = resident_mib(SMOLLM2, NF4, 250.0) + step_mib(SMOLLM2, 1, 128, True, NF4, 8.0)
     with pytest.raises(MemoryBudgetError) as err:
         _plan(512)
     assert str(err.value) == (
@@ -125,7 +134,7 @@ def test_an_impossible_budget_is_refused_with_the_smallest_footprint() -> None:
         f"reach is ~{smallest:.0f} MiB (nf4, micro-batch 1, checkpointing)"
     )
     # DP-SGD trains its Poisson batch whole: its smallest footprint is that batch's.
-    whole = resident_mib(SMOLLM2, NF4, 250.0) + step_mib(SMOLLM2, 4, 128, False, NF4)
+    whole = resident_mib(SMOLLM2, NF4, 250.0) + step_mib(SMOLLM2, 4, 128, False, NF4, 8.0)
     with pytest.raises(MemoryBudgetError, match=f"~{whole:.0f} MiB \\(nf4, micro-batch 4\\)"):
         _plan(1024, allow_checkpointing=False, allow_micro_batches=False)
 
@@ -136,7 +145,7 @@ def test_quantize_to_fit_falls_back_to_the_first_smaller_mode_that_fits() -> Non
     assert quantization_candidates(INT8, True) == [INT8, NF4]
     resident = {q: resident_mib(SMOLLM2, q, 250.0) for q in Quantization}
     kw = {"batch_size": 4, "seq_len": 128, "resident_mb": resident}
-    fp32_floor = resident[NONE] + step_mib(SMOLLM2, 1, 128, True, NONE)
+    fp32_floor = resident[NONE] + step_mib(SMOLLM2, 1, 128, True, NONE, 8.0)
     budget = fp32_floor - 1  # fp32 cannot fit at all; int8 can
     p = client_plan(budget, SMOLLM2, preferred=NONE, quantize_to_fit=True, **kw)  # type: ignore[arg-type]
     assert p.quantization is INT8 and p.estimated_mb <= budget
