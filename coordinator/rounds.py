@@ -128,7 +128,6 @@ class ServerModel:
         self.base.tokenizer.save_pretrained(str(directory))
 
 
-# Per-client memory figures a reply carries (client/app.py, client/memory.py) -> metrics keys.
 def _weighted(values: list[tuple[float, float]]) -> float | None:
     total = sum(w for _, w in values)
     return sum(v * w for v, w in values) / total if total > 0 else None
