@@ -127,14 +127,19 @@ class TaskCounts:
 
 def encode_eval_task(content: RecordDict, spec: EvalTaskSpec) -> None:
     """Add ``spec`` to an evaluate message's ``content``."""
-    content[keys.EVAL_TASK] = ConfigRecord(to_config_dict(spec))
+    # Empty strings are left out: Flower's ConfigRecord.count_bytes (1.39) refuses a value of 0
+    # bytes; decoding reads an absent text field as "".
+    record = {k: v for k, v in to_config_dict(spec).items() if v != ""}
+    content[keys.EVAL_TASK] = ConfigRecord(record)
 
 
 def decode_eval_task(content: RecordDict) -> EvalTaskSpec | None:
     """The task an evaluate message asks for, None if it asks for none."""
     if keys.EVAL_TASK not in content:
         return None
-    rec = _record(content, keys.EVAL_TASK, ConfigRecord, "evaluate message")
+    rec = dict(_record(content, keys.EVAL_TASK, ConfigRecord, "evaluate message"))
+    for name in ("columns", "labels", "template"):
+        rec.setdefault(name, "")
     return _from_config(EvalTaskSpec, rec)
 
 

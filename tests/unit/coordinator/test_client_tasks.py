@@ -127,3 +127,25 @@ def test_a_label_spec_needs_its_label_set() -> None:
         EvalTaskSpec(kind="label", labels="x")
     with pytest.raises(ProtocolError, match="kind: 'rank' is not one of"):
         EvalTaskSpec(kind="rank")
+
+
+def test_task_plot_names_both_sources_when_a_run_has_both(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.report import RunData, plot_task
+
+    rows = [
+        {
+            "round": r,
+            "task_accuracy": 0.25 * r,
+            "client_task_accuracy": 0.5,
+            "client_task_macro_f1": 0.4,
+        }
+        for r in range(3)
+    ]
+    fig = plot_task([RunData(tmp_path, {}, rows)])
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == [
+        "coordinator task: accuracy",
+        "clients' held-out: accuracy",
+        "clients' held-out: macro_f1",
+    ]
+    assert fig.axes[0].get_title() == "Task metrics (coordinator task and clients' held-out)"
