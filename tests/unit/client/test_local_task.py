@@ -9,7 +9,7 @@ import pytest
 
 from client.local_task import counts_of, heldout_task, score_heldout, task_spec
 from client.model import Quantization, attach_lora, load_base, resolve_model
-from client.tasks import TaskKind, TaskSpec, evaluate_task, load_task
+from client.tasks import ChoiceItem, TaskKind, TaskSpec, evaluate_task, load_task
 from protocol.messages import LoraSpec
 from protocol.task_eval import EvalTaskSpec
 
@@ -30,7 +30,8 @@ def test_rows_without_a_label_are_skipped_and_counted() -> None:
     local = heldout_task(ROWS, task_spec(LABEL), "shard.jsonl")
     assert (local.unlabelled, local.invalid) == (2, 2)
     assert [i.row for i in local.task.items] == [1, 2, 7]
-    assert [i.answer for i in local.task.items] == [1, 0, 1]  # greeting = 0, math = 1
+    items = [i for i in local.task.items if isinstance(i, ChoiceItem)]
+    assert [i.answer for i in items] == [1, 0, 1]  # greeting = 0, math = 1
     assert local.task.classes == ("greeting", "math")
     assert local.first_error is not None
     assert "shard.jsonl (held-out): row 5: field 'category': 'poetry'" in local.first_error

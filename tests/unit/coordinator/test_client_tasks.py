@@ -142,6 +142,7 @@ def test_task_plot_names_both_sources_when_a_run_has_both(tmp_path) -> None:  # 
         for r in range(3)
     ]
     fig = plot_task([RunData(tmp_path, {}, rows)])
+    assert fig is not None
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == [
         "coordinator task: accuracy",

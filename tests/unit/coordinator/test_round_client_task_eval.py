@@ -126,6 +126,7 @@ def test_client_task_rows_in_metrics_and_report(
     assert 'id="plot-task"' in page and 'id="client-task"' in page
     assert "held-out rows scored as the task after round 2" in page
     fig = plot_task([load_run(run)])
+    assert fig is not None
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["accuracy", "macro_f1"]  # the clients' pooled series, one source only
     xs, ys = fig.axes[0].get_lines()[0].get_data()
