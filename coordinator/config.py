@@ -537,6 +537,12 @@ class RunConfig:
             "eval-task-kind",
             "--eval-task-clients needs a kind: choice | label | generate",
         )
+        need(
+            not (self.eval_task_clients and (self.secagg or self.dp is not DpMode.NONE)),
+            "eval-task-clients",
+            "reports each client's confusion counts in the clear (its held-out label mix), "
+            "which --secagg and --dp exist to hide; score a shared --eval-task file instead",
+        )
         if self.eval_task or self.eval_task_clients:
             spec = self.task_spec()  # raises ConfigError naming the eval-task-* key
             need(

@@ -143,6 +143,11 @@ def test_client_task_rows_in_metrics_and_report(
          "eval-task-labels: --eval-task-clients with kind label needs the label set"),
         ({"eval-task-clients": True, "eval-task-kind": "label", "eval-task-labels": "a"},
          "eval-task-labels: need at least two labels"),
+        ({"eval-task-clients": True, "eval-task-kind": "choice", "secagg": True},
+         "eval-task-clients: reports each client's confusion counts in the clear"),
+        ({"eval-task-clients": True, "eval-task-kind": "choice", "dp": "client",
+          "noise-multiplier": 1.0},
+         "eval-task-clients: reports each client's confusion counts in the clear"),
     ],
 )  # fmt: skip
 def test_client_task_config_errors_name_the_key(values: dict[str, object], message: str) -> None:
