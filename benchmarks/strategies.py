@@ -84,10 +84,17 @@ def parse_args() -> argparse.Namespace:
         "--task",
         action="append",
         default=[],
-        help="KIND=FILE: also score every final adapter on this task (benchmarks/tasks.py writes "
-        "label and choice tasks from Dolly's held-out rows); repeatable",
+        help="KIND=FILE[@N]: after training, score the base model, the centralized adapter and "
+        "every strategy's final adapter on this task (a seeded subset of N rows); "
+        "benchmarks/tasks.py writes label and choice tasks from Dolly's held-out rows",
     )
-    p.add_argument("--task-limit", type=int, default=0, help="score a seeded subset of N rows")
+    p.add_argument(
+        "--top-task",
+        action="append",
+        default=[],
+        help="KIND=FILE[@N]: like --task, but only for the base model, the centralized adapter, "
+        "fedavg and the strategy with the lowest final held-out loss",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args()
 
@@ -132,21 +139,15 @@ def main() -> None:
     def held_loss(adapter: dict[str, np.ndarray]) -> float:
         return evaluate(model, heldout, batch_size=8, pad_id=pad, global_adapter=adapter).loss
 
-    tasks: dict[str, Task] = {}
-    for item in args.task:
-        kind, path = item.split("=", 1)
-        tspec = TaskSpec(kind=TaskKind.parse(kind), limit=args.task_limit, seed=args.seed)
-        tasks[f"{kind}:{Path(path).stem}"] = load_task(path, tspec)
-
-    def task_scores(adapter: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        set_adapter(model, adapter)
-        return {name: evaluate_task(model, tok, t).metrics for name, t in tasks.items()}
+    tasks = {
+        **read_tasks(args.task, args.seed, top=False),
+        **read_tasks(args.top_task, args.seed, top=True),
+    }
+    finals: dict[str, dict[str, np.ndarray]] = {"base model": initial}
 
     base_loss = held_loss(initial)
     print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
     results: dict[str, Any] = {"base_loss": base_loss, "config": vars(args) | {"out": None}}
-    results["base_tasks"] = task_scores(initial)
-    print(f"base tasks: {results['base_tasks']}", flush=True)
 
     # Centralized: one adapter on the pooled rows, the same examples seen as the federation.
     pooled = [e for cid in range(args.clients) for e in data(cid)]
@@ -157,10 +158,9 @@ def main() -> None:
     central = {k: initial[k] + up.delta[k] for k in initial}
     central_loss = held_loss(central)
     results["centralized"] = {"loss": central_loss, "steps": steps,
-                              "seconds": time.perf_counter() - t0,
-                              "tasks": task_scores(central)}  # fmt: skip
-    print(f"centralized ({steps} steps): {central_loss:.4f} {results['centralized']['tasks']}",
-          flush=True)  # fmt: skip
+                              "seconds": time.perf_counter() - t0}  # fmt: skip
+    print(f"centralized ({steps} steps): {central_loss:.4f}", flush=True)
+    finals["centralized"] = central
 
     population = list(range(args.clients))
     for name in [s for s in args.strategies.split(",") if s]:
@@ -209,23 +209,53 @@ def main() -> None:
             "server_learning_rate": strategy.record()["server_learning_rate"],
             "seconds": time.perf_counter() - t0,
             "load_average": load_average(),
-            "tasks": task_scores(adapter),
         }
-        print(f"{name} tasks: {results[name]['tasks']}", flush=True)
+        finals[name] = adapter
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+    names = [s for s in args.strategies.split(",") if s]
     print("\n| strategy | server lr | held-out loss by round | recovered of centralized gain |")
     print("|---|---|---|---|")
     print(f"| centralized | - | {base_loss:.4f} -> {central_loss:.4f} | 100% |")
-    for name in [s for s in args.strategies.split(",") if s]:
+    for name in names:
         r = results[name]
         rec = f"{100 * r['recovered']:.0f}%" if r["recovered"] is not None else "n/a"
         path = " -> ".join(f"{x:.4f}" for x in r["losses"])
-        print(f"| {name} | {r['server_learning_rate']:g} | {path} | {rec} |")
-    if tasks:
-        print_task_table(results, [s for s in args.strategies.split(",") if s])
+        print(f"| {name} | {r['server_learning_rate']:g} | {path} | {rec} |", flush=True)
     plot(results, args)
+
+    best = min(names, key=lambda n: results[n]["losses"][-1]) if names else None
+    results["best_by_loss"] = best
+    results["tasks"] = {}
+    for task_name, (task, top) in tasks.items():
+        scored = [
+            n for n in finals if not top or n in ("base model", "centralized", "fedavg", best)
+        ]
+        rows: dict[str, dict[str, float]] = {}
+        for n in scored:
+            set_adapter(model, finals[n])
+            t0 = time.perf_counter()
+            rows[n] = evaluate_task(model, tok, task).metrics | {
+                "seconds": time.perf_counter() - t0
+            }
+            print(f"{task_name} {n}: accuracy {rows[n]['accuracy']:.3f}", flush=True)
+        results["tasks"][task_name] = rows
+        (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+        print_task_table(task_name, rows)
+    (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def read_tasks(items: list[str], seed: int, top: bool) -> dict[str, tuple[Task, bool]]:
+    """``KIND=FILE[@N]`` -> the loaded task (a seeded subset of N rows) and whether it is scored
+    only for the top adapters."""
+    out: dict[str, tuple[Task, bool]] = {}
+    for item in items:
+        kind, _, rest = item.partition("=")
+        path, _, limit = rest.partition("@")
+        spec = TaskSpec(kind=TaskKind.parse(kind), limit=int(limit or 0), seed=seed)
+        out[f"{kind}:{Path(path).stem}"] = (load_task(path, spec), top)
+    return out
 
 
 def recovered(base: float, central: float, federated: float) -> float | None:
@@ -235,22 +265,17 @@ def recovered(base: float, central: float, federated: float) -> float | None:
     return (federated - base) / gain if gain > 0 else None
 
 
-def print_task_table(results: dict[str, Any], names: list[str]) -> None:
-    for task in results["base_tasks"]:
-        base = results["base_tasks"][task]
-        central = results["centralized"]["tasks"][task]
-        print(f"\n{task}: accuracy / macro-F1 (recovered share of the centralized accuracy gain)")
-        print(f"majority-class baseline {base['majority_baseline']:.3f}, "
-              f"chance {base['chance_baseline']:.3f}")  # fmt: skip
-        print("| adapter | accuracy | macro-F1 | recovered |")
-        print("|---|---|---|---|")
-        rows = [("base model", base), ("centralized", central)]
-        rows += [(n, results[n]["tasks"][task]) for n in names]
-        for label, m in rows:
-            rec = recovered(base["accuracy"], central["accuracy"], m["accuracy"])
-            cell = "-" if label in ("base model", "centralized") or rec is None else f"{rec:.0%}"
-            f1 = m.get("macro_f1", float("nan"))
-            print(f"| {label} | {m['accuracy']:.3f} | {f1:.3f} | {cell} |")
+def print_task_table(task: str, rows: dict[str, dict[str, float]]) -> None:
+    base, central = rows["base model"], rows["centralized"]
+    print(f"\n{task} ({int(base['rows_scored'])} rows): majority-class baseline "
+          f"{base['majority_baseline']:.3f}, chance {base['chance_baseline']:.3f}")  # fmt: skip
+    print("| adapter | accuracy | macro-F1 | recovered of centralized accuracy gain |")
+    print("|---|---|---|---|")
+    for label, m in rows.items():
+        rec = recovered(base["accuracy"], central["accuracy"], m["accuracy"])
+        top = label in ("base model", "centralized")
+        cell = "-" if top else ("n/a (no centralized gain)" if rec is None else f"{rec:.0%}")
+        print(f"| {label} | {m['accuracy']:.3f} | {m.get('macro_f1', float('nan')):.3f} | {cell} |")
 
 
 def plot(results: dict[str, Any], args: argparse.Namespace) -> None:
