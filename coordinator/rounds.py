@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import MessageType
+from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.aggregators import (
@@ -54,7 +54,9 @@ from coordinator.progress import Progress
 from coordinator.report import write_run_report
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
+from coordinator.update_wire import UpdateWire, wire_row
 from protocol.adapter import AdapterSpec
+from protocol.errors import UpdateRejected
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
 
 log = logging.getLogger("fedtune")
@@ -260,6 +262,7 @@ class Pipeline:
     strategy: Strategy
     trained: AdapterSpec  # the adapter tensors clients train (FFA-LoRA: the B matrices)
     min_clients: int
+    wire: UpdateWire | None = None  # codecs and client ranks (coordinator.update_wire)
 
     def train(
         self,
@@ -275,11 +278,18 @@ class Pipeline:
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
             instr = dataclasses.replace(instr, trainable_keys=self.trained.names)
-        content = self.strategy.train_content(instr, adapter, self.trained)
         expected = self.strategy.update_spec(self.trained)
+        wire = None
+        if self.wire is not None and self.wire.active:  # per-node content, codec, ranks
+            wire = self.wire.for_round(rnd, sampled, instr, adapter, self.strategy, self.trained)
+            expected, content = wire.expected, RecordDict()
+        else:
+            content = self.strategy.train_content(instr, adapter, self.trained)
         c = self.transport.collect(
-            grid, sampled, content, expected, rnd, progress, self.privacy.prepare
+            grid, sampled, content, expected, rnd, progress, self.privacy.prepare, wire=wire
         )
+        if wire is not None:
+            c.extra.update(wire_row(wire, c))
         for f in c.failures:
             log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
         if c.error is None and len(c.contributors) < self.min_clients:
@@ -288,10 +298,12 @@ class Pipeline:
             return None, RoundResult.from_contribution(c, "failed", c.error)
         try:
             mean, privacy_metrics = self.privacy.release(c)
+            if wire is not None:
+                mean = wire.finish(mean)  # per rank component over its holders
             check_finite(mean, "the released mean update")
             new = self.strategy.apply(adapter, mean)
             check_finite(new, "the next global adapter")
-        except RoundFailed as exc:
+        except (RoundFailed, UpdateRejected) as exc:
             return None, RoundResult.from_contribution(c, "failed", str(exc))
         result = RoundResult.from_contribution(c, "ok", None)
         result.extra.update(privacy_metrics)
@@ -327,7 +339,10 @@ def run_federation(
     trained = spec.subset(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else spec
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
-    privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, spec.numel)
+    wire = UpdateWire(cfg)
+    wire.assign(nodes)  # client ranks round-robin over the nodes connected now, by id
+    numel = wire.masked_numel(trained) if cfg.secagg else spec.numel  # a sketch is shorter
+    privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, numel)
     strategy = Strategy.create(
         cfg.strategy_settings(), cfg.population or len(nodes), cfg.clients_per_round
     )
@@ -339,6 +354,7 @@ def run_federation(
         strategy,
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,
+        wire,
     )
     if not isinstance(privacy, NoPrivacy):
         rundir.update_config("privacy", privacy.settings.to_record())  # type: ignore[attr-defined]

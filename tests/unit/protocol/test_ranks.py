@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from coordinator.aggregation import weighted_mean
-from coordinator.ranks import (
+from protocol.ranks import (
     HOLDERS,
     RankError,
     adapter_rank,
