@@ -21,7 +21,6 @@ from flwr.clientapp import ClientApp
 
 from client import secagg
 from client.corrections import ProximalTerm, Scaffold, load_client_control, save_client_control
-from client.error_feedback import codec_rng, encode_delta
 from client.data import (
     TokenizedExample,
     heldout_split,
@@ -30,6 +29,7 @@ from client.data import (
     to_conversations,
     tokenize_all,
 )
+from client.error_feedback import codec_rng, encode_delta
 from client.loss import HEAD_CHUNK_BYTES, SMALL_HEAD_CHUNK_BYTES, head_chunk
 from client.memory import (
     MIB,
@@ -281,7 +281,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         payload = None
         if instr.compress != "none":  # protocol.codecs; the residual in the state directory
             state = _settings(context, base_defaults).state_dir if instr.error_feedback else None
-            payload = encode_delta(instr.codec(), update.delta, codec_rng(instr, context), state_dir=state)
+            payload = encode_delta(
+                instr.codec(), update.delta, codec_rng(instr, context), state_dir=state
+            )
         return Message(encode_update(update, rnd=instr.round, payload=payload), reply_to=msg)
 
     # Secure aggregation: the same local update, sent masked over four stages (client/secagg.py).

@@ -130,14 +130,7 @@ def _guarded(
     return handler
 
 
-def flatten_update(update: ClientUpdate) -> np.ndarray:
-    """The trained tensors as one float64 vector, in the order the global adapter listed them."""
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in update.delta.values()])
-
-
-def secure_vector(
-    update: ClientUpdate, instr: TrainInstruction, plan: EncodingPlan
-) -> np.ndarray:
+def secure_vector(update: ClientUpdate, instr: TrainInstruction, plan: EncodingPlan) -> np.ndarray:
     """The float vector this client masks (``protocol.codecs.secure``): its delta, or the
     delta's sketch, padded to the global rank with its holder vector when ranks are mixed."""
     delta = dict(update.delta)

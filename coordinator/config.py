@@ -17,8 +17,8 @@ from client.defaults import DEFAULT_MODEL, Choice, Quantization
 from coordinator.strategies import STRATEGIES, StrategySettings
 from protocol.codecs import CodecError, CompressionConfig
 from protocol.errors import ProtocolError
-from protocol.ranks import RankError, parse_client_ranks
 from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
+from protocol.ranks import RankError, parse_client_ranks
 
 if TYPE_CHECKING:
     from client.tasks import TaskSpec
@@ -210,9 +210,7 @@ class RunConfig:
         "client update codec: none | fp16 | int8 | int4 (stochastic, unbiased) | sketch (a "
         "count sketch the coordinator decodes as a sum; the only lossy codec with --secagg)",
     )
-    compress_block_size: int = option(
-        0, "int8/int4: values per scale (0: one scale per tensor)"
-    )
+    compress_block_size: int = option(0, "int8/int4: values per scale (0: one scale per tensor)")
     sketch_ratio: float = option(0.25, "sketch: cells / values")
     sketch_rows: int = option(1, "sketch: hash rows (mean decoding)")
     error_feedback: bool = option(

@@ -99,9 +99,7 @@ class SecureTransport:
         self.seen_keys: set[bytes] = set()  # 64 bytes per client and round
         self.complaint_ledger = ComplaintLedger()
 
-    def plan(
-        self, n: int, numel: int, clip: float | None = None
-    ) -> tuple[EncodingPlan, float]:
+    def plan(self, n: int, numel: int, clip: float | None = None) -> tuple[EncodingPlan, float]:
         """The encoding for ``n`` sampled clients and the Skellam parameter each client adds
         (``clip``: the per-coordinate clip, --secagg-clip unless a sketch's cells need more)."""
         cfg, ddp = self.cfg, self.ddp

@@ -178,7 +178,6 @@ class TrainInstruction:
             f"must be >= 0, got {self.proximal_mu}",
         )
 
-
     def compression(self) -> CompressionConfig:
         return CompressionConfig(
             codec=self.compress,
@@ -366,8 +365,9 @@ def _down_codec(meta: Mapping[str, Any], what: str) -> Codec:
         return Fp16Codec()
     if name in ("int8", "int4"):
         block = meta.get(BLOCK)
-        _require(_exact_int(block) and block >= 0, f"{what} {BLOCK}", f"got {block!r}")
-        return StochasticQuantizer(8 if name == "int8" else 4, int(block))
+        if not (isinstance(block, int) and _exact_int(block) and block >= 0):
+            raise ProtocolError(f"{what} {BLOCK}: must be an int >= 0, got {block!r}")
+        return StochasticQuantizer(8 if name == "int8" else 4, block)
     raise ProtocolError(f"{what}: global adapter codec {name!r} is not fp16, int8 or int4")
 
 
@@ -496,9 +496,7 @@ def _finite_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def encode_update(
-    update: ClientUpdate, *, rnd: int, payload: Payload | None = None
-) -> RecordDict:
+def encode_update(update: ClientUpdate, *, rnd: int, payload: Payload | None = None) -> RecordDict:
     """A train reply for round ``rnd`` (the round of the instruction it answers). ``payload``:
     the delta encoded by the round's codec (``protocol.codecs``), sent instead of the fp32
     tensors, its scalars in the ``update-codec`` record."""
