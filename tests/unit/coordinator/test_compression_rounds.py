@@ -29,7 +29,7 @@ from protocol import keys
 from protocol.adapter import AdapterSpec
 from protocol.codecs import CompressionConfig
 from protocol.messages import decode_train_instruction, decode_update
-from protocol.ranks import mixed_rank_mean
+from protocol.ranks import flexlora, mixed_rank_mean
 from tests.fakegrid import FakeGrid, run_virtual
 
 NODES = [2**63 + 7, 101, 5003]  # sorted: 101, 5003, 2**63 + 7
@@ -301,3 +301,61 @@ def test_mixed_ranks_under_secagg_equal_plaintext_within_encoding_error(
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=bound, rtol=0)
     assert max(float(np.abs(a[k] - plain.start_adapter(1)[k]).max()) for k in a) > 50 * bound
+
+
+def test_flexlora_round_equals_the_svd_redistribution_of_the_replies(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fleet = RealFleet(tmp_path / "f", tiny_model_dir, model_cache)
+    opts = {"client-ranks": "1,2", "rank-aggregation": "flexlora"}
+    rows = run(fleet, config(tiny_model_dir, model_cache, out, **opts), out)
+    assert rows[1]["status"] == "ok", rows[1].get("reason")
+    init = fleet.start_adapter(1)
+    updates = []
+    for _node, msg, reply in fleet.trains(1):
+        _instr, sent = decode_train_instruction(msg.content)
+        update = decode_update(reply.content, AdapterSpec.of(sent), rnd=1)
+        updates.append((update.delta, float(update.num_examples)))
+    want = flexlora(init, updates)
+    new = adapter_of(out)
+    for k in new:
+        np.testing.assert_allclose(new[k], want[k], rtol=0, atol=1e-6)
+
+
+def test_downlink_int8_and_uplink_int8_measured_bytes(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fleet = RealFleet(tmp_path / "f", tiny_model_dir, model_cache)
+    opts = {"compress": "int8", "compress-down": "int8", "compress-block-size": 32}
+    rows = run(fleet, config(tiny_model_dir, model_cache, out, **opts), out)
+    r = rows[1]
+    assert r["status"] == "ok" and r["compress_down"] == "int8"
+    # int8 codes plus a float32 scale per 32 values, npy headers and meta: well under 1/2
+    assert r["bytes_up_ratio"] < 0.5 and r["bytes_down_ratio"] < 0.6
+    for _node, msg, _reply in fleet.trains(1):
+        assert keys.GLOBAL_ADAPTER_CODEC in msg.content
+    # the plain run's exchange of the same adapter, for comparison: ratio ~ 1
+    plain_out = tmp_path / "plain"
+    prow = run(fleet, config(tiny_model_dir, model_cache, plain_out), plain_out)[1]
+    assert "bytes_up_ratio" not in prow  # no codec, no ranks: today's row
+    assert r["bytes_up"] < prow["bytes_up"] and r["bytes_down"] < prow["bytes_down"]
+
+
+def test_secagg_sketch_with_distributed_dp_noises_the_sketch(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fleet = RealFleet(tmp_path / "f", tiny_model_dir, model_cache)
+    opts = {"compress": "sketch", "secagg": True, "dp": "client", "noise-multiplier": 0.5,
+            "clip-norm": 0.5, "sketch-ratio": 0.25, "population": 3, "delta": 1e-2}  # fmt: skip
+    rows = run(fleet, config(tiny_model_dir, model_cache, out, **opts), out)
+    r = rows[1]
+    assert r["status"] == "ok", r.get("reason")
+    sketch = CompressionConfig("sketch", sketch_ratio=0.25).build()
+    spec = AdapterSpec.of(fleet.start_adapter(1))
+    cells = sketch.operator(spec).size  # type: ignore[attr-defined]
+    recorded = json.loads((out / "config.json").read_text())["privacy"]
+    assert recorded["numel"] == cells < spec.numel  # the noised vector is the sketch
+    assert r["epsilon"] > 0
