@@ -279,17 +279,19 @@ class Pipeline:
         if self.trained.names != tuple(adapter):
             instr = dataclasses.replace(instr, trainable_keys=self.trained.names)
         expected = self.strategy.update_spec(self.trained)
-        wire = None
-        if self.wire is not None and self.wire.active:  # per-node content, codec, ranks
-            wire = self.wire.for_round(rnd, sampled, instr, adapter, self.strategy, self.trained)
-            expected, content = wire.expected, RecordDict()
+        rw = wire = None
+        if self.wire is not None:
+            rw = self.wire.for_round(rnd, sampled, instr, adapter, self.strategy, self.trained)
+        if rw is not None and self.wire is not None and self.wire.active:
+            wire = rw  # per-node content, the codec, client ranks
+            expected, content = rw.expected, RecordDict()
         else:
             content = self.strategy.train_content(instr, adapter, self.trained)
         c = self.transport.collect(
             grid, sampled, content, expected, rnd, progress, self.privacy.prepare, wire=wire
         )
-        if wire is not None:
-            c.extra.update(wire_row(wire, c))
+        if rw is not None:
+            c.extra.update(wire_row(rw, c))  # bytes against fp32, ranks
         for f in c.failures:
             log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
         if c.error is None and len(c.contributors) < self.min_clients:

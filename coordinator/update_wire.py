@@ -286,6 +286,8 @@ def wire_row(wire: RoundWire, c: Contribution) -> dict[str, Any]:
     replied = c.replied or c.contributors  # the secure transport reports its contributors
     up, down = wire.fp32_up(replied), wire.fp32_down(c.nodes)
     row: dict[str, Any] = {
+        "train_bytes_up": c.bytes_up,  # the train phase only (bytes_up adds evaluation)
+        "train_bytes_down": c.bytes_down,
         "compress": wire.codec.name,
         "compress_down": wire.run.down.name if wire.run.down else "none",
         "update_bytes_fp32": wire.fp32_up([0]),
