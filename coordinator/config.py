@@ -161,6 +161,11 @@ class RunConfig:
         0.0, "fixed-point step (0: the finest that fits a 32-bit ring)"
     )
     secagg_weight_cap: int = option(65536, "cap on a client's example weight")
+    secagg_ring_bits: int = option(
+        0,
+        "ring width (0: 32 bits, the finest step; 2-32: the finest step whose sum over the "
+        "round's clients cannot wrap in that many bits; the weight cap must fit it too)",
+    )
     inject_dropout: float = option(
         0.0, "simulation: fraction of each round's clients that crash during secure aggregation"
     )
@@ -442,6 +447,36 @@ class RunConfig:
             "secagg-weight-cap",
             f"must be >= 1, got {self.secagg_weight_cap}",
         )
+        need(
+            self.secagg_ring_bits == 0 or 2 <= self.secagg_ring_bits <= 32,
+            "secagg-ring-bits",
+            f"must be 0 (automatic) or in [2, 32], got {self.secagg_ring_bits}",
+        )
+        need(
+            self.secagg_ring_bits == 0 or self.secagg,
+            "secagg-ring-bits",
+            "sizes the secure-aggregation ring; it needs --secagg",
+        )
+        need(
+            not (self.secagg_ring_bits and self.secagg_precision > 0),
+            "secagg-ring-bits",
+            "give either secagg-ring-bits or secagg-precision (each fixes the step), not both",
+        )
+        need(
+            not (self.secagg_ring_bits and self.dp is DpMode.CLIENT),
+            "secagg-ring-bits",
+            "distributed DP (--dp client --secagg) sizes its ring from the noise it adds; "
+            "use --secagg-precision",
+        )
+        if self.secagg_ring_bits:
+            limit = (1 << (self.secagg_ring_bits - 1)) - 1
+            need(
+                self.clients_per_round * self.secagg_weight_cap <= limit,
+                "secagg-weight-cap",
+                f"{self.secagg_weight_cap} x {self.clients_per_round} clients per round does "
+                f"not fit a {self.secagg_ring_bits}-bit ring; use --secagg-weight-cap "
+                f"{max(1, limit // self.clients_per_round)} or a wider ring",
+            )
         need(
             0.0 <= self.inject_dropout < 1.0,
             "inject-dropout",

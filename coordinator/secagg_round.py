@@ -37,6 +37,7 @@ from privacy.secagg.encoding import (
     EncodingPlan,
     decode_sum,
     plan_encoding,
+    step_for_ring,
 )
 from privacy.secagg.messages import SecAggAborted, SecAggError, to_bytes
 from privacy.secagg.server import (
@@ -104,13 +105,11 @@ class SecureTransport:
         (``clip``: the per-coordinate clip, --secagg-clip unless a sketch's cells need more)."""
         cfg, ddp = self.cfg, self.ddp
         if ddp is None:
-            plan = plan_encoding(
-                n,
-                cfg.secagg_clip if clip is None else clip,
-                cfg.secagg_precision,
-                cfg.secagg_weight_cap,
-                numel=numel,
-            )
+            clip = cfg.secagg_clip if clip is None else clip
+            precision = cfg.secagg_precision
+            if cfg.secagg_ring_bits:  # the finest step whose sum fits that ring
+                precision = step_for_ring(n, clip, cfg.secagg_ring_bits, cfg.secagg_weight_cap)
+            plan = plan_encoding(n, clip, precision, cfg.secagg_weight_cap, numel=numel)
             return plan, 0.0
         # With DP each client counts once (weight 1) and its update is L2-clipped: the
         # per-coordinate clip is then the L2 clip norm itself (privacy.distributed_dp).

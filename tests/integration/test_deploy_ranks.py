@@ -61,36 +61,21 @@ def ranked_run(
         started.append(proc)
         return proc
 
+    def client(name: str, shard: Path) -> Proc:
+        return start(
+            name, "client", "start", "--coordinator", fleet,
+            "--root-cert", str(keys / "ca.pem"), "--key", str(keys / "nodes" / f"{name}.key"),
+            "--data", str(shard), "--cache-dir", str(model_cache),
+            "--state-dir", str(root / "state" / name), "--threads", "1", "--max-wait", "120",
+        )  # fmt: skip
+
     try:
         coord = start(
             "coordinator", "coordinator", "start", "--keys", str(keys),
             "--authorized-keys", str(authorized), "--fleet-address", fleet,
             "--control-address", control, "--state-dir", str(root / "coord"),
         )  # fmt: skip
-        devices = {
-            d: start(
-                d,
-                "client",
-                "start",
-                "--coordinator",
-                fleet,
-                "--root-cert",
-                str(keys / "ca.pem"),
-                "--key",
-                str(keys / "nodes" / f"{d}.key"),
-                "--data",
-                str(shards[i]),
-                "--cache-dir",
-                str(model_cache),
-                "--state-dir",
-                str(root / "state" / d),
-                "--threads",
-                "1",
-                "--max-wait",
-                "120",
-            )  # fmt: skip
-            for i, d in enumerate(names)
-        }
+        devices = {d: client(d, shards[i]) for i, d in enumerate(names)}
         coord.wait_for(r"coordinator ready", START_TIMEOUT)
         node_ids = {
             d: int(p.wait_for(r"joined coordinator \S+ as node (\d+)", START_TIMEOUT).group(1))

@@ -69,6 +69,17 @@ def from_flags(*flags: str) -> RunConfig:
             "rank-aggregation: flexlora is not a clipped sum",
         ),
         (["--rank-aggregation", "svd"], "rank-aggregation: must be one of mean | flexlora"),
+        (["--secagg-ring-bits", "16"], "secagg-ring-bits: sizes the secure-aggregation ring"),
+        (
+            ["--secagg", "--secagg-ring-bits", "16"],
+            "secagg-weight-cap: 65536 x 3 clients per round does not fit a 16-bit ring; use "
+            "--secagg-weight-cap 10922",
+        ),
+        (
+            ["--secagg", "--secagg-ring-bits", "16", "--secagg-precision", "0.001"],
+            "secagg-ring-bits: give either secagg-ring-bits or secagg-precision",
+        ),
+        (["--secagg", "--secagg-ring-bits", "40"], "secagg-ring-bits: must be 0 (automatic)"),
     ],
 )
 def test_refused_before_training_with_the_reason(flags: list[str], message: str) -> None:
@@ -94,6 +105,15 @@ def test_what_composes_is_accepted() -> None:
         ["--client-ranks", "4,8", "--lora-rank", "8", "--secagg"],
         ["--client-ranks", "4,8", "--lora-rank", "8", "--rank-aggregation", "flexlora"],
         ["--compress-down", "int4", "--compress-block-size", "64"],
+        [
+            "--compress",
+            "sketch",
+            "--secagg",
+            "--secagg-ring-bits",
+            "16",
+            "--secagg-weight-cap",
+            "4096",
+        ],
     ):
         cfg = from_flags(*flags)
         assert cfg.train_instruction(1).compress == cfg.compress

@@ -141,15 +141,20 @@ def adapter_of(out: Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------ sketch
 
 
+@pytest.mark.parametrize(
+    "ring",
+    [{}, {"secagg-ring-bits": 16, "secagg-weight-cap": 32}],
+    ids=["32-bit", "16-bit"],
+)
 def test_secagg_sketch_equals_plaintext_sketch_within_encoding_error(
-    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+    ring: dict[str, int], tiny_model_dir: Path, model_cache: Path, tmp_path: Path
 ) -> None:
     sketch = {"compress": "sketch", "sketch-ratio": 0.5}
     plain_out, secure_out = tmp_path / "plain", tmp_path / "secure"
     plain = RealFleet(tmp_path / "p", tiny_model_dir, model_cache)
     rows = run(plain, config(tiny_model_dir, model_cache, plain_out, **sketch), plain_out)
     secure = RealFleet(tmp_path / "s", tiny_model_dir, model_cache)
-    cfg = config(tiny_model_dir, model_cache, secure_out, secagg=True, **sketch)
+    cfg = config(tiny_model_dir, model_cache, secure_out, secagg=True, **sketch, **ring)
     srows = run(secure, cfg, secure_out)
 
     r, s = rows[1], srows[1]
@@ -157,8 +162,14 @@ def test_secagg_sketch_equals_plaintext_sketch_within_encoding_error(
     assert r["compress"] == s["compress"] == "sketch"
     # plaintext: each reply is a float32 sketch of half the values (+ npy headers and meta)
     assert 0.45 < r["bytes_up_ratio"] < 0.75, r["bytes_up_ratio"]
-    step, ring = s["secagg"]["step"], s["secagg"]["ring_bits"]
-    assert ring <= 32
+    step, bits = s["secagg"]["step"], s["secagg"]["ring_bits"]
+    assert bits == (cfg.secagg_ring_bits or 32)
+    masked = [
+        reply.content[keys.SECAGG_MASKED]["masked"]
+        for _n, msg, reply in secure.log
+        if msg.metadata.message_type.endswith(keys.SECAGG_ACTIONS[2])
+    ]
+    assert len(masked) == 3 and all(m.dtype == f"uint{bits}" for m in masked)
     a, b = adapter_of(plain_out), adapter_of(secure_out)
     init = plain.start_adapter(1)
     moved = max(float(np.abs(a[k] - init[k]).max()) for k in a)
@@ -166,7 +177,7 @@ def test_secagg_sketch_equals_plaintext_sketch_within_encoding_error(
     # Each decoded value reads one cell (rows 1): the sum of 3 clients' cells is off by < 3
     # steps, divided by the total weight fraction (examples / weight-cap).
     total = r["num_examples"]
-    bound = 3 * step * 65536 / total
+    bound = 3 * step * cfg.secagg_weight_cap / total
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=bound + 1e-6, rtol=0)
     # and the plaintext run is a sketch, not the exact mean: decoding error is visible

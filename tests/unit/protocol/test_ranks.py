@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from coordinator.aggregation import weighted_mean
+from protocol.messages import LoraSpec
 from protocol.ranks import (
     HOLDERS,
     RankError,
@@ -22,7 +23,6 @@ from protocol.ranks import (
     truncated_product_factors,
     weighted_sum,
 )
-from protocol.messages import LoraSpec
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 V = "base_model.model.model.layers.0.self_attn.v_proj"
