@@ -294,7 +294,8 @@ def test_mixed_ranks_train_their_slice_and_aggregate_per_component(
 def test_mixed_ranks_under_secagg_equal_plaintext_within_encoding_error(
     tiny_model_dir: Path, model_cache: Path, tmp_path: Path
 ) -> None:
-    ranks = {"client-ranks": "1,2", "lora-rank": 2}
+    # (the global adapter goes down in fp16 in both runs: the same adapter reaches the clients)
+    ranks = {"client-ranks": "1,2", "lora-rank": 2, "compress-down": "fp16"}
     plain_out, secure_out = tmp_path / "plain", tmp_path / "secure"
     plain = RealFleet(tmp_path / "p", tiny_model_dir, model_cache)
     run(plain, config(tiny_model_dir, model_cache, plain_out, **ranks), plain_out)
@@ -372,3 +373,17 @@ def test_secagg_sketch_with_distributed_dp_noises_the_sketch(
     recorded = json.loads((out / "config.json").read_text())["privacy"]
     assert recorded["numel"] == cells < spec.numel  # the noised vector is the sketch
     assert r["epsilon"] > 0
+
+
+def test_codecs_compose_with_plaintext_client_dp(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """--dp client in plaintext: the coordinator clips what it decoded, then noises the sum."""
+    out = tmp_path / "run"
+    fleet = RealFleet(tmp_path / "f", tiny_model_dir, model_cache)
+    opts = {"compress": "int4", "error-feedback": True, "dp": "client", "noise-multiplier": 0.5,
+            "clip-norm": 0.05, "population": 3, "delta": 1e-2}  # fmt: skip
+    rows = run(fleet, config(tiny_model_dir, model_cache, out, **opts), out)
+    r = rows[1]
+    assert r["status"] == "ok" and r["clients_ok"] == 3, r.get("reason")
+    assert r["compress"] == "int4" and r["bytes_up_ratio"] < 0.3 and r["epsilon"] > 0
