@@ -601,10 +601,6 @@ class RunConfig:
         except RankError as exc:
             raise ConfigError(str(exc)) from exc
 
-    @property
-    def mixed_ranks(self) -> bool:
-        return len(set(self.client_rank_list())) > 1
-
     def _check_compression(self, need: Any) -> None:
         try:
             self.compression().check_secagg(self.secagg)
@@ -647,11 +643,11 @@ class RunConfig:
             "rank-aggregation",
             "flexlora is an aggregation rule of its own; it needs --aggregator mean",
         )
-        if not (self.mixed_ranks or flex):
+        if not (ranks or flex):
             return
-        what = "client-ranks" if self.mixed_ranks else "rank-aggregation"
+        what = "client-ranks" if ranks else "rank-aggregation"
         need(
-            not (self.mixed_ranks and self.dp is DpMode.CLIENT),
+            not (ranks and self.dp is DpMode.CLIENT),
             what,
             "mixed ranks divide each rank component by the weight of the clients holding it, "
             "a count client-level DP's fixed-denominator release does not account for; use one "

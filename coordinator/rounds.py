@@ -214,7 +214,8 @@ def _transport(cfg: RunConfig, privacy: Privacy, clock: Clock, trained_numel: in
         bounds = Bounds(
             cfg.max_client_weight or DEPLOYMENT_WEIGHT_CAP,
             cfg.max_update_norm
-            or default_norm_bound(cfg.learning_rate, cfg.local_steps, trained_numel),
+            or default_norm_bound(cfg.learning_rate, cfg.local_steps, trained_numel)
+            * cfg.compression().norm_slack,
         )
         accumulator = make_accumulator(
             cfg.aggregator,

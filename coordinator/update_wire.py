@@ -85,7 +85,9 @@ class UpdateWire:
         )
         self.ranks = cfg.client_rank_list()
         self.global_rank = cfg.lora_rank
-        self.holders = cfg.mixed_ranks or cfg.rank_aggregation == "flexlora"
+        # With --client-ranks (equal ranks included) updates carry holder weights and each
+        # component is divided by its own: with one rank that is FedAvg, by another route.
+        self.holders = bool(self.ranks) or cfg.rank_aggregation == "flexlora"
         self.order: dict[int, int] = {}  # node -> position in the stable order
 
     @property

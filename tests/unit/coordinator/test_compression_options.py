@@ -166,3 +166,10 @@ def test_an_instruction_names_a_bad_codec_field() -> None:
         TrainInstruction(round=1, lora=LoraSpec(), compress="gzip")
     with pytest.raises(ValueError, match=r"global_rank: must be 0 or >= lora\.rank 8"):
         TrainInstruction(round=1, lora=LoraSpec(), global_rank=4)
+
+
+def test_the_default_norm_bound_makes_room_for_a_sketch_decode() -> None:
+    assert CompressionConfig("int4").norm_slack == 1.0
+    assert CompressionConfig("sketch", sketch_ratio=0.25).norm_slack == pytest.approx(
+        2 * np.sqrt(5)
+    )

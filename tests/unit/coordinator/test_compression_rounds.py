@@ -291,6 +291,26 @@ def test_mixed_ranks_train_their_slice_and_aggregate_per_component(
     assert r["bytes_up_ratio"] < 0.85
 
 
+def test_equal_client_ranks_aggregate_per_component_to_fedavg(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """--client-ranks 2,2 takes the per-component route (padding, holder weights, division per
+    component) and lands where plain FedAvg does."""
+    ranked_out, plain_out = tmp_path / "ranked", tmp_path / "plain"
+    ranked = RealFleet(tmp_path / "r", tiny_model_dir, model_cache)
+    rows = run(ranked, config(tiny_model_dir, model_cache, ranked_out, **{"client-ranks": "2,2"}),
+               ranked_out)  # fmt: skip
+    assert rows[1]["status"] == "ok" and set(rows[1]["client_ranks"].values()) == {2}
+    plain = RealFleet(tmp_path / "p", tiny_model_dir, model_cache)
+    prow = run(plain, config(tiny_model_dir, model_cache, plain_out), plain_out)[1]
+    assert "client_ranks" not in prow
+    a, b = adapter_of(ranked_out), adapter_of(plain_out)
+    init = plain.start_adapter(1)
+    assert max(float(np.abs(b[k] - init[k]).max()) for k in b) > 1e-3
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-7)
+
+
 def test_mixed_ranks_under_secagg_equal_plaintext_within_encoding_error(
     tiny_model_dir: Path, model_cache: Path, tmp_path: Path
 ) -> None:
