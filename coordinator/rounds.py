@@ -54,7 +54,7 @@ from coordinator.progress import Progress
 from coordinator.report import write_run_report
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
-from coordinator.update_wire import UpdateWire, wire_row
+from coordinator.update_wire import RANK_ORDER, UpdateWire, wire_row
 from protocol.adapter import AdapterSpec
 from protocol.errors import UpdateRejected
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
@@ -343,6 +343,8 @@ def run_federation(
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
     wire = UpdateWire(cfg)
+    if saved is not None:  # a resumed run keeps each node's place in the rank order
+        wire.load_order(saved[0].get(RANK_ORDER, {}))
     wire.assign(nodes)  # client ranks round-robin over the nodes connected now, by id
     numel = wire.masked_numel(trained) if cfg.secagg else spec.numel  # a sketch is shorter
     privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, numel)
@@ -389,11 +391,13 @@ def run_federation(
         return row, down, up
 
     def save(rnd: int) -> None:
+        state: dict[str, Any] = {}
+        if not isinstance(privacy, NoPrivacy):
+            state["privacy"] = privacy.state_dict()
+        if wire.ranks:  # each node's place in the rank order, for a resumed run
+            state[RANK_ORDER] = wire.order_record()
         rundir.save_round(
-            rnd,
-            functools.partial(server.write_peft, adapter),
-            {"privacy": privacy.state_dict()} if not isinstance(privacy, NoPrivacy) else {},
-            strategy.state_arrays(),
+            rnd, functools.partial(server.write_peft, adapter), state, strategy.state_arrays()
         )
 
     if start == 1:

@@ -54,6 +54,7 @@ from protocol.ranks import (
 
 Arrays = Mapping[str, np.ndarray]
 HOLDER_SLACK = 1e-3  # encoding error allowed on a mean holder weight
+RANK_ORDER = "client_rank_order"  # config.json section: node id -> place in the rank order
 
 
 def rank_spec(spec: AdapterSpec, rank: int) -> AdapterSpec:
@@ -99,6 +100,20 @@ class UpdateWire:
         """Give nodes not seen before the next positions (sorted by id)."""
         for node in sorted(set(nodes) - set(self.order)):
             self.order[node] = len(self.order)
+
+    def order_record(self) -> dict[str, int]:
+        """The rank order for config.json (node ids as strings: JSON keys)."""
+        return {str(n): i for n, i in sorted(self.order.items(), key=lambda x: x[1])}
+
+    def load_order(self, record: Mapping[str, Any]) -> None:
+        """The order a resumed run saved (``order_record``); nodes new since then come after."""
+        try:
+            order = {int(n): int(i) for n, i in record.items()}
+        except (TypeError, ValueError) as exc:
+            raise RankError(f"config.json {RANK_ORDER}: malformed ({exc})") from exc
+        if sorted(order.values()) != list(range(len(order))):
+            raise RankError(f"config.json {RANK_ORDER}: positions are not 0..{len(order) - 1}")
+        self.order = order
 
     def rank(self, node: int) -> int:
         if not self.ranks:

@@ -291,6 +291,24 @@ def test_mixed_ranks_train_their_slice_and_aggregate_per_component(
     assert r["bytes_up_ratio"] < 0.85
 
 
+def test_a_resumed_run_keeps_each_nodes_rank(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    fleet = RealFleet(tmp_path / "f", tiny_model_dir, model_cache)
+    ranks = {"client-ranks": "1,2", "min-clients": 2}
+    first = run(fleet, config(tiny_model_dir, model_cache, out, **ranks), out)[1]
+    assert first["client_ranks"] == {"101": 1, "5003": 2, str(2**63 + 7): 1}
+    fleet.restart()
+    grid = fleet.grid()
+    del grid.handlers[101]  # node 101 is gone when the run resumes
+    more = config(tiny_model_dir, model_cache, out, rounds=2, **ranks)
+    rows = run_virtual(grid, more, out, resume=True, progress=Progress(2, live=False))
+    # without the saved order, 5003 would now come first and get rank 1
+    assert rows[2]["client_ranks"] == {"5003": 2, str(2**63 + 7): 1}
+    assert rows[2]["status"] == "ok"
+
+
 def test_equal_client_ranks_aggregate_per_component_to_fedavg(
     tiny_model_dir: Path, model_cache: Path, tmp_path: Path
 ) -> None:
