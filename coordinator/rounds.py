@@ -56,6 +56,7 @@ from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from coordinator.update_wire import RANK_ORDER, UpdateWire, wire_row
 from protocol.adapter import AdapterSpec
+from protocol.codecs import CompressionConfig
 from protocol.errors import UpdateRejected
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
 
@@ -147,7 +148,10 @@ def federated_evaluate(
     """Held-out loss of ``adapter`` on ``nodes``' local splits, weighted by response tokens."""
     if not nodes:
         return {"eval_loss": None, "eval_clients_ok": 0, "eval_failures": []}, 0, 0
-    content = encode_eval_instruction(cfg.eval_instruction(rnd), adapter)
+    down = CompressionConfig(cfg.compress_down, block_size=cfg.compress_block_size).build()
+    content = encode_eval_instruction(  # --compress-down: the adapter evaluated is the decoded one
+        cfg.eval_instruction(rnd), adapter, down=down, rng=np.random.default_rng([0xE0, rnd])
+    )
     ex = broadcast(
         grid, nodes, content, MessageType.EVALUATE, rnd, cfg.round_timeout, progress, clock
     )

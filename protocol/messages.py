@@ -580,8 +580,15 @@ def _decode_update(
 # -- evaluate -------------------------------------------------------------------------------------
 
 
-def encode_eval_instruction(instr: EvalInstruction, global_adapter: Arrays) -> RecordDict:
-    return _encode_instruction(instr, keys.EVAL_CONFIG, global_adapter)
+def encode_eval_instruction(
+    instr: EvalInstruction,
+    global_adapter: Arrays,
+    *,
+    down: Codec | None = None,
+    rng: np.random.Generator | None = None,
+) -> RecordDict:
+    """An evaluate message; ``down`` (fp16, int8, int4) compresses the global adapter."""
+    return _encode_instruction(instr, keys.EVAL_CONFIG, global_adapter, down, rng)
 
 
 def decode_eval_instruction(content: RecordDict) -> tuple[EvalInstruction, Arrays]:

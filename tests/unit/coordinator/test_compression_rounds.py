@@ -386,6 +386,9 @@ def test_downlink_int8_and_uplink_int8_measured_bytes(
     assert r["bytes_up_ratio"] < 0.5 and r["bytes_down_ratio"] < 0.6
     for _node, msg, _reply in fleet.trains(1):
         assert keys.GLOBAL_ADAPTER_CODEC in msg.content
+    evals = [m for _n, m, _r in fleet.log if m.metadata.message_type == MessageType.EVALUATE]
+    assert evals and all(keys.GLOBAL_ADAPTER_CODEC in m.content for m in evals)
+    assert rows[0]["eval_clients_ok"] == 1 and np.isfinite(rows[0]["eval_loss"])
     # the plain run's exchange of the same adapter, for comparison: ratio ~ 1
     plain_out = tmp_path / "plain"
     prow = run(fleet, config(tiny_model_dir, model_cache, plain_out), plain_out)[1]
