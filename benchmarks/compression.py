@@ -28,7 +28,8 @@ configuration runs the same rounds, cohorts (seeded) and seeds. Per configuratio
 held-out loss after the last round, bytes up per client-round of the train phase
 (``train_bytes_up`` / clients) and its ratio to fp32 tensors at the global rank, as the round rows
 in ``metrics.jsonl`` measured them. Configurations: none, fp16, int8, int8+EF, int4, int4+EF,
-sketch (plaintext), none and sketch under ``--secagg``, and ranks all-8, all-16 and 4,8,16.
+sketch (plaintext), none and sketch under ``--secagg`` (sketch in a 32-bit and a 16-bit ring),
+and ranks all-8, all-16 and 4,8,16.
 
     python benchmarks/compression.py [--clients 3] [--steps 3] [--seq-len 128] [--random]
         [--deltas CACHE.npz] [--json PATH]
