@@ -17,11 +17,24 @@ and for the sketch, with bytes of the masked upload and the error of the decoded
 The per-coordinate clip is taken from the deltas themselves (their largest |value|, rounded up):
 an oracle choice that shows the codec's error, not a setting to deploy.
 
-The federated benchmark of the issue (held-out loss after the last round for each codec, plaintext
-and under --secagg, mixed ranks) needs the round pipeline and is not here yet.
+``--federated``: the federated benchmark of issue 17, through the real pieces. Every configuration
+is a whole run of ``coordinator.rounds.run_federation`` (the one the CLI runs) on virtual time,
+whose nodes are real ``client.app`` ClientApps in this process (``tests.fakegrid.FakeGrid``
+delivers the messages; every update crosses the wire encode/decode, codecs, error-feedback state
+directories, secure aggregation's four stages and client ranks included). Dolly-15k is split
+Dirichlet(``--alpha``) over category into ``--clients`` shards after ``--heldout-per-category``
+rows per category are set aside as the coordinator's held-out set (``central-eval-data``); every
+configuration runs the same rounds, cohorts (seeded) and seeds. Per configuration and seed: the
+held-out loss after the last round, bytes up per client-round of the train phase
+(``train_bytes_up`` / clients) and its ratio to fp32 tensors at the global rank, as the round rows
+in ``metrics.jsonl`` measured them. Configurations: none, fp16, int8, int8+EF, int4, int4+EF,
+sketch (plaintext), none and sketch under ``--secagg`` (sketch in a 32-bit and a 16-bit ring),
+and ranks all-8, all-16 and 4,8,16.
 
     python benchmarks/compression.py [--clients 3] [--steps 3] [--seq-len 128] [--random]
         [--deltas CACHE.npz] [--json PATH]
+    python benchmarks/compression.py --federated [--model smollm2] [--clients 32]
+        [--clients-per-round 8] [--rounds 10] [--seeds 0,1] [--configs LABEL,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from privacy.secagg.encoding import decode_sum, plan_encoding, quantize, to_ring, weighted_mean
 from protocol.adapter import AdapterSpec
@@ -230,6 +243,161 @@ def ring_row(
     }
 
 
+# label -> run options of one federated configuration (the global rank is --lora-rank 8 unless
+# the configuration says otherwise)
+FEDERATED: dict[str, dict[str, Any]] = {
+    "none": {},
+    "fp16": {"compress": "fp16"},
+    "int8": {"compress": "int8", "compress-block-size": 64},
+    "int8+ef": {"compress": "int8", "compress-block-size": 64, "error-feedback": True},
+    "int4": {"compress": "int4", "compress-block-size": 64},
+    "int4+ef": {"compress": "int4", "compress-block-size": 64, "error-feedback": True},
+    "sketch": {"compress": "sketch", "sketch-ratio": 0.25},
+    "secagg": {"secagg": True},
+    "secagg+sketch": {"secagg": True, "compress": "sketch", "sketch-ratio": 0.25},
+    # the same in a 16-bit ring: the weight cap must fit it (8 clients x 4095)
+    "secagg+sketch 16-bit": {
+        "secagg": True,
+        "compress": "sketch",
+        "sketch-ratio": 0.25,
+        "secagg-ring-bits": 16,
+        "secagg-weight-cap": 4095,
+    },
+    "ranks 8": {"lora-rank": 8, "lora-alpha": 16.0},
+    "ranks 16": {"lora-rank": 16, "lora-alpha": 32.0},
+    "ranks 4,8,16": {"lora-rank": 16, "lora-alpha": 32.0, "client-ranks": "4,8,16"},
+}
+
+
+def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every configuration of ``FEDERATED`` (or ``--configs``) for every seed, as whole runs."""
+    from benchmarks.privacy_utility import heldout_and_clients
+    from client import app as client_app
+    from client.data import load_records
+    from coordinator.config import RunConfig
+    from coordinator.progress import Progress
+    from tests.fakegrid import FakeGrid, run_virtual
+
+    labels = [x.strip() for x in args.configs.split(",")] if args.configs else list(FEDERATED)
+    unknown = [x for x in labels if x not in FEDERATED]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {', '.join(FEDERATED)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    records = load_records(args.data)
+    work = args.out / "compression-runs"
+    results = []
+    for seed in seeds:
+        split = argparse.Namespace(
+            seed=seed,
+            heldout_per_category=args.heldout_per_category,
+            natural=False,
+            alpha=args.alpha,
+            clients=args.clients,
+        )
+        held, shards = heldout_and_clients(records, split)
+        data = work / f"data-seed{seed}"
+        data.mkdir(parents=True, exist_ok=True)
+        heldout = data / "heldout.jsonl"
+        heldout.write_text(
+            "".join(json.dumps(records[i]) + "\n" for idx in held.values() for i in idx)
+        )
+        for cid, idx in enumerate(shards):
+            (data / f"{cid:04d}.jsonl").write_text(
+                "".join(json.dumps(records[int(i)]) + "\n" for i in idx)
+            )
+        for label in labels:
+            out = work / f"{label.replace(' ', '_').replace(',', '-')}-seed{seed}"
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            cfg = RunConfig.from_mapping(
+                {
+                    "model": args.model,
+                    "quantization": args.quantization,
+                    "rounds": args.rounds,
+                    "clients-per-round": args.clients_per_round,
+                    "min-clients": max(1, args.clients_per_round // 2),
+                    "eval-clients": 1,
+                    "local-steps": args.local_steps,
+                    "batch-size": args.batch_size,
+                    "seq-len": args.seq_len,
+                    "learning-rate": args.lr,
+                    "seed": seed,
+                    "central-eval-data": str(heldout),
+                    "output-dir": str(out),
+                    "round-timeout": 3600.0,
+                    "node-wait-timeout": 10.0,
+                    **FEDERATED[label],
+                }
+            )
+            app = client_app.make_client_app()
+            contexts = {
+                1000 + cid: Context(
+                    run_id=1,
+                    node_id=1000 + cid,
+                    node_config={
+                        "data-path": str(data / f"{cid:04d}.jsonl"),
+                        "state-dir": str(out / "client-state" / f"{cid:04d}"),
+                        "partition-id": cid,
+                    },
+                    state=RecordDict(),
+                    run_config={"model": args.model, "quantization": args.quantization},
+                )
+                for cid in range(args.clients)
+            }
+
+            def handler(node: int, app: Any = app, contexts: Any = contexts) -> Any:
+                return lambda msg: app(msg, contexts[node])
+
+            t0 = time.perf_counter()
+            rows = run_virtual(
+                FakeGrid({n: handler(n) for n in contexts}),
+                cfg,
+                out,
+                progress=Progress(cfg.rounds, live=False),
+            )
+            trained = [r for r in rows[1:] if r.get("status") == "ok"]
+            per_client = [r["train_bytes_up"] / max(1, r["clients_ok"]) for r in trained]
+            result = {
+                "config": label,
+                "seed": seed,
+                "rounds_ok": len(trained),
+                "final_heldout_loss": rows[-1].get("central_eval_loss"),
+                "base_heldout_loss": rows[0].get("central_eval_loss"),
+                "bytes_up_per_client_round": float(np.mean(per_client)) if per_client else None,
+                "bytes_up_ratio": float(np.mean([r["bytes_up_ratio"] for r in trained]))
+                if trained
+                else None,
+                "bytes_down_ratio": float(np.mean([r["bytes_down_ratio"] for r in trained]))
+                if trained
+                else None,
+                "seconds": time.perf_counter() - t0,
+                "run_dir": str(out),
+            }
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print_federated(results)
+    (args.out / "compression_federated.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def print_federated(results: list[dict[str, Any]]) -> None:
+    def fmt(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    print("\n| configuration | seed | held-out loss (base -> last round) | bytes up / client-round "
+          "| vs fp32 | rounds ok |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['config']} | {r['seed']} | {fmt(r['base_heldout_loss'], '.4f')} -> "
+            f"{fmt(r['final_heldout_loss'], '.4f')} | "
+            f"{fmt(r['bytes_up_per_client_round'], ',.0f')} | {fmt(r['bytes_up_ratio'], '.3f')} "
+            f"| {r['rounds_ok']} |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -245,7 +413,25 @@ def main() -> None:
     p.add_argument("--random", action="store_true", help="Gaussian deltas, no model")
     p.add_argument("--max-clients", type=int, default=8, help="ring sized for this many")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    f = p.add_argument_group("--federated: whole runs through the round loop")
+    f.add_argument("--federated", action="store_true")
+    f.add_argument("--quantization", default="nf4")
+    f.add_argument("--clients-per-round", type=int, default=8)
+    f.add_argument("--rounds", type=int, default=10)
+    f.add_argument("--local-steps", type=int, default=3)
+    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--lr", type=float, default=2e-3)
+    f.add_argument("--alpha", type=float, default=0.3, help="Dirichlet alpha over category")
+    f.add_argument("--heldout-per-category", type=int, default=12)
+    f.add_argument("--seeds", default="0,1")
+    f.add_argument("--configs", default="", help=f"comma-separated subset of: {list(FEDERATED)}")
+    f.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
+    if args.federated:
+        if "--clients" not in sys.argv:
+            args.clients = 32
+        federated(args)
+        return
 
     t0 = time.perf_counter()
     if args.random:

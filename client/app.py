@@ -30,6 +30,7 @@ from client.data import (
     to_conversations,
     tokenize_all,
 )
+from client.error_feedback import codec_rng, encode_delta
 from client.loss import HEAD_CHUNK_BYTES, SMALL_HEAD_CHUNK_BYTES, head_chunk
 from client.memory import (
     MIB,
@@ -60,10 +61,10 @@ from protocol.messages import (
     TrainInstruction,
     decode_eval_instruction,
     decode_server_control,
+    decode_train_config,
     decode_train_instruction,
     encode_eval_result,
     encode_update,
-    train_instruction_round,
 )
 from protocol.task_eval import decode_eval_task, encode_task_counts
 
@@ -279,9 +280,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         update = local_update(msg, context)
-        return Message(
-            encode_update(update, rnd=train_instruction_round(msg.content)), reply_to=msg
-        )
+        instr = decode_train_config(msg.content)
+        payload = None
+        if instr.compress != "none":  # protocol.codecs; the residual in the state directory
+            state = _settings(context, base_defaults).state_dir if instr.error_feedback else None
+            payload = encode_delta(
+                instr.codec(), update.delta, codec_rng(instr, context), state_dir=state
+            )
+        return Message(encode_update(update, rnd=instr.round, payload=payload), reply_to=msg)
 
     # Secure aggregation: the same local update, sent masked over four stages (client/secagg.py).
     secagg.register(app, local_update)

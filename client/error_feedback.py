@@ -17,11 +17,13 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from protocol.adapter import AdapterSpec
 from protocol.codecs import Codec, Payload, error_feedback_step, layout_digest
+from protocol.messages import TrainInstruction
 
 RESIDUAL_FILE = Path("compression") / "residual.safetensors"
 _LAYOUT_KEY = "fedtune-layout"
@@ -77,6 +79,13 @@ def save_residual(path: Path, residual: Mapping[str, np.ndarray]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def codec_rng(instr: TrainInstruction, context: Any) -> np.random.Generator:
+    """The generator of a client's stochastic rounding: seeded by the run's seed, the round and
+    the client's partition id (its node id when it has none), so simulations reproduce."""
+    node = context.node_config.get("partition-id", context.node_id)
+    return np.random.default_rng([0xC0DEC, instr.seed, instr.round, int(node) % 2**63])
 
 
 def encode_delta(

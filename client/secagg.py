@@ -32,7 +32,7 @@ from flwr.common.constant import ErrorCode
 
 from privacy.distributed_dp import sample_skellam
 from privacy.secagg import client as steps
-from privacy.secagg.encoding import quantize, to_ring
+from privacy.secagg.encoding import EncodingPlan, quantize, to_ring
 from privacy.secagg.messages import (
     KeyDirectory,
     SecAggError,
@@ -44,7 +44,12 @@ from privacy.secagg.messages import (
 )
 from privacy.secagg.primitives import secure_rng
 from protocol import keys
-from protocol.messages import ClientUpdate
+from protocol.adapter import AdapterSpec
+from protocol.codecs import CodecError
+from protocol.codecs.secure import SecureLayout
+from protocol.errors import UpdateRejected
+from protocol.messages import ClientUpdate, TrainInstruction, decode_train_config
+from protocol.ranks import HOLDERS, RankError, pad_to_rank
 
 TrainFn = Callable[[Message, Context], ClientUpdate]
 
@@ -125,9 +130,25 @@ def _guarded(
     return handler
 
 
-def flatten_update(update: ClientUpdate) -> np.ndarray:
-    """The trained tensors as one float64 vector, in the order the global adapter listed them."""
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in update.delta.values()])
+def secure_vector(update: ClientUpdate, instr: TrainInstruction, plan: EncodingPlan) -> np.ndarray:
+    """The float vector this client masks (``protocol.codecs.secure``): its delta, or the
+    delta's sketch, padded to the global rank with its holder vector when ranks are mixed."""
+    delta = dict(update.delta)
+    holders = None
+    try:
+        if instr.global_rank:
+            delta = pad_to_rank(delta, instr.global_rank)
+            holders = delta.pop(HOLDERS)
+        layout = SecureLayout(AdapterSpec.of(delta), instr.codec(), instr.global_rank)
+        return layout.encode(
+            delta,
+            clip=instr.secagg_clip,
+            plan_clip=plan.clip,
+            l2=plan.l2_clip > 0,
+            holders=holders,
+        )
+    except (CodecError, RankError, UpdateRejected) as exc:
+        raise SecAggError(f"the update cannot be encoded: {exc}") from exc
 
 
 def setup_stage(train: TrainFn) -> Callable[[Message, Context], Message]:
@@ -138,7 +159,7 @@ def setup_stage(train: TrainFn) -> Callable[[Message, Context], Message]:
         update = train(msg, context)
         t0 = time.process_time()
         params = setup.params
-        flat = flatten_update(update)
+        flat = secure_vector(update, decode_train_config(msg.content), params.plan)
         if flat.size != params.vector_len - 1:
             raise SecAggError(
                 f"update has {flat.size} values, the round expects {params.vector_len - 1}"

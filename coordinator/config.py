@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from client.defaults import DEFAULT_MODEL, Choice, Quantization
 from coordinator.strategies import STRATEGIES, StrategySettings
+from protocol.codecs import CodecError, CompressionConfig
 from protocol.errors import ProtocolError
 from protocol.messages import EvalInstruction, LoraSpec, SampleDP, TrainInstruction
+from protocol.ranks import RankError, parse_client_ranks
 
 if TYPE_CHECKING:
     from client.tasks import TaskSpec
@@ -42,6 +44,8 @@ class DpMode(Choice):
 
 
 ACCOUNTANTS = ("rdp", "pld")
+DOWNLINK_CODECS = ("none", "fp16", "int8", "int4")
+RANK_AGGREGATIONS = ("mean", "flexlora")
 # Train-instruction fields the strategy sets (FedProx's mu only under fedprox, SCAFFOLD's flag).
 STRATEGY_WIRE_FIELDS = ("proximal_mu", "scaffold")
 
@@ -157,6 +161,11 @@ class RunConfig:
         0.0, "fixed-point step (0: the finest that fits a 32-bit ring)"
     )
     secagg_weight_cap: int = option(65536, "cap on a client's example weight")
+    secagg_ring_bits: int = option(
+        0,
+        "ring width (0: 32 bits, the finest step; 2-32: the finest step whose sum over the "
+        "round's clients cannot wrap in that many bits; the weight cap must fit it too)",
+    )
     inject_dropout: float = option(
         0.0, "simulation: fraction of each round's clients that crash during secure aggregation"
     )
@@ -200,6 +209,33 @@ class RunConfig:
         "at the start)",
     )
     ffa_lora: bool = option(False, "FFA-LoRA: freeze A at the shared init, train and send only B")
+    # -- update compression and per-client ranks (README, "Fewer bytes, mixed devices") ------
+    compress: str = option(
+        "none",
+        "client update codec: none | fp16 | int8 | int4 (stochastic, unbiased) | sketch (a "
+        "count sketch the coordinator decodes as a sum; the only lossy codec with --secagg)",
+    )
+    compress_block_size: int = option(0, "int8/int4: values per scale (0: one scale per tensor)")
+    sketch_ratio: float = option(0.25, "sketch: cells / values")
+    sketch_rows: int = option(1, "sketch: hash rows (mean decoding)")
+    error_feedback: bool = option(
+        False,
+        "fp16/int8/int4 in plaintext: each client adds the residual it did not send in earlier "
+        "rounds (kept in its state directory)",
+    )
+    compress_down: str = option(
+        "none", "codec of the global adapter sent to clients: none | fp16 | int8 | int4"
+    )
+    client_ranks: str = option(
+        "",
+        "per-client LoRA ranks given round-robin over the clients' stable order, e.g. 4,8,16; "
+        "the global adapter has the largest (= lora-rank)",
+    )
+    rank_aggregation: str = option(
+        "mean",
+        "mixed ranks: mean (per rank component over its holders; composes with --secagg) | "
+        "flexlora (SVD of the mean product B A; plaintext only)",
+    )
 
     # -- task evaluation on the coordinator (README, "Accuracy on tasks, and run reports") ----
     eval_task: str = option(
@@ -298,6 +334,7 @@ class RunConfig:
         self._check_secagg(need)
         self._check_privacy(need)
         self._check_eval_task(need)
+        self._check_compression(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
 
@@ -417,6 +454,36 @@ class RunConfig:
             f"must be >= 1, got {self.secagg_weight_cap}",
         )
         need(
+            self.secagg_ring_bits == 0 or 2 <= self.secagg_ring_bits <= 32,
+            "secagg-ring-bits",
+            f"must be 0 (automatic) or in [2, 32], got {self.secagg_ring_bits}",
+        )
+        need(
+            self.secagg_ring_bits == 0 or self.secagg,
+            "secagg-ring-bits",
+            "sizes the secure-aggregation ring; it needs --secagg",
+        )
+        need(
+            not (self.secagg_ring_bits and self.secagg_precision > 0),
+            "secagg-ring-bits",
+            "give either secagg-ring-bits or secagg-precision (each fixes the step), not both",
+        )
+        need(
+            not (self.secagg_ring_bits and self.dp is DpMode.CLIENT),
+            "secagg-ring-bits",
+            "distributed DP (--dp client --secagg) sizes its ring from the noise it adds; "
+            "use --secagg-precision",
+        )
+        if self.secagg_ring_bits:
+            limit = (1 << (self.secagg_ring_bits - 1)) - 1
+            need(
+                self.clients_per_round * self.secagg_weight_cap <= limit,
+                "secagg-weight-cap",
+                f"{self.secagg_weight_cap} x {self.clients_per_round} clients per round does "
+                f"not fit a {self.secagg_ring_bits}-bit ring; use --secagg-weight-cap "
+                f"{max(1, limit // self.clients_per_round)} or a wider ring",
+            )
+        need(
             0.0 <= self.inject_dropout < 1.0,
             "inject-dropout",
             f"must be in [0, 1), got {self.inject_dropout}",
@@ -519,6 +586,94 @@ class RunConfig:
             self.noise_multiplier > 0 or self.target_epsilon > 0,
             "noise-multiplier",
             "dp 'client' needs a noise multiplier > 0 or a target-epsilon, got neither",
+        )
+
+    def compression(self) -> CompressionConfig:
+        """The ``--compress`` settings (``protocol.codecs``)."""
+        return CompressionConfig(
+            codec=self.compress,
+            block_size=self.compress_block_size,
+            sketch_ratio=self.sketch_ratio,
+            sketch_rows=self.sketch_rows,
+            error_feedback=self.error_feedback,
+        )
+
+    def client_rank_list(self) -> tuple[int, ...]:
+        """``--client-ranks`` as integers (empty: every client has ``lora-rank``)."""
+        if not self.client_ranks.strip():
+            return ()
+        try:
+            return parse_client_ranks(self.client_ranks)
+        except RankError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def _check_compression(self, need: Any) -> None:
+        try:
+            self.compression().check_secagg(self.secagg)
+        except CodecError as exc:
+            raise ConfigError(str(exc)) from exc
+        need(
+            self.compress_down in DOWNLINK_CODECS,
+            "compress-down",
+            f"must be one of {' | '.join(DOWNLINK_CODECS)}, got {self.compress_down!r} (a sketch "
+            "of the model itself would come back with an error larger than the model)",
+        )
+        ranks = self.client_rank_list()
+        if ranks:
+            need(
+                max(ranks) == self.lora_rank,
+                "client-ranks",
+                f"the largest rank {max(ranks)} must equal lora-rank {self.lora_rank} (the "
+                f"global adapter keeps the largest rank); pass --lora-rank {max(ranks)}",
+            )
+        need(
+            self.rank_aggregation in RANK_AGGREGATIONS,
+            "rank-aggregation",
+            f"must be one of {' | '.join(RANK_AGGREGATIONS)}, got {self.rank_aggregation!r}",
+        )
+        flex = self.rank_aggregation == "flexlora"
+        need(
+            not (flex and self.secagg),
+            "rank-aggregation",
+            "flexlora averages the clients' products B_i A_i, which needs every client's factors "
+            "in the clear; secure aggregation only reveals sums (use --rank-aggregation mean)",
+        )
+        need(
+            not (flex and self.dp is DpMode.CLIENT),
+            "rank-aggregation",
+            "flexlora is not a clipped sum, which client-level DP's noise is calibrated for "
+            "(use --rank-aggregation mean without --dp client)",
+        )
+        need(
+            not (flex and self.aggregator != "mean"),
+            "rank-aggregation",
+            "flexlora is an aggregation rule of its own; it needs --aggregator mean",
+        )
+        if not (ranks or flex):
+            return
+        what = "client-ranks" if ranks else "rank-aggregation"
+        need(
+            not (ranks and self.dp is DpMode.CLIENT),
+            what,
+            "mixed ranks divide each rank component by the weight of the clients holding it, "
+            "a count client-level DP's fixed-denominator release does not account for; use one "
+            "rank with --dp client",
+        )
+        need(
+            self.aggregator == "mean",
+            what,
+            f"{self.aggregator!r} is not defined over zero-padded components; use --aggregator "
+            "mean",
+        )
+        need(
+            not self.ffa_lora,
+            what,
+            "FFA-LoRA freezes A at its initialisation; per-client ranks slice A and B together",
+        )
+        need(
+            self.strategy != "scaffold",
+            what,
+            "scaffold's control variates are per tensor of one shape; use another strategy",
         )
 
     def _check_eval_task(self, need: Any) -> None:

@@ -30,6 +30,7 @@ from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.exchange import exchange, reply_reason, sample_nodes
 from coordinator.progress import Progress
 from protocol.adapter import AdapterSpec
+from protocol.codecs.secure import SecureLayout
 from protocol.errors import ProtocolError
 from protocol.messages import ClientUpdate, decode_update
 
@@ -56,14 +57,39 @@ class Contribution:
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
+    replied: list[int] = field(default_factory=list)  # whose reply had content (bytes_up)
     phase_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific metrics
     release: Any = None  # distributed DP: what reached the sum (a SkellamRelease)
     error: str | None = None  # the transport could not produce a sum (the reason)
 
 
+class Wire(Protocol):
+    """How one round's updates travel (``coordinator.update_wire.RoundWire``): per-node content
+    (a client's rank slice, a compressed adapter), the codec, and the rank padding."""
+
+    def content(self, node: int) -> RecordDict: ...
+
+    def decode(self, node: int, content: RecordDict) -> ClientUpdate:
+        """The reply's update, decoded with the round's codec and padded to the global rank."""
+        ...
+
+    def attach(self, node: int, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The prepared delta plus what rides along with it (the rank holder vector)."""
+        ...
+
+    def accumulator(self, expected: AdapterSpec) -> Accumulator | None:
+        """A round-specific accumulator (FlexLoRA), or None for the transport's own."""
+        ...
+
+    def secure_layout(self) -> SecureLayout:
+        """What a masked vector holds under secure aggregation (sketch cells, holders)."""
+        ...
+
+
 class Transport(Protocol):
-    """Sends the round's train content to ``nodes`` and returns the sum of their updates."""
+    """Sends the round's train content to ``nodes`` and returns the sum of their updates.
+    ``wire``, when given, supplies each node's content and decodes its reply instead."""
 
     @property
     def excluded(self) -> Mapping[int, str]:
@@ -79,6 +105,7 @@ class Transport(Protocol):
         rnd: int,
         progress: Progress,
         prepare: Prepare,
+        wire: Wire | None = None,
     ) -> Contribution: ...
 
 
@@ -161,8 +188,9 @@ class PlainTransport:
         rnd: int,
         progress: Progress,
         prepare: Prepare,
+        wire: Wire | None = None,
     ) -> Contribution:
-        acc = self.accumulator(expected)
+        acc = (wire.accumulator(expected) if wire else None) or self.accumulator(expected)
         c = Contribution(acc.sum, 0.0, sampled=len(nodes), nodes=sorted(nodes))
         capped: list[int] = []
 
@@ -171,14 +199,20 @@ class PlainTransport:
             if not reply.has_content():
                 c.failures.append({"node": node, "reason": reply_reason(reply)})
             else:
+                c.replied.append(node)
                 try:
-                    update: ClientUpdate = decode_update(reply.content, expected, rnd=rnd)
+                    update: ClientUpdate = (
+                        wire.decode(node, reply.content)
+                        if wire
+                        else decode_update(reply.content, expected, rnd=rnd)
+                    )
                     delta, weight = update.delta, float(update.num_examples)
                     if self.bounds is not None:
                         delta, weight = self.bounds.apply(delta, weight)
                         if weight < update.num_examples:
                             capped.append(node)
-                    acc.add(*prepare(delta, weight))
+                    delta, weight = prepare(delta, weight)
+                    acc.add(wire.attach(node, delta) if wire else delta, weight)
                 except (ProtocolError, UpdateOutOfBounds, ValueError) as exc:
                     c.failures.append({"node": node, "reason": str(exc)})
                 else:
@@ -193,7 +227,7 @@ class PlainTransport:
         progress.phase(rnd, MessageType.TRAIN, len(nodes))
         ex = exchange(
             grid,
-            {n: content for n in nodes},
+            {n: wire.content(n) if wire else content for n in nodes},
             MessageType.TRAIN,
             rnd,
             self.timeout,

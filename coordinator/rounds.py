@@ -55,8 +55,10 @@ from coordinator.progress import Progress
 from coordinator.report import write_run_report
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
+from coordinator.update_wire import RANK_ORDER, UpdateWire, wire_row
 from protocol.adapter import AdapterSpec
-from protocol.errors import ProtocolError
+from protocol.codecs import CompressionConfig
+from protocol.errors import ProtocolError, UpdateRejected
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
 from protocol.task_eval import EvalTaskSpec, TaskCounts, decode_task_counts, encode_eval_task
 
@@ -176,7 +178,10 @@ def federated_evaluate(
     with ``task`` (--eval-task-clients), also the clients' pooled task metrics."""
     if not nodes:
         return {"eval_loss": None, "eval_clients_ok": 0, "eval_failures": []}, 0, 0
-    content = encode_eval_instruction(cfg.eval_instruction(rnd), adapter)
+    down = CompressionConfig(cfg.compress_down, block_size=cfg.compress_block_size).build()
+    content = encode_eval_instruction(  # --compress-down: the adapter evaluated is the decoded one
+        cfg.eval_instruction(rnd), adapter, down=down, rng=np.random.default_rng([0xE0, rnd])
+    )
     if task is not None:
         encode_eval_task(content, task)
     ex = broadcast(
@@ -260,7 +265,8 @@ def _transport(cfg: RunConfig, privacy: Privacy, clock: Clock, trained_numel: in
         bounds = Bounds(
             cfg.max_client_weight or DEPLOYMENT_WEIGHT_CAP,
             cfg.max_update_norm
-            or default_norm_bound(cfg.learning_rate, cfg.local_steps, trained_numel),
+            or default_norm_bound(cfg.learning_rate, cfg.local_steps, trained_numel)
+            * cfg.compression().norm_slack,
         )
         accumulator = make_accumulator(
             cfg.aggregator,
@@ -308,6 +314,7 @@ class Pipeline:
     strategy: Strategy
     trained: AdapterSpec  # the adapter tensors clients train (FFA-LoRA: the B matrices)
     min_clients: int
+    wire: UpdateWire | None = None  # codecs and client ranks (coordinator.update_wire)
 
     def train(
         self,
@@ -323,11 +330,20 @@ class Pipeline:
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
             instr = dataclasses.replace(instr, trainable_keys=self.trained.names)
-        content = self.strategy.train_content(instr, adapter, self.trained)
         expected = self.strategy.update_spec(self.trained)
+        rw = wire = None
+        if self.wire is not None:
+            rw = self.wire.for_round(rnd, sampled, instr, adapter, self.strategy, self.trained)
+        if rw is not None and self.wire is not None and self.wire.active:
+            wire = rw  # per-node content, the codec, client ranks
+            expected, content = rw.expected, RecordDict()
+        else:
+            content = self.strategy.train_content(instr, adapter, self.trained)
         c = self.transport.collect(
-            grid, sampled, content, expected, rnd, progress, self.privacy.prepare
+            grid, sampled, content, expected, rnd, progress, self.privacy.prepare, wire=wire
         )
+        if rw is not None:
+            c.extra.update(wire_row(rw, c))  # bytes against fp32, ranks
         for f in c.failures:
             log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
         if c.error is None and len(c.contributors) < self.min_clients:
@@ -336,10 +352,12 @@ class Pipeline:
             return None, RoundResult.from_contribution(c, "failed", c.error)
         try:
             mean, privacy_metrics = self.privacy.release(c)
+            if wire is not None:
+                mean = wire.finish(mean)  # per rank component over its holders
             check_finite(mean, "the released mean update")
             new = self.strategy.apply(adapter, mean)
             check_finite(new, "the next global adapter")
-        except RoundFailed as exc:
+        except (RoundFailed, UpdateRejected) as exc:
             return None, RoundResult.from_contribution(c, "failed", str(exc))
         result = RoundResult.from_contribution(c, "ok", None)
         result.extra.update(privacy_metrics)
@@ -375,7 +393,12 @@ def run_federation(
     trained = spec.subset(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else spec
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
-    privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, spec.numel)
+    wire = UpdateWire(cfg)
+    if saved is not None:  # a resumed run keeps each node's place in the rank order
+        wire.load_order(saved[0].get(RANK_ORDER, {}))
+    wire.assign(nodes)  # client ranks round-robin over the nodes connected now, by id
+    numel = wire.masked_numel(trained) if cfg.secagg else spec.numel  # a sketch is shorter
+    privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, numel)
     strategy = Strategy.create(
         cfg.strategy_settings(), cfg.population or len(nodes), cfg.clients_per_round
     )
@@ -387,6 +410,7 @@ def run_federation(
         strategy,
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,
+        wire,
     )
     if not isinstance(privacy, NoPrivacy):
         rundir.update_config("privacy", privacy.settings.to_record())  # type: ignore[attr-defined]
@@ -421,11 +445,13 @@ def run_federation(
         return row, down, up
 
     def save(rnd: int) -> None:
+        state: dict[str, Any] = {}
+        if not isinstance(privacy, NoPrivacy):
+            state["privacy"] = privacy.state_dict()
+        if wire.ranks:  # each node's place in the rank order, for a resumed run
+            state[RANK_ORDER] = wire.order_record()
         rundir.save_round(
-            rnd,
-            functools.partial(server.write_peft, adapter),
-            {"privacy": privacy.state_dict()} if not isinstance(privacy, NoPrivacy) else {},
-            strategy.state_arrays(),
+            rnd, functools.partial(server.write_peft, adapter), state, strategy.state_arrays()
         )
 
     if start == 1:

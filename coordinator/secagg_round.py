@@ -29,7 +29,7 @@ from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.config import RunConfig
 from coordinator.ddp import DistributedDp
 from coordinator.exchange import Exchange, exchange, reply_reason, sample_nodes
-from coordinator.pipeline import Contribution, Prepare
+from coordinator.pipeline import Contribution, Prepare, Wire
 from coordinator.progress import Progress
 from privacy.distributed_dp import plan_noisy_encoding
 from privacy.secagg.encoding import (
@@ -37,6 +37,7 @@ from privacy.secagg.encoding import (
     EncodingPlan,
     decode_sum,
     plan_encoding,
+    step_for_ring,
 )
 from privacy.secagg.messages import SecAggAborted, SecAggError, to_bytes
 from privacy.secagg.server import (
@@ -51,6 +52,9 @@ from privacy.secagg.server import (
 )
 from protocol import keys
 from protocol.adapter import AdapterSpec
+from protocol.codecs import NoneCodec
+from protocol.codecs.secure import SecureLayout
+from protocol.errors import UpdateRejected
 
 log = logging.getLogger("fedtune")
 
@@ -96,13 +100,16 @@ class SecureTransport:
         self.seen_keys: set[bytes] = set()  # 64 bytes per client and round
         self.complaint_ledger = ComplaintLedger()
 
-    def plan(self, n: int, numel: int) -> tuple[EncodingPlan, float]:
-        """The encoding for ``n`` sampled clients and the Skellam parameter each client adds."""
+    def plan(self, n: int, numel: int, clip: float | None = None) -> tuple[EncodingPlan, float]:
+        """The encoding for ``n`` sampled clients and the Skellam parameter each client adds
+        (``clip``: the per-coordinate clip, --secagg-clip unless a sketch's cells need more)."""
         cfg, ddp = self.cfg, self.ddp
         if ddp is None:
-            plan = plan_encoding(
-                n, cfg.secagg_clip, cfg.secagg_precision, cfg.secagg_weight_cap, numel=numel
-            )
+            clip = cfg.secagg_clip if clip is None else clip
+            precision = cfg.secagg_precision
+            if cfg.secagg_ring_bits:  # the finest step whose sum fits that ring
+                precision = step_for_ring(n, clip, cfg.secagg_ring_bits, cfg.secagg_weight_cap)
+            plan = plan_encoding(n, clip, precision, cfg.secagg_weight_cap, numel=numel)
             return plan, 0.0
         # With DP each client counts once (weight 1) and its update is L2-clipped: the
         # per-coordinate clip is then the L2 clip norm itself (privacy.distributed_dp).
@@ -119,6 +126,7 @@ class SecureTransport:
         rnd: int,
         progress: Progress,
         prepare: Prepare,
+        wire: Wire | None = None,
     ) -> Contribution:
         """One secure round over ``nodes``: the unmasked sum of the contributors' updates (with
         distributed DP, their clipped and noised updates, each of weight 1, and the release that
@@ -139,13 +147,18 @@ class SecureTransport:
         if len(sampled) < max(2, cfg.min_clients):
             c.error = f"{len(sampled)} client(s) can take part, min-clients is {cfg.min_clients}"
             return c
+        layout = (
+            wire.secure_layout()
+            if wire
+            else SecureLayout(expected, NoneCodec())  # the update's values, as they are
+        )
         try:
-            plan, mu = self.plan(len(sampled), expected.numel)
+            plan, mu = self.plan(len(sampled), layout.length, layout.value_clip(cfg.secagg_clip))
             session = ServerSession(
                 sampled,
                 rnd,
                 plan,
-                expected.numel + 1,
+                layout.length + 1,
                 min_survivors=cfg.min_clients,
                 degree=cfg.secagg_neighbours,
                 threshold=cfg.secagg_threshold,
@@ -169,6 +182,8 @@ class SecureTransport:
         def run_stage(stage: str, payloads: dict[int, bytes], base: RecordDict | None) -> Exchange:
             contents = {}
             for node, payload in payloads.items():
+                if wire is not None and base is not None:
+                    base = wire.content(node)  # this node's train content (its rank's slice)
                 msg = RecordDict(dict(base.items())) if base is not None else RecordDict()
                 msg[keys.SECAGG] = ConfigRecord(
                     {
@@ -255,11 +270,17 @@ class SecureTransport:
         except EncodingError as exc:
             c.error = f"secure sum rejected: {exc}"
             return c
-        # phi_k = w_k / weight-cap inside the ring: back to sum_k w_k u_k (DP: w_k = cap = 1).
-        c.weighted_sum = _unflatten(decoded.weighted_sum * plan.weight_cap, expected)
+        # phi_k = w_k / weight-cap inside the ring: back to sum_k w_k u_k (DP: w_k = cap = 1);
+        # a summed sketch is decoded here (linear), summed holders divided by the clip.
+        try:
+            summed = layout.decode(decoded.weighted_sum * plan.weight_cap, plan_clip=plan.clip)
+        except UpdateRejected as exc:
+            c.error = f"secure sum rejected: {exc}"
+            return c
+        c.weighted_sum = {name: summed[name] for name, _ in expected.tensors}
         c.total_weight = float(decoded.total_weight)
         if self.ddp is not None:  # what the privacy stage's ledger needs of this sum
-            c.release = {"mu": mu, "step": plan.step, "numel": expected.numel}
+            c.release = {"mu": mu, "step": plan.step, "numel": layout.length}
         return c
 
     def _report(

@@ -31,6 +31,7 @@ from coordinator.optimizers.fedavgm import FedAvgM
 from coordinator.optimizers.fedyogi import fedyogi
 from protocol import keys
 from protocol.adapter import AdapterSpec, TensorSpec
+from protocol.codecs import Codec
 from protocol.messages import TrainInstruction, encode_train_instruction
 
 Arrays = Mapping[str, np.ndarray]
@@ -110,15 +111,24 @@ class Strategy:
         return dataclasses.replace(instr, proximal_mu=self.proximal_mu, scaffold=self.scaffold)
 
     def train_content(
-        self, instr: TrainInstruction, adapter: Arrays, trained: AdapterSpec
+        self,
+        instr: TrainInstruction,
+        adapter: Arrays,
+        trained: AdapterSpec,
+        *,
+        down: Codec | None = None,
+        rng: np.random.Generator | None = None,
     ) -> RecordDict:
+        """The train message; ``down`` compresses the global adapter (``--compress-down``)."""
         control = None
         if self.scaffold:
             control = {
                 name: self.control.get(name, np.zeros(t.shape, np.float32)).astype(np.float32)
                 for name, t in trained.tensors
             }
-        return encode_train_instruction(self.instruction(instr), dict(adapter), control)
+        return encode_train_instruction(
+            self.instruction(instr), dict(adapter), control, down=down, rng=rng
+        )
 
     def update_spec(self, trained: AdapterSpec) -> AdapterSpec:
         """What a client's update holds: the trained tensors' deltas, and with SCAFFOLD their

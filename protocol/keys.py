@@ -6,13 +6,20 @@ from typing import Final
 # 2: replies carry the round they answer (reply-meta "round", and a "round" field in every SecAgg
 #    reply); SecAgg payloads are parsed strictly (duplicate keys, NaN, deep nesting refused); train
 #    instructions carry proximal-mu and scaffold (and SCAFFOLD's server control variate).
-SCHEMA_VERSION: Final = 2
+# 3: train instructions carry the update codec (compress, compress-block-size, sketch-ratio,
+#    sketch-rows, error-feedback), global-rank and secagg-clip; compressed updates and global
+#    adapters travel with an update-codec / global-adapter-codec record.
+SCHEMA_VERSION: Final = 3
 
 # -- records inside a Message's RecordDict --------------------------------------------------------
 GLOBAL_ADAPTER: Final = "global-adapter"  # ArrayRecord: every adapter tensor of the global model
 TRAIN_CONFIG: Final = "train-config"  # ConfigRecord: a TrainInstruction
 EVAL_CONFIG: Final = "eval-config"  # ConfigRecord: an EvalInstruction
 UPDATE: Final = "update"  # ArrayRecord: the client's adapter delta (trained tensors only)
+# ConfigRecord: the scalars of a compressed update (protocol.codecs); absent without a codec.
+UPDATE_CODEC: Final = "update-codec"
+# ConfigRecord: codec scalars and layout of a compressed global adapter (--compress-down).
+GLOBAL_ADAPTER_CODEC: Final = "global-adapter-codec"
 REPLY_META: Final = "reply-meta"  # ConfigRecord: schema version and the round the reply answers
 METRICS: Final = "metrics"  # MetricRecord: numbers about the local work
 SERVER_CONTROL: Final = "server-control"  # ArrayRecord: SCAFFOLD's server control variate c

@@ -24,16 +24,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args, get_origin
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol import keys
 from protocol.adapter import (
+    MAX_HEADER_BYTES,
     AdapterSpec,
     Arrays,
+    TensorSpec,
     arrays_from_record,
     arrays_to_record,
     check_declared,
 )
+from protocol.codecs import (
+    Codec,
+    CompressionConfig,
+    NoneCodec,
+    Payload,
+    StochasticQuantizer,
+    from_records,
+    to_records,
+)
+from protocol.codecs.base import CODEC, CodecError
+from protocol.codecs.floats import Fp16Codec
+from protocol.codecs.quantized import BLOCK
 from protocol.errors import ProtocolError, UpdateRejected
 
 MetricValue = int | float | list[int] | list[float]
@@ -124,10 +139,30 @@ class TrainInstruction:
     # SCAFFOLD (Karimireddy et al. 2020): correct gradients by c - c_i (the server's control
     # variate travels in keys.SERVER_CONTROL) and return the control-variate delta.
     scaffold: bool = False
+    # Update compression (protocol.codecs, ``--compress``): how the client encodes its delta.
+    # The sketch's hashes are seeded by (seed, round), both chosen by the coordinator.
+    compress: str = "none"
+    compress_block_size: int = 0
+    sketch_ratio: float = 0.25
+    sketch_rows: int = 1
+    error_feedback: bool = False
+    # Per-client ranks (protocol.ranks): the global adapter's rank, 0 when every client trains
+    # it whole. Under secure aggregation a client of lower rank pads its delta to it and adds
+    # the holder vector, so every masked vector has the same length.
+    global_rank: int = 0
+    # Secure aggregation: the per-value clip before encoding (a sketch is taken of the clipped
+    # values, so the client needs it to build its masked vector).
+    secagg_clip: float = 0.5
     schema_version: int = keys.SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         _require(self.round >= 1, "round", f"must be >= 1, got {self.round}")
+        self.compression()  # CodecError (a ValueError) names the bad field
+        _require(
+            self.global_rank == 0 or self.global_rank >= self.lora.rank,
+            "global_rank",
+            f"must be 0 or >= lora.rank {self.lora.rank}, got {self.global_rank}",
+        )
         _require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
@@ -142,6 +177,19 @@ class TrainInstruction:
             "proximal_mu",
             f"must be >= 0, got {self.proximal_mu}",
         )
+
+    def compression(self) -> CompressionConfig:
+        return CompressionConfig(
+            codec=self.compress,
+            block_size=self.compress_block_size,
+            sketch_ratio=self.sketch_ratio,
+            sketch_rows=self.sketch_rows,
+            error_feedback=self.error_feedback,
+        )
+
+    def codec(self) -> Codec:
+        """This round's update codec (the sketch seeded by the coordinator's seed and round)."""
+        return self.compression().build(seed=self.seed, rnd=self.round)
 
 
 @dataclass(frozen=True)
@@ -284,31 +332,101 @@ def _record(content: RecordDict, key: str, kind: type, what: str) -> Any:
 # -- train ----------------------------------------------------------------------------------------
 
 
-def _encode_instruction(instr: Any, config_key: str, global_adapter: Arrays) -> RecordDict:
-    return RecordDict(
-        {
-            keys.GLOBAL_ADAPTER: arrays_to_record(global_adapter),
-            config_key: ConfigRecord(_to_config(instr)),
-        }
+def _encode_instruction(
+    instr: Any,
+    config_key: str,
+    global_adapter: Arrays,
+    down: Codec | None = None,
+    rng: np.random.Generator | None = None,
+) -> RecordDict:
+    content = RecordDict({config_key: ConfigRecord(_to_config(instr))})
+    if down is None or down.name == "none":
+        content[keys.GLOBAL_ADAPTER] = arrays_to_record(global_adapter)
+        return content
+    # Downlink compression: the codec's payload, plus the layout (the client cannot know the
+    # shapes of a flat vector before it has decoded it).
+    payload = down.encode(global_adapter, rng if rng is not None else np.random.default_rng())
+    arrays, meta = to_records(payload)
+    meta[_DOWN_NAMES] = list(global_adapter)
+    meta[_DOWN_NDIMS] = [int(v.ndim) for v in global_adapter.values()]
+    meta[_DOWN_SHAPES] = [int(d) for v in global_adapter.values() for d in v.shape]
+    content[keys.GLOBAL_ADAPTER] = arrays
+    content[keys.GLOBAL_ADAPTER_CODEC] = meta
+    return content
+
+
+_DOWN_NAMES, _DOWN_NDIMS, _DOWN_SHAPES = "layout-names", "layout-ndims", "layout-shapes"
+_MAX_DOWN_VALUES = 1 << 31
+
+
+def _down_codec(meta: Mapping[str, Any], what: str) -> Codec:
+    name = meta.get(CODEC)
+    if name == "fp16":
+        return Fp16Codec()
+    if name in ("int8", "int4"):
+        block = meta.get(BLOCK)
+        if not (isinstance(block, int) and _exact_int(block) and block >= 0):
+            raise ProtocolError(f"{what} {BLOCK}: must be an int >= 0, got {block!r}")
+        return StochasticQuantizer(8 if name == "int8" else 4, block)
+    raise ProtocolError(f"{what}: global adapter codec {name!r} is not fp16, int8 or int4")
+
+
+def _decode_global_adapter(content: RecordDict, what: str) -> Arrays:
+    arrays_rec = _record(content, keys.GLOBAL_ADAPTER, ArrayRecord, what)
+    if keys.GLOBAL_ADAPTER_CODEC not in content:
+        return arrays_from_record(arrays_rec, what=what)
+    meta = dict(_record(content, keys.GLOBAL_ADAPTER_CODEC, ConfigRecord, what))
+    names, ndims, dims = (meta.pop(k, None) for k in (_DOWN_NAMES, _DOWN_NDIMS, _DOWN_SHAPES))
+    ok = (
+        isinstance(names, list)
+        and isinstance(ndims, list)
+        and isinstance(dims, list)
+        and len(names) == len(ndims)
+        and all(isinstance(n, str) for n in names)
+        and len(set(names)) == len(names)
+        and all(_exact_int(d) and 1 <= d <= 8 for d in ndims)
+        and all(_exact_int(d) and d >= 1 for d in dims)
+        and sum(ndims) == len(dims)
     )
+    _require(ok, f"{what} {keys.GLOBAL_ADAPTER_CODEC}", "layout lists are malformed")
+    assert isinstance(names, list) and isinstance(ndims, list) and isinstance(dims, list)
+    shapes, start = [], 0
+    for nd in ndims:
+        shapes.append(tuple(dims[start : start + nd]))
+        start += nd
+    spec = AdapterSpec(tuple((n, TensorSpec(s)) for n, s in zip(names, shapes, strict=True)))
+    _require(spec.numel <= _MAX_DOWN_VALUES, what, f"global adapter of {spec.numel} values")
+    codec = _down_codec(meta, what)
+    try:
+        payload = from_records(arrays_rec, ConfigRecord(meta), what=what)
+        return dict(codec.decode(payload, spec))
+    except UpdateRejected as exc:
+        raise ProtocolError(f"{what}: global adapter: {exc}") from exc
 
 
 def _decode_instruction(
     content: RecordDict, cls: type[_T], config_key: str, what: str
 ) -> tuple[_T, Arrays]:
+    instr = _decode_config(content, cls, config_key, what)
+    return instr, _decode_global_adapter(content, what)
+
+
+def _decode_config(content: RecordDict, cls: type[_T], config_key: str, what: str) -> _T:
     cfg = _record(content, config_key, ConfigRecord, what)
     _check_schema(cfg.get(keys.SCHEMA), what)
-    instr = _from_config(cls, cfg)
-    adapter = arrays_from_record(
-        _record(content, keys.GLOBAL_ADAPTER, ArrayRecord, what), what=what
-    )
-    return instr, adapter
+    return _from_config(cls, cfg)
 
 
 def encode_train_instruction(
-    instr: TrainInstruction, global_adapter: Arrays, server_control: Arrays | None = None
+    instr: TrainInstruction,
+    global_adapter: Arrays,
+    server_control: Arrays | None = None,
+    *,
+    down: Codec | None = None,
+    rng: np.random.Generator | None = None,
 ) -> RecordDict:
-    content = _encode_instruction(instr, keys.TRAIN_CONFIG, global_adapter)
+    """A train message; ``down`` (fp16, int8, int4) compresses the global adapter."""
+    content = _encode_instruction(instr, keys.TRAIN_CONFIG, global_adapter, down, rng)
     if server_control is not None:
         content[keys.SERVER_CONTROL] = arrays_to_record(server_control)
     return content
@@ -345,6 +463,11 @@ def decode_train_instruction(content: RecordDict) -> tuple[TrainInstruction, Arr
     return instr, adapter
 
 
+def decode_train_config(content: RecordDict) -> TrainInstruction:
+    """The train instruction alone (the global adapter is not decoded)."""
+    return _decode_config(content, TrainInstruction, keys.TRAIN_CONFIG, "train message")
+
+
 def train_instruction_round(content: RecordDict) -> int:
     """The round a train message is for (what its reply must name); ``ProtocolError`` if it
     names none."""
@@ -373,25 +496,29 @@ def _finite_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def encode_update(update: ClientUpdate, *, rnd: int) -> RecordDict:
-    """A train reply for round ``rnd`` (the round of the instruction it answers)."""
+def encode_update(update: ClientUpdate, *, rnd: int, payload: Payload | None = None) -> RecordDict:
+    """A train reply for round ``rnd`` (the round of the instruction it answers). ``payload``:
+    the delta encoded by the round's codec (``protocol.codecs``), sent instead of the fp32
+    tensors, its scalars in the ``update-codec`` record."""
     metrics: dict[str, MetricValue] = {keys.NUM_EXAMPLES: int(update.num_examples)}
     metrics.update({k: float(v) for k, v in update.metrics.items()})
-    return RecordDict(
-        {
-            keys.UPDATE: arrays_to_record(update.delta),
-            keys.METRICS: MetricRecord(metrics),
-            keys.REPLY_META: _reply_meta(rnd),
-        }
-    )
+    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.REPLY_META: _reply_meta(rnd)})
+    if payload is None or payload.meta.get(CODEC) == "none":
+        content[keys.UPDATE] = arrays_to_record(update.delta)
+    else:
+        content[keys.UPDATE], content[keys.UPDATE_CODEC] = to_records(payload)
+    return content
 
 
-def decode_update(content: RecordDict, expected: AdapterSpec, *, rnd: int) -> ClientUpdate:
-    """Decode and validate a train reply to round ``rnd``. Raises ``UpdateRejected`` with the
-    reason, and nothing else whatever the content."""
+def decode_update(
+    content: RecordDict, expected: AdapterSpec, *, rnd: int, codec: Codec | None = None
+) -> ClientUpdate:
+    """Decode and validate a train reply to round ``rnd`` (encoded by ``codec``, the round's
+    codec; None or ``none``: fp32 tensors). Raises ``UpdateRejected`` with the reason, and
+    nothing else whatever the content."""
     what = "update"
     try:
-        return _decode_update(content, expected, rnd, what)
+        return _decode_update(content, expected, rnd, what, codec)
     except UpdateRejected:
         raise
     except ProtocolError as exc:
@@ -400,7 +527,23 @@ def decode_update(content: RecordDict, expected: AdapterSpec, *, rnd: int) -> Cl
         raise UpdateRejected(f"{what}: malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _decode_update(content: RecordDict, expected: AdapterSpec, rnd: int, what: str) -> ClientUpdate:
+def _check_codec_declared(expected: AdapterSpec, record: ArrayRecord, what: str) -> None:
+    """Before any array of a compressed update is decoded: a few arrays, none carrying more
+    bytes than the codecs' largest (a float32 value per adapter value, plus a sketch's
+    rounding of each tensor's width)."""
+    if len(record) > 4:
+        raise UpdateRejected(f"{what}: {len(record)} arrays, a codec payload has at most 4")
+    limit = (expected.numel + 64 * len(expected.tensors)) * 4 + MAX_HEADER_BYTES
+    for name, arr in record.items():
+        if len(arr.data) > limit:
+            raise UpdateRejected(
+                f"{what}: array {name[:40]!r} carries {len(arr.data)} bytes, at most {limit}"
+            )
+
+
+def _decode_update(
+    content: RecordDict, expected: AdapterSpec, rnd: int, what: str, codec: Codec | None = None
+) -> ClientUpdate:
     _check_reply(content, what, rnd)
     metrics_rec = _record(content, keys.METRICS, MetricRecord, what)
     arrays_rec = _record(content, keys.UPDATE, ArrayRecord, what)
@@ -416,8 +559,20 @@ def _decode_update(content: RecordDict, expected: AdapterSpec, rnd: int, what: s
         if not _finite_number(v):
             raise UpdateRejected(f"{what}: metric {k!r} must be a finite number, got {v!r}")
         metrics[k] = float(v)
-    check_declared(expected, arrays_rec, what=what)  # before decoding any bytes
-    delta = arrays_from_record(arrays_rec, what=what)
+    if codec is None or isinstance(codec, NoneCodec):
+        if keys.UPDATE_CODEC in content:
+            raise UpdateRejected(
+                f"{what}: record {keys.UPDATE_CODEC!r} sent, but this round has no codec"
+            )
+        check_declared(expected, arrays_rec, what=what)  # before decoding any bytes
+        delta = arrays_from_record(arrays_rec, what=what)
+    else:
+        meta = _record(content, keys.UPDATE_CODEC, ConfigRecord, what)
+        _check_codec_declared(expected, arrays_rec, what)
+        try:
+            delta = dict(codec.decode(from_records(arrays_rec, meta, what=what), expected))
+        except CodecError as exc:
+            raise UpdateRejected(f"{what}: {exc}") from exc
     expected.check(delta, what=what)
     return ClientUpdate(delta=delta, num_examples=int(num_examples), metrics=metrics)
 
@@ -425,8 +580,15 @@ def _decode_update(content: RecordDict, expected: AdapterSpec, rnd: int, what: s
 # -- evaluate -------------------------------------------------------------------------------------
 
 
-def encode_eval_instruction(instr: EvalInstruction, global_adapter: Arrays) -> RecordDict:
-    return _encode_instruction(instr, keys.EVAL_CONFIG, global_adapter)
+def encode_eval_instruction(
+    instr: EvalInstruction,
+    global_adapter: Arrays,
+    *,
+    down: Codec | None = None,
+    rng: np.random.Generator | None = None,
+) -> RecordDict:
+    """An evaluate message; ``down`` (fp16, int8, int4) compresses the global adapter."""
+    return _encode_instruction(instr, keys.EVAL_CONFIG, global_adapter, down, rng)
 
 
 def decode_eval_instruction(content: RecordDict) -> tuple[EvalInstruction, Arrays]:

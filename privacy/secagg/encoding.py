@@ -155,6 +155,24 @@ def plan_encoding(
     raise EncodingError("could not fit the encoding into 32 bits")  # pragma: no cover
 
 
+def step_for_ring(max_clients: int, clip: float, bits: int, weight_cap: int) -> float:
+    """The finest step for which a sum of ``max_clients`` encoded vectors (per-coordinate clip
+    ``clip``, weights up to ``weight_cap``) fits a ``bits``-bit ring (``--secagg-ring-bits``):
+    pass it as ``plan_encoding``'s precision. Refused if the weights alone do not fit."""
+    if not 2 <= bits <= MAX_RING_BITS:
+        raise EncodingError(f"secagg-ring-bits: must be in [2, {MAX_RING_BITS}], got {bits}")
+    limit = (1 << (bits - 1)) - 1  # largest centred value
+    if max_clients * weight_cap > limit:
+        raise EncodingError(
+            f"secagg-weight-cap: {weight_cap} x {max_clients} clients does not fit a {bits}-bit "
+            f"ring; use --secagg-weight-cap {max(1, limit // max_clients)} or a wider ring"
+        )
+    level = limit // max_clients
+    if level < 1:
+        raise EncodingError(f"secagg-ring-bits: {bits} bits cannot hold {max_clients} clients")
+    return clip / level * (1 + 1e-9)  # ceil(clip / step) stays at level
+
+
 def quantize(
     update: np.ndarray, weight: int, plan: EncodingPlan, rng: np.random.Generator
 ) -> np.ndarray:

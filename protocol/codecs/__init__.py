@@ -87,6 +87,17 @@ class CompressionConfig:
                 f"{' or '.join(LINEAR_CODECS)}"
             )
 
+    @property
+    def norm_slack(self) -> float:
+        """How much larger than the sent update's L2 norm its decoded form may honestly be,
+        for the coordinator's default norm bound: a one-client sketch decode adds error of
+        expected squared norm (n_t - 1) / (rows w_t) ||x_t||^2 (``protocol.codecs.sketch``),
+        so sqrt(1 + 1 / (ratio rows)), doubled for the draw; quantizers move each value by less
+        than one step (1: the bound's own factor 4 covers it)."""
+        if self.codec != "sketch":
+            return 1.0
+        return 2.0 * math.sqrt(1.0 + 1.0 / (self.sketch_ratio * self.sketch_rows))
+
     def build(self, seed: int = 0, rnd: int = 0) -> Codec:
         """The codec for one round; ``seed`` and ``rnd`` (shared) seed the sketch's hashes."""
         if self.codec == "none":

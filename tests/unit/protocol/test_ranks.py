@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from coordinator.aggregation import weighted_mean
-from coordinator.ranks import (
+from protocol.messages import LoraSpec
+from protocol.ranks import (
     HOLDERS,
     RankError,
     adapter_rank,
@@ -22,7 +23,6 @@ from coordinator.ranks import (
     truncated_product_factors,
     weighted_sum,
 )
-from protocol.messages import LoraSpec
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 V = "base_model.model.model.layers.0.self_attn.v_proj"

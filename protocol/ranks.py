@@ -31,12 +31,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from protocol.codecs.secure import HOLDERS_KEY
 from protocol.messages import LoraSpec
 
 Arrays = Mapping[str, np.ndarray]
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
-HOLDERS = "fedtune.rank-holders"  # (R,) holder vector riding along with a padded delta
+HOLDERS = HOLDERS_KEY  # (R,) holder vector riding along with a padded delta
 
 
 class RankError(ValueError):
