@@ -369,19 +369,22 @@ def run_federation(
         row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task
         return row, down, up
 
-    def save(rnd: int) -> None:
+    def save(rnd: int, row: dict[str, Any]) -> None:
+        """Round ``rnd``'s adapter, optimizer and privacy state and its metrics row, saved all
+        or nothing (``RunDirectory.save_round``)."""
         rundir.save_round(
             rnd,
             functools.partial(server.write_peft, adapter),
             {"privacy": privacy.state_dict()} if not isinstance(privacy, NoPrivacy) else {},
             strategy.state_arrays(),
+            row=row,
         )
 
     if start == 1:
         t0 = clock.now()
         row, down, up = evaluate_all(0)
-        save(0)
-        rundir.append_metrics(
+        save(
+            0,
             {
                 "round": 0,
                 "train_loss": None,
@@ -392,7 +395,7 @@ def run_federation(
                 "bytes_up": up,
                 "seconds": clock.now() - t0,
                 **privacy.row(),
-            }
+            },
         )
         progress.round_done(rundir.read_metrics()[-1])
 
@@ -420,7 +423,6 @@ def run_federation(
         else:
             log.error("round %d failed: %s; the global adapter is unchanged", rnd, result.reason)
         eval_row, edown, eup = evaluate_all(rnd)
-        save(rnd)
         row = {
             "round": rnd,
             **result.to_row(),
@@ -430,7 +432,7 @@ def run_federation(
             "seconds": clock.now() - t0,
             **privacy.row(),
         }
-        rundir.append_metrics(row)
+        save(rnd, row)
         rundir.plot()
         progress.round_done(row)
         if new is None and cfg.on_round_failure == "stop":
