@@ -29,6 +29,7 @@ from client.data import (
     to_conversations,
     tokenize_all,
 )
+from client.identity import client_identity
 from client.loss import HEAD_CHUNK_BYTES, SMALL_HEAD_CHUNK_BYTES, head_chunk
 from client.memory import (
     MIB,
@@ -53,6 +54,7 @@ from client.model import (
 from client.rss import current_rss_mb, peak_rss_mb, reset_peak_rss, tune_allocator
 from client.settings import ClientSettings
 from client.train import Correction, evaluate, train_round
+from protocol.identity import encode_identity_reply, is_identity_query
 from protocol.messages import (
     ClientUpdate,
     LoraSpec,
@@ -282,6 +284,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     # Secure aggregation: the same local update, sent masked over four stages (client/secagg.py).
     secagg.register(app, local_update)
+
+    @app.query()
+    def identity(msg: Message, context: Context) -> Message:
+        """The coordinator's identity query: this client's stable name (client/identity.py)."""
+        if not is_identity_query(msg.content):
+            raise ValueError("query: not an identity query (the only query this client answers)")
+        name = client_identity(context.node_config, {**base_defaults, **context.run_config})
+        return Message(encode_identity_reply(name), reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

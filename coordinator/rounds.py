@@ -52,6 +52,7 @@ from coordinator.pipeline import (
 )
 from coordinator.progress import Progress
 from coordinator.report import write_run_report
+from coordinator.roster import Roster
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from protocol.adapter import AdapterSpec
@@ -184,16 +185,19 @@ def _privacy(
     with the settings it started with (a changed ``rounds`` does not recalibrate the noise)."""
     if cfg.dp is not DpMode.CLIENT:
         return NoPrivacy(cfg.clients_per_round, cfg.seed)
+    # --dp-rng: the cohort (and the coordinator's noise) from (seed, round), or secret
+    seeded = cfg.dp_rng == "seeded" or (cfg.dp_rng == "auto" and bool(cfg.partition_dir))
+    seed = cfg.seed if seeded else None
     saved = saved_state["privacy"] if saved_state is not None and "privacy" in saved_state else None
     limits = [cfg.max_epsilon] if cfg.max_epsilon > 0 else []  # a resumed run may change it
     if cfg.secagg:
         if saved is None:
-            return DistributedClientDP(resolve_distributed_dp(cfg, connected, numel))
+            return DistributedClientDP(resolve_distributed_dp(cfg, connected, numel), seed=seed)
         dsettings = DistributedDpSettings.from_record(saved["settings"])
         if limits:
             limits += [dsettings.target_epsilon] if dsettings.target_epsilon else []
             dsettings = dataclasses.replace(dsettings, max_epsilon=min(limits))
-        ddp = DistributedClientDP(dsettings)
+        ddp = DistributedClientDP(dsettings, seed=seed)
         ddp.load_state_dict(saved)
         return ddp
     if saved is not None:
@@ -201,10 +205,10 @@ def _privacy(
         if limits:
             limits += [settings.target_epsilon] if settings.target_epsilon else []
             settings = dataclasses.replace(settings, max_epsilon=min(limits))
-        dp = ClientLevelDP(settings, update_keys)
+        dp = ClientLevelDP(settings, update_keys, seed=seed)
         dp.load_state_dict(saved)
         return dp
-    return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys)
+    return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys, seed=seed)
 
 
 def _transport(cfg: RunConfig, privacy: Privacy, clock: Clock, trained_numel: int) -> Transport:
@@ -281,7 +285,9 @@ class Pipeline:
             grid, sampled, content, expected, rnd, progress, self.privacy.prepare
         )
         for f in c.failures:
-            log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
+            log.warning(
+                "round %d: client %s dropped: %s", rnd, progress.name(f["node"]), f["reason"]
+            )
         if c.error is None and len(c.contributors) < self.min_clients:
             c.error = f"{len(c.contributors)} usable update(s), min-clients is {self.min_clients}"
         if c.error is not None:
@@ -333,9 +339,18 @@ def run_federation(
     )
     if saved is not None:
         strategy.load_state_arrays(rundir.load_server_arrays(int(saved[0]["round"])))
+    transport = _transport(cfg, privacy, clock, trained.numel)
+    # The settings are checked: ask the nodes their names. Clients go by these stable names
+    # (coordinator/roster.py) in sampling, metrics and progress.
+    roster = Roster(cfg.round_timeout, clock)
+    roster.learn(grid, nodes)
+    progress.set_names(roster.names)
+    nodes = roster.ordered(nodes)
+    if saved is not None and "secagg" in saved[0] and hasattr(transport, "load_state_dict"):
+        transport.load_state_dict(saved[0]["secagg"], roster.node_named)
     pipeline = Pipeline(
         privacy,
-        _transport(cfg, privacy, clock, trained.numel),
+        transport,
         strategy,
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,
@@ -348,6 +363,7 @@ def run_federation(
     eval_nodes = (
         nodes if cfg.eval_clients == 0 else sample_nodes(nodes, cfg.eval_clients, cfg.seed, 0)
     )
+    eval_names = {roster.name(n) for n in eval_nodes}  # a fixed set of clients, by name
     log.info(
         "%d client node(s); %d per round, %d evaluating; adapter %d tensors, %d parameters; "
         "strategy %s",
@@ -360,9 +376,10 @@ def run_federation(
     )
 
     def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
-        live = set(grid.get_node_ids())
+        live = list(grid.get_node_ids())
+        roster.learn(grid, live)
         row, down, up = federated_evaluate(
-            grid, cfg, [n for n in eval_nodes if n in live], adapter, rnd, progress, clock
+            grid, cfg, roster.nodes_named(eval_names, live), adapter, rnd, progress, clock
         )
         central = server.central_eval(adapter)
         row["central_eval_loss"] = central.loss if central else None
@@ -370,14 +387,19 @@ def run_federation(
         return row, down, up
 
     def save(rnd: int, row: dict[str, Any]) -> None:
-        """Round ``rnd``'s adapter, optimizer and privacy state and its metrics row, saved all
-        or nothing (``RunDirectory.save_round``)."""
+        """Round ``rnd``'s adapter, optimizer, privacy and secure-aggregation state and its
+        metrics row (clients by name), saved all or nothing (``RunDirectory.save_round``)."""
+        state: dict[str, Any] = {}
+        if not isinstance(privacy, NoPrivacy):
+            state["privacy"] = privacy.state_dict()
+        if hasattr(pipeline.transport, "state_dict"):
+            state["secagg"] = pipeline.transport.state_dict(roster.name)
         rundir.save_round(
             rnd,
             functools.partial(server.write_peft, adapter),
-            {"privacy": privacy.state_dict()} if not isinstance(privacy, NoPrivacy) else {},
+            state,
             strategy.state_arrays(),
-            row=row,
+            row=roster.label_row(row),
         )
 
     if start == 1:
@@ -401,7 +423,9 @@ def run_federation(
 
     for rnd in range(start, cfg.rounds + 1):
         live = live_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
-        live = [n for n in live if n not in pipeline.transport.excluded]
+        roster.learn(grid, live)
+        progress.set_names(roster.names)
+        live = roster.ordered(n for n in live if n not in pipeline.transport.excluded)
         stop = privacy.stop_reason(len(live), rnd)
         if stop is not None:
             log.warning("stopping: %s", stop)

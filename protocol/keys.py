@@ -36,3 +36,7 @@ SECAGG: Final = "secagg"  # ConfigRecord: the stage's message bytes and simulati
 SECAGG_PAYLOAD: Final = "payload"  # bytes: a privacy.secagg.messages dataclass
 SECAGG_INJECT_DROPOUT: Final = "inject-dropout"  # bool: simulate this client crashing here
 SECAGG_MASKED: Final = "secagg-masked"  # ArrayRecord: {"masked": uint ring vector}
+
+# -- client identity (a QUERY message, once per node; coordinator/roster.py) ----------------------
+IDENTITY: Final = "identity"  # ConfigRecord; in the query: schema version; in the reply: "name"
+IDENTITY_NAME: Final = "name"  # str: the client's stable name (partition name, device name)
