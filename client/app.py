@@ -228,7 +228,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         scaffold = None
         server_control = decode_server_control(msg.content, instr, global_adapter)
         if server_control is not None:
-            scaffold = Scaffold(server_control, load_client_control(settings.state_dir))
+            scaffold = Scaffold(
+                server_control, load_client_control(settings.state_dir, instr.round)
+            )
             corrections.append(scaffold)
         if instr.sample_dp.enabled:  # DP-SGD, with this client's ledger in its state dir
             from client.dpsgd import private_round
@@ -261,7 +263,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         if scaffold is not None:
             new_control = scaffold.new_client_control()
             delta = {**update.delta, **scaffold.control_delta(new_control)}
-            save_client_control(settings.state_dir, new_control)
+            save_client_control(settings.state_dir, new_control, instr.round)
             update = ClientUpdate(delta, update.num_examples, update.metrics)
         metrics = dict(update.metrics)
         metrics.update(

@@ -88,3 +88,48 @@ def remove_scratch(directory: Path) -> list[Path]:
     if removed:
         fsync_dir(directory)
     return removed
+
+
+# ------------------------------------------------------------- round-versioned client state
+#
+# A client's state (SCAFFOLD's c_i, ...) is written per round: ``<stem>-r000007<suffix>`` is the
+# state after round 7. Round r reads the newest version from before r, so a round the coordinator
+# redoes after a crash (it never saved it) starts from the same state as the first attempt, even
+# if this client finished that attempt and wrote its version. Older versions are deleted once a
+# newer one is written, except the one a redo of the newest round would read.
+
+
+def versioned(directory: Path, stem: str, suffix: str, rnd: int) -> Path:
+    return directory / f"{stem}-r{rnd:06d}{suffix}"
+
+
+def versions(directory: Path, stem: str, suffix: str) -> dict[int, Path]:
+    """Round -> file of every stored version."""
+    out: dict[int, Path] = {}
+    if not directory.is_dir():
+        return out
+    prefix = f"{stem}-r"
+    for p in directory.iterdir():
+        name = p.name
+        if name.startswith(prefix) and name.endswith(suffix):
+            digits = name[len(prefix) : len(name) - len(suffix)]
+            if digits.isdigit():
+                out[int(digits)] = p
+    return out
+
+
+def version_before(directory: Path, stem: str, suffix: str, rnd: int) -> Path | None:
+    """The newest version written by a round before ``rnd``, or None."""
+    older = {r: p for r, p in versions(directory, stem, suffix).items() if r < rnd}
+    return older[max(older)] if older else None
+
+
+def prune_versions(directory: Path, stem: str, suffix: str, rnd: int) -> None:
+    """After writing round ``rnd``'s version: delete versions before the one round ``rnd`` read
+    (that one stays for a redo of ``rnd``), and any of later rounds (never saved by the
+    coordinator: they will be written again)."""
+    all_versions = versions(directory, stem, suffix)
+    read = max((r for r in all_versions if r < rnd), default=None)
+    for r, p in all_versions.items():
+        if r > rnd or (read is not None and r < read):
+            p.unlink(missing_ok=True)
