@@ -90,5 +90,6 @@ def test_killed_then_resumed_equals_uninterrupted(
         ref_dir / "server-state.safetensors"
     ).read_bytes()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert all(r["status"] == "ok" for r in rows[1:]), "every round trained"
     if kill_at.split(":")[0] in ("staged", "adapter-moved-aside", "metrics-installed"):
         assert leftovers, "the kill inside the checkpoint write left nothing to clean up?"
