@@ -105,12 +105,17 @@ def fleet_grid(cfg: RunConfig, part_dir: Path, node_seed: int) -> FakeGrid:
 
 
 def run(
-    cfg: RunConfig, part_dir: Path, out: Path, node_seed: int, *, resume: bool = False
+    cfg: RunConfig,
+    part_dir: Path,
+    out: Path,
+    node_seed: int,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     grid = fleet_grid(cfg, part_dir, node_seed)
-    return run_virtual(
-        grid, cfg, out, resume=resume, progress=Progress(cfg.rounds, live=False, quiet=True)
-    )
+    progress = progress or Progress(cfg.rounds, live=False, quiet=True)
+    return run_virtual(grid, cfg, out, resume=resume, progress=progress)
 
 
 def stable(row: Mapping[str, Any]) -> Any:

@@ -6,10 +6,12 @@ their partition names, which they report through the real ClientApp."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
+from coordinator.progress import Progress
 from tests.fleet import CATEGORIES, config, make_partitions, run, stable
 
 DP = {"dp": "client", "noise-multiplier": 0.8, "clip-norm": 0.5, "clients-per-round": 3}
@@ -17,7 +19,11 @@ DP = {"dp": "client", "noise-multiplier": 0.8, "clip-norm": 0.5, "clients-per-ro
 
 @pytest.mark.parametrize("privacy", ["none", "client-dp"])
 def test_two_seeded_runs_are_equal_whatever_the_node_ids(
-    privacy: str, tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+    privacy: str,
+    tiny_model_dir: Path,
+    model_cache: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     parts = make_partitions(tmp_path)
     extra = DP if privacy == "client-dp" else {}
@@ -25,7 +31,8 @@ def test_two_seeded_runs_are_equal_whatever_the_node_ids(
     for node_seed in (1, 2):
         out = tmp_path / f"run{node_seed}"
         cfg = config(tiny_model_dir, model_cache, out, parts, **extra)
-        rows.append(run(cfg, parts, out, node_seed))
+        with caplog.at_level(logging.INFO, logger="fedtune"):
+            rows.append(run(cfg, parts, out, node_seed, progress=Progress(4, live=False)))
         outs.append(out)
     a, b = rows
     assert [r["round"] for r in a] == [0, 1, 2, 3, 4]
@@ -37,6 +44,9 @@ def test_two_seeded_runs_are_equal_whatever_the_node_ids(
     sampled = [tuple(r["clients"]) for r in a[1:]]
     assert all(set(s) <= set(CATEGORIES) for s in sampled)
     assert len(set(sampled)) > 1
+    # Progress lines name clients the same way ("client ai ok (1/3)"), never by node id.
+    done = [r.getMessage() for r in caplog.records if ": client " in r.getMessage()]
+    assert done and all(m.split(": client ")[1].split()[0] in CATEGORIES for m in done)
     if privacy == "none":
         assert all(len(s) == 3 for s in sampled)
         assert all(r["status"] == "ok" for r in a[1:])
