@@ -51,6 +51,12 @@ class Roster:
         ex = exchange(
             grid, {n: content for n in new}, MessageType.QUERY, 0, self.timeout, clock=self.clock
         )
+        log.info(
+            "asked %d node(s) their client names in %.1fs (%d answered)",
+            len(new),
+            ex.seconds,
+            len(ex.replies),
+        )
         for node in ex.missing:
             self.unnamed[node] = f"no identity reply within {self.timeout:g}s"
         for node, reply in ex.replies.items():
