@@ -326,6 +326,41 @@ class RunDirectory:
         if not f.exists() or f.read_text() != want:
             self._write_metrics(rows)
 
+    def _last_row_round(self) -> int | None:
+        """The round of metrics.jsonl's last line, read from the end of the file (None: no
+        file, empty, or a last line that is not a whole JSON row)."""
+        f = self.path / METRICS
+        if not f.is_file():
+            return None
+        with f.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            block = min(size, 1 << 16)
+            while True:
+                fh.seek(size - block)
+                tail = fh.read(block)
+                if not tail.endswith(b"\n"):
+                    return None  # a torn append
+                start = tail.rfind(b"\n", 0, len(tail) - 1)
+                if start >= 0 or block == size:
+                    break
+                block = min(size, block * 4)
+        try:
+            return int(json.loads(tail[start + 1 :])["round"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _install_row(self, rnd: int, row: Mapping[str, Any] | None) -> None:
+        """Put round ``rnd``'s row in metrics.jsonl: appended (fsynced) when the file ends with
+        round ``rnd - 1``, nothing when it already ends with ``rnd`` (an install redone after
+        the append), else the whole file reconciled (after a crash)."""
+        last = self._last_row_round()
+        if row is not None and last == rnd - 1:
+            self.append_metrics(row)
+        elif row is None or last != rnd:
+            self.reconcile_metrics(rnd, row)
+
     # -- adapter + state ----------------------------------------------------------------------
 
     def save_round(
@@ -395,7 +430,7 @@ class RunDirectory:
             shutil.rmtree(old, ignore_errors=True)
         checkpoint_step("adapter-installed")
         row = json.loads((commit / ROW).read_text()) if (commit / ROW).exists() else None
-        self.reconcile_metrics(rnd, row)
+        self._install_row(rnd, row)
         checkpoint_step("metrics-installed")
         if (commit / STATE).exists():
             replace_durably(commit / STATE, self.state_path)

@@ -172,3 +172,17 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
     durable.write_text_atomic(target, "new")
     assert target.read_text() == "new"
+
+
+def test_rows_are_appended_also_when_they_are_long(tmp_path: Path) -> None:
+    """A row is appended when the file ends with the previous round (found by reading the end of
+    the file, rows of any length); an install redone after the append adds nothing."""
+    path = tmp_path / "run"
+    run = RunDirectory.open(path, {"run": {"rounds": 3}}, resume=False)
+    clients = [f"client-{i:05d}" for i in range(20_000)]  # a row of ~300 kB
+    for rnd in range(3):
+        run.save_round(rnd, writer(rnd), row={"round": rnd, "clients": clients})
+    assert [r["round"] for r in run.read_metrics()] == [0, 1, 2]
+    assert run._last_row_round() == 2
+    run._install_row(2, {"round": 2, "clients": clients})  # a redo of the last install
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 3
