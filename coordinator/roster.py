@@ -15,7 +15,7 @@ named ones, by id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import MessageType
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.exchange import exchange, reply_reason
 from protocol.errors import ProtocolError
-from protocol.identity import decode_identity_reply, encode_identity_query
+from protocol.identity import check_identity, decode_identity_reply, encode_identity_query
 
 log = logging.getLogger("fedtune")
 
@@ -36,16 +36,31 @@ _NODE_LISTS = ("clients", "weights_capped", "recovered")
 class Roster:
     """Node id -> stable client name, learned once per node (``learn``)."""
 
-    def __init__(self, timeout: float, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        clock: Clock = SYSTEM_CLOCK,
+        known: Callable[[Iterable[int]], Mapping[int, str]] | None = None,
+    ) -> None:
         self.timeout = timeout
         self.clock = clock
+        self.known = known  # names the caller knows without asking (the simulator's)
         self.names: dict[int, str] = {}
         self.unnamed: dict[int, str] = {}  # node -> why it has no name (it keeps its id)
 
     def learn(self, grid: Grid, nodes: Iterable[int]) -> None:
-        """Ask every node not asked before for its name (one batch of identity queries)."""
+        """Learn the name of every node not seen before: from ``known`` where it has it, else
+        by asking (one batch of identity queries)."""
         new = sorted(n for n in nodes if n not in self.names and n not in self.unnamed)
+        learned = set(new)
+        if new and self.known is not None:
+            given = {n: check_identity(name) for n, name in self.known(new).items()}
+            self.names.update(given)
+            if given:
+                log.info("named %d node(s) from the simulation's partitions", len(given))
+            new = [n for n in new if n not in given]
         if not new:
+            self._check_duplicates(learned)
             return
         content = encode_identity_query()
         ex = exchange(
@@ -75,6 +90,9 @@ class Roster:
                     node,
                     self.unnamed[node],
                 )
+        self._check_duplicates(learned)
+
+    def _check_duplicates(self, new: set[int]) -> None:
         seen: dict[str, int] = {}
         for node, name in sorted(self.names.items()):
             if name in seen and node in new:

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,8 +314,11 @@ def run_federation(
     progress: Progress | None = None,
     config_record: dict[str, Any] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    node_names: Callable[[Iterable[int]], Mapping[int, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory."""
+    """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory.
+    ``node_names`` gives clients' names where the caller knows them (the simulator); other
+    nodes are asked (``coordinator.roster``)."""
     progress = progress or Progress(cfg.rounds)
     rundir = RunDirectory.open(run_dir, config_record or {"run": cfg.to_mapping()}, resume=resume)
     server = ServerModel(cfg)
@@ -342,7 +345,7 @@ def run_federation(
     transport = _transport(cfg, privacy, clock, trained.numel)
     # The settings are checked: ask the nodes their names. Clients go by these stable names
     # (coordinator/roster.py) in sampling, metrics and progress.
-    roster = Roster(cfg.round_timeout, clock)
+    roster = Roster(cfg.round_timeout, clock, known=node_names)
     roster.learn(grid, nodes)
     progress.set_names(roster.names)
     nodes = roster.ordered(nodes)

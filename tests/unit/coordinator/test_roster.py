@@ -127,3 +127,13 @@ def test_secure_aggregation_state_is_saved_by_name_and_restored_under_new_ids() 
     assert after.excluded == {42: "tampered shares"}
     assert after.complaint_ledger.counterparts == {42: {43: 2}, 43: {42: 2}}
     assert after.seen_keys == before.seen_keys
+
+
+def test_names_the_caller_knows_are_not_asked_for() -> None:
+    grid = FakeGrid({11: named("law", silent), 5: named("ai", silent), 8: named("art", silent)})
+    roster = Roster(
+        3.0, VirtualClock(), known=lambda nodes: {n: "sim-" + str(n) for n in nodes if n != 8}
+    )
+    roster.learn(grid, [11, 5, 8])
+    assert roster.names == {11: "sim-11", 5: "sim-5", 8: "art"}
+    assert [m.metadata.dst_node_id for m in grid.sent] == [8]  # only the one it did not know
