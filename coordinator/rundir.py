@@ -243,7 +243,7 @@ class RunDirectory:
     def open(cls, path: Path, config: Mapping[str, Any], *, resume: bool) -> RunDirectory:
         """Create a new run directory, or reopen one to resume (its config must match)."""
         run = cls(path)
-        if run.state_path.exists():
+        if run.state_path.exists() or (path.is_dir() and run._commits()):
             if not resume:
                 raise RunDirError(
                     f"output directory {path} already holds a run; pass --resume to continue it "

@@ -186,3 +186,16 @@ def test_rows_are_appended_also_when_they_are_long(tmp_path: Path) -> None:
     assert run._last_row_round() == 2
     run._install_row(2, {"round": 2, "clients": clients})  # a redo of the last install
     assert len((path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_run_killed_right_after_committing_round_0_is_a_run(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    kill_during(path, "committed", crash_round=0)
+    assert not (path / "state.json").exists()  # round 0 committed, not yet installed
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
+        RunDirectory.open(path, {"run": {"rounds": 3}}, resume=False)
+    with pytest.raises(RunDirError, match="setting 'lora-rank' was None, now 9"):
+        RunDirectory.open(path, {"run": {"rounds": 3, "lora-rank": 9}}, resume=True)
+    run = RunDirectory.open(path, {"run": {"rounds": 3}}, resume=True)
+    state, _ = run.load_state()  # type: ignore[misc]
+    assert state["round"] == 0 and [r["round"] for r in run.read_metrics()] == [0]
