@@ -17,6 +17,7 @@ mode or strategy is in use. Transports: ``PlainTransport`` (here) and ``SecureTr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from flwr.serverapp import Grid
 from coordinator.aggregators import Accumulator, Bounds, UpdateOutOfBounds
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.exchange import exchange, reply_reason, sample_nodes
+from coordinator.ordered_fold import OrderedFold
 from coordinator.progress import Progress
 from protocol.adapter import AdapterSpec
 from protocol.errors import ProtocolError
@@ -165,11 +167,14 @@ class PlainTransport:
         acc = self.accumulator(expected)
         c = Contribution(acc.sum, 0.0, sampled=len(nodes), nodes=sorted(nodes))
         capped: list[int] = []
+        # Summed in sampled order whatever the arrival order (coordinator/ordered_fold.py).
+        ordered = OrderedFold(nodes, lambda item: acc.add(*item))
 
         def fold(node: int, reply: Any) -> None:
             ok = False
             if not reply.has_content():
                 c.failures.append({"node": node, "reason": reply_reason(reply)})
+                ordered.skip(node)
             else:
                 try:
                     update: ClientUpdate = decode_update(reply.content, expected, rnd=rnd)
@@ -178,10 +183,14 @@ class PlainTransport:
                         delta, weight = self.bounds.apply(delta, weight)
                         if weight < update.num_examples:
                             capped.append(node)
-                    acc.add(*prepare(delta, weight))
+                    prepared = prepare(delta, weight)
+                    if not (math.isfinite(prepared[1]) and prepared[1] > 0):
+                        raise ValueError(f"weight must be positive and finite, got {prepared[1]}")
                 except (ProtocolError, UpdateOutOfBounds, ValueError) as exc:
                     c.failures.append({"node": node, "reason": str(exc)})
+                    ordered.skip(node)
                 else:
+                    ordered.offer(node, prepared)
                     ok = True
                     c.contributors.append(node)
                     c.client_metrics[node] = {
@@ -201,6 +210,9 @@ class PlainTransport:
             clock=self.clock,
             keep=False,
         )
+        ordered.finish()
+        if not ordered.in_order:
+            c.extra["fold_out_of_order"] = True  # the window overflowed: not reproducible
         c.failures = [
             {"node": n, "reason": f"no reply within {self.timeout:g}s"} for n in ex.missing
         ] + sorted(c.failures, key=lambda f: f["node"])

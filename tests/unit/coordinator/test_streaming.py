@@ -7,15 +7,17 @@ arrive over the network), compared with a 100-client round and with the adapter'
 from __future__ import annotations
 
 import gc
+import random
 import tracemalloc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.clock import VirtualClock
-from coordinator.pipeline import Contribution, NoPrivacy, PlainTransport
+from coordinator.ordered_fold import OrderedFold
+from coordinator.pipeline import Contribution, NoPrivacy, PlainTransport, Prepare
 from coordinator.progress import Progress
 from protocol.adapter import AdapterSpec
 from protocol.messages import ClientUpdate, encode_update
@@ -36,9 +38,13 @@ class ArrivingGrid(FakeGrid):
     """Replies are made when pulled, one per pull, in the order messages were sent: nothing
     of a reply exists before the coordinator receives it."""
 
-    def __init__(self, nodes: Iterable[int], per_pull: int = 1) -> None:
+    def __init__(
+        self, nodes: Iterable[int], per_pull: int = 1, shuffle: random.Random | None = None
+    ) -> None:
         super().__init__({n: (lambda msg: None) for n in nodes})
         self.per_pull = per_pull
+        # Replies come back in a random order, as from 4 workers: any of the first 4 pending.
+        self.shuffle = shuffle
         self.waiting: dict[str, Message] = {}
         self.made = 0
 
@@ -53,7 +59,12 @@ class ArrivingGrid(FakeGrid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         out = []
-        for mid in list(message_ids)[: self.per_pull]:
+        ids = list(message_ids)
+        if self.shuffle is not None:
+            first = ids[:4]
+            self.shuffle.shuffle(first)
+            ids = first + ids[4:]
+        for mid in ids[: self.per_pull]:
             msg = self.waiting.pop(mid)
             delta, n = client_update(int(msg.metadata.dst_node_id))
             content = encode_update(ClientUpdate(delta, n, {"train-loss": 1.0}), rnd=1)
@@ -62,9 +73,18 @@ class ArrivingGrid(FakeGrid):
         return out
 
 
-def collect(nodes: list[int]) -> Contribution:
+def clip_like(update: Mapping[str, np.ndarray], weight: float) -> tuple[dict, float]:
+    """A prepare step like client DP's clipping: float64 updates scaled by a non-dyadic factor
+    (full 53-bit mantissas, so the order of the additions shows in the sum's last bits; sums
+    of float32 x integer products are often exact whatever the order)."""
+    return {k: np.asarray(v, np.float64) * (1 / 3) for k, v in update.items()}, 1.0
+
+
+def collect(
+    nodes: list[int], shuffle: random.Random | None = None, prepare: Prepare | None = None
+) -> Contribution:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    grid = ArrivingGrid(nodes)
+    grid = ArrivingGrid(nodes, shuffle=shuffle)
     transport = PlainTransport(1e9, VirtualClock())
     spec = AdapterSpec.of({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
     c = transport.collect(
@@ -74,7 +94,7 @@ def collect(nodes: list[int]) -> Contribution:
         spec,
         1,
         Progress(1, live=False, quiet=True),
-        NoPrivacy(len(nodes), 0).prepare,
+        prepare or NoPrivacy(len(nodes), 0).prepare,
     )
     assert grid.made == len(nodes) and len(c.contributors) == len(nodes)
     return c
@@ -89,7 +109,7 @@ def test_the_streaming_sum_equals_the_batch_sum() -> None:
     assert c.total_weight == sum(n for _, n in updates)
     for k in SHAPES:
         np.testing.assert_allclose(c.weighted_sum[k], stacked[k].sum(axis=0), rtol=1e-12, atol=0)
-        # and exactly the sequential fold, in the order the replies arrived
+        # and exactly the sequential fold, in sampled order
         want = np.zeros(SHAPES[k], np.float64)
         for d, n in updates:
             want += n * d[k].astype(np.float64)
@@ -127,3 +147,36 @@ def test_a_1000_client_round_holds_o_adapter_memory() -> None:
     # What grows with the clients is bookkeeping (ids, messages sent, metrics): under 1% of an
     # adapter per client, never a copy of its update.
     assert per_client < ADAPTER_BYTES / 100, per_client
+
+
+def test_the_sum_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    """Clients finishing in another order (several workers, devices) give the same bits: the
+    fold follows the sampled order (coordinator/ordered_fold.py)."""
+    nodes = list(range(1, 31))
+    in_order = collect(nodes, prepare=clip_like)
+    for seed in (1, 2):
+        shuffled = collect(nodes, shuffle=random.Random(seed), prepare=clip_like)
+        assert "fold_out_of_order" not in shuffled.extra
+        for k in SHAPES:
+            np.testing.assert_array_equal(shuffled.weighted_sum[k], in_order.weighted_sum[k])
+
+
+def test_ordered_fold_adds_in_sampled_order_and_bounds_its_buffer() -> None:
+    added: list[int] = []
+    fold = OrderedFold([5, 3, 9, 1], added.append, window=4)
+    fold.offer(9, 9)
+    fold.offer(1, 1)
+    assert added == []  # 5 and 3 come first
+    fold.skip(5)  # failed
+    assert added == []
+    fold.offer(3, 3)
+    assert added == [3, 9, 1] and fold.in_order and fold.peak_waiting == 3
+
+    added.clear()
+    order = list(range(10))
+    fold = OrderedFold(order, added.append, window=4)
+    for node in reversed(order[1:]):  # node 0 never answers
+        fold.offer(node, node)
+        assert len(fold.waiting) <= 4  # memory stays bounded
+    fold.finish()
+    assert sorted(added) == order[1:] and not fold.in_order  # overflowed: said so
