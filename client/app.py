@@ -31,6 +31,7 @@ from client.data import (
     tokenize_all,
 )
 from client.error_feedback import codec_rng, encode_delta
+from client.identity import client_identity
 from client.loss import HEAD_CHUNK_BYTES, SMALL_HEAD_CHUNK_BYTES, head_chunk
 from client.memory import (
     MIB,
@@ -55,6 +56,7 @@ from client.model import (
 from client.rss import current_rss_mb, peak_rss_mb, reset_peak_rss, tune_allocator
 from client.settings import ClientSettings
 from client.train import Correction, evaluate, train_round
+from protocol.identity import encode_identity_reply, is_identity_query
 from protocol.messages import (
     ClientUpdate,
     LoraSpec,
@@ -230,7 +232,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         scaffold = None
         server_control = decode_server_control(msg.content, instr, global_adapter)
         if server_control is not None:
-            scaffold = Scaffold(server_control, load_client_control(settings.state_dir))
+            scaffold = Scaffold(
+                server_control, load_client_control(settings.state_dir, instr.round)
+            )
             corrections.append(scaffold)
         if instr.sample_dp.enabled:  # DP-SGD, with this client's ledger in its state dir
             from client.dpsgd import private_round
@@ -263,7 +267,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         if scaffold is not None:
             new_control = scaffold.new_client_control()
             delta = {**update.delta, **scaffold.control_delta(new_control)}
-            save_client_control(settings.state_dir, new_control)
+            save_client_control(settings.state_dir, new_control, instr.round)
             update = ClientUpdate(delta, update.num_examples, update.metrics)
         metrics = dict(update.metrics)
         metrics.update(
@@ -291,6 +295,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     # Secure aggregation: the same local update, sent masked over four stages (client/secagg.py).
     secagg.register(app, local_update)
+
+    @app.query()
+    def identity(msg: Message, context: Context) -> Message:
+        """The coordinator's identity query: this client's stable name (client/identity.py)."""
+        if not is_identity_query(msg.content):
+            raise ValueError("query: not an identity query (the only query this client answers)")
+        name = client_identity(context.node_config, {**base_defaults, **context.run_config})
+        return Message(encode_identity_reply(name), reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -15,19 +15,19 @@ adapter delta, under ``keys.CONTROL_PREFIX``, and the transports sum it like the
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from client.durable import prune_versions, version_before, versioned, write_bytes_atomic
 from client.train import Params
 from protocol import keys
 
-CONTROL_FILE = Path("scaffold") / "control.safetensors"
+CONTROL_FILE = Path("scaffold") / "control.safetensors"  # and control-r<round>.safetensors
+CONTROL_STEM, CONTROL_SUFFIX = "control", ".safetensors"
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -88,22 +88,24 @@ class Scaffold:
         }
 
 
-def load_client_control(state_dir: Path) -> dict[str, np.ndarray]:
+def load_client_control(state_dir: Path, rnd: int | None = None) -> dict[str, np.ndarray]:
+    """c_i for round ``rnd``: the newest one saved by a round before it (``client.durable``:
+    a redone round starts from the same c_i); without ``rnd``, or if none, the unversioned file
+    of older runs. {} before the client's first SCAFFOLD round."""
     path = state_dir / CONTROL_FILE
+    if rnd is not None:
+        found = version_before(path.parent, CONTROL_STEM, CONTROL_SUFFIX, rnd)
+        path = found if found is not None else path
     return dict(load_file(str(path))) if path.is_file() else {}
 
 
-def save_client_control(state_dir: Path, control: Arrays) -> None:
-    """Atomically replace the client's control variate (temp file, fsync, rename)."""
+def save_client_control(state_dir: Path, control: Arrays, rnd: int | None = None) -> None:
+    """Atomically write the client's control variate after round ``rnd`` (temp file, fsync,
+    rename, fsync of the directory); without ``rnd``, replace the unversioned file."""
     path = state_dir / CONTROL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".control", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in control.items()}, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    target = path if rnd is None else versioned(path.parent, CONTROL_STEM, CONTROL_SUFFIX, rnd)
+    blob = save({k: np.ascontiguousarray(v) for k, v in control.items()})
+    write_bytes_atomic(target, blob)
+    if rnd is not None:
+        prune_versions(path.parent, CONTROL_STEM, CONTROL_SUFFIX, rnd)

@@ -246,6 +246,8 @@ def node_config(cfg: DeviceConfig, socket: Path | None) -> dict[str, Any]:
     }
     if socket is not None:
         out["worker-socket"] = str(socket)
+    if cfg.key is not None:  # the name the coordinator registers for this key (client/identity)
+        out["device-name"] = cfg.key.stem
     if cfg.model:
         out["model"] = cfg.model
     if cfg.quantization:

@@ -46,6 +46,7 @@ class DpMode(Choice):
 ACCOUNTANTS = ("rdp", "pld")
 DOWNLINK_CODECS = ("none", "fp16", "int8", "int4")
 RANK_AGGREGATIONS = ("mean", "flexlora")
+DP_RNGS = ("auto", "seeded", "secure")
 # Train-instruction fields the strategy sets (FedProx's mu only under fedprox, SCAFFOLD's flag).
 STRATEGY_WIRE_FIELDS = ("proximal_mu", "scaffold")
 
@@ -203,6 +204,12 @@ class RunConfig:
     )
     delta: float = option(1e-5, "delta of the (epsilon, delta) guarantee")
     accountant: str = option("rdp", "privacy accountant (dp-accounting): rdp | pld")
+    dp_rng: str = option(
+        "auto",
+        "client DP's cohort sampling and noise: 'seeded' from --seed and the round "
+        "(reproducible; the seed is in config.json, so the cohort is not secret), 'secure' from "
+        "the OS (secret); auto = seeded in simulation, secure in deployment",
+    )
     population: int = option(
         0,
         "clients in the population for client-level DP and SCAFFOLD (0 = clients connected "
@@ -537,6 +544,11 @@ class RunConfig:
             self.accountant in ACCOUNTANTS,
             "accountant",
             f"{self.accountant!r} is not one of {', '.join(ACCOUNTANTS)}",
+        )
+        need(
+            self.dp_rng in DP_RNGS,
+            "dp-rng",
+            f"{self.dp_rng!r} is not one of {', '.join(DP_RNGS)}",
         )
         need(self.population >= 0, "population", f"must be >= 0, got {self.population}")
         need(

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.config import ConfigError, RunConfig
+from coordinator.exchange import SAMPLE_STREAM, round_rng
 from coordinator.pipeline import Arrays, Contribution
 from privacy.accounting import AccountantKind, PrivacyLedger, PrivacyUnit
 from privacy.distributed_dp import (
@@ -218,10 +219,11 @@ def resolve_distributed_dp(cfg: RunConfig, population: int, numel: int) -> Distr
 
 
 def uniform_sample(units: Sequence[int], k: int, rng: np.random.Generator) -> list[int]:
-    """``k`` distinct units, uniformly (the sampling without replacement the accountant assumes)."""
-    ordered = sorted(units)
-    picks = rng.choice(len(ordered), size=min(k, len(ordered)), replace=False)
-    return sorted(ordered[int(i)] for i in picks)
+    """``k`` distinct units, uniformly (the sampling without replacement the accountant
+    assumes). ``units`` are in their stable order (the roster's: by client name); the picks
+    keep it."""
+    picks = rng.choice(len(units), size=min(k, len(units)), replace=False)
+    return [units[int(i)] for i in sorted(picks)]
 
 
 class DistributedClientDP:
@@ -235,9 +237,11 @@ class DistributedClientDP:
         settings: DistributedDpSettings,
         *,
         rng_factory: Callable[[], np.random.Generator] = secure_rng,
+        seed: int | None = None,
     ) -> None:
         self.settings = settings
         self.rng_factory = rng_factory
+        self.seed = seed  # --dp-rng seeded: the cohort of round r comes from (seed, r)
         self.ledger = PrivacyLedger(PrivacyUnit.CLIENT)
         self.pool = settings.population  # the pool the next cohort is drawn from
 
@@ -280,8 +284,10 @@ class DistributedClientDP:
     releases_every_round = False  # a secure round needs its min-clients to unmask
 
     def sample(self, nodes: Sequence[int], rnd: int = 0) -> list[int]:
-        """This round's cohort: clients-per-round nodes uniformly, from a secret generator."""
-        return uniform_sample(nodes, self.settings.cohort, self.rng_factory())
+        """This round's cohort: clients-per-round nodes uniformly, from a secret generator (or,
+        with a ``seed``, one seeded by (seed, round))."""
+        rng = self.rng_factory() if self.seed is None else round_rng(self.seed, rnd, SAMPLE_STREAM)
+        return uniform_sample(nodes, self.settings.cohort, rng)
 
     def stop_reason(self, pool: int, rnd: int) -> str | None:
         self.pool = pool  # the next cohort is drawn from these

@@ -26,6 +26,7 @@ import numpy as np
 from coordinator.aggregation import Aggregator, Arrays, Update, fedavg_aggregator
 from coordinator.aggregators import Accumulator
 from coordinator.config import ConfigError, RunConfig
+from coordinator.exchange import NOISE_STREAM, SAMPLE_STREAM, round_rng
 from coordinator.pipeline import Contribution
 from privacy.accounting import (
     AccountantKind,
@@ -219,11 +220,16 @@ class ClientLevelDP:
         inner: Aggregator = fedavg_aggregator,
         *,
         rng_factory: Callable[[], np.random.Generator] = secure_rng,
+        seed: int | None = None,
     ) -> None:
         self.settings = settings
         self.update_keys = tuple(update_keys)
         self.inner = inner
         self.rng_factory = rng_factory
+        # --dp-rng seeded: round r's cohort and noise come from (seed, r), so a run reproduces
+        # (and a resumed one continues as if never stopped); None: secret, from rng_factory.
+        self.seed = seed
+        self._round = 0
         self.ledger = PrivacyLedger(PrivacyUnit.CLIENT)
         self.clip_norm = settings.clip_norm
         self._norms: list[float] = []  # this round's update norms before clipping
@@ -246,8 +252,19 @@ class ClientLevelDP:
     releases_every_round = True  # skipping a round would reveal how many clients took part
 
     def sample(self, nodes: Sequence[int], rnd: int = 0) -> list[int]:
-        """This round's cohort: every node with probability q, from a secret generator."""
-        return poisson_sample(nodes, self.settings.sampling_rate, self.rng_factory())
+        """This round's cohort: every node with probability q, from a secret generator (or,
+        with a ``seed``, one seeded by (seed, round)). ``nodes`` are in their stable order (the
+        roster's: by client name)."""
+        self._round = rnd
+        picks = poisson_sample(
+            range(len(nodes)), self.settings.sampling_rate, self._rng(SAMPLE_STREAM)
+        )
+        return [nodes[i] for i in picks]
+
+    def _rng(self, stream: int) -> np.random.Generator:
+        if self.seed is None:
+            return self.rng_factory()
+        return round_rng(self.seed, self._round, stream)
 
     def stop_reason(self, pool: int, rnd: int) -> str | None:
         if self.budget_allows_next_round():
@@ -274,7 +291,7 @@ class ClientLevelDP:
         """(sum of clipped updates + N(0, (z_sum C)^2)) / D, recorded in the ledger."""
         s = self.settings
         like = {k: c.weighted_sum[k] for k in self.update_keys}
-        rng = self.rng_factory()
+        rng = self._rng(NOISE_STREAM)
         clip = self.clip_norm
         std = s.sum_noise_multiplier * clip
         noisy = noisy_sum([flatten(like)], sum(int(v.size) for v in like.values()), std, rng)

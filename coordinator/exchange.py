@@ -195,16 +195,30 @@ def live_nodes(
         clock.sleep(min(poll, max(0.0, deadline - clock.now())))
 
 
-def sample_nodes(nodes: Sequence[int], k: int, seed: int, stream: int) -> list[int]:
-    """``k`` distinct nodes, a deterministic function of (nodes, seed, stream).
+# Streams of the per-round generators (``round_rng``): the training sample of round r is
+# (seed, r) (kept from before there were streams), client DP's cohort and noise the others.
+SAMPLE_STREAM = 1
+NOISE_STREAM = 2
 
-    Node ids are unsigned 64-bit, so indices are sampled, not ids. ``stream`` is the round number
-    for training samples (0 for the fixed evaluation set).
+
+def round_rng(seed: int, rnd: int, stream: int) -> np.random.Generator:
+    """The generator of round ``rnd``'s ``stream``: a function of (seed, round, stream) alone,
+    so a run reproduces, and a resumed run draws what an uninterrupted one would."""
+    return np.random.default_rng([seed, rnd, stream])
+
+
+def sample_nodes(nodes: Sequence[int], k: int, seed: int, stream: int) -> list[int]:
+    """``k`` distinct nodes, a deterministic function of (the order of ``nodes``, seed,
+    stream).
+
+    ``nodes`` come in their stable order (``coordinator.roster.Roster.ordered``: by client
+    name), so the same clients are drawn whatever node ids Flower gave them; the picks keep that
+    order. Indices are sampled, not ids (node ids are unsigned 64-bit). ``stream`` is the round
+    number for training samples (0 for the fixed evaluation set).
     """
-    ordered = sorted(nodes)
     rng = np.random.default_rng([seed, stream])
-    picks = rng.choice(len(ordered), size=min(k, len(ordered)), replace=False)
-    return sorted(ordered[int(i)] for i in picks)
+    picks = rng.choice(len(nodes), size=min(k, len(nodes)), replace=False)
+    return [nodes[int(i)] for i in sorted(picks)]
 
 
 def reply_reason(reply: Message) -> str:

@@ -17,6 +17,7 @@ mode or strategy is in use. Transports: ``PlainTransport`` (here) and ``SecureTr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from flwr.serverapp import Grid
 from coordinator.aggregators import Accumulator, Bounds, UpdateOutOfBounds
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.exchange import exchange, reply_reason, sample_nodes
+from coordinator.ordered_fold import OrderedFold
 from coordinator.progress import Progress
 from protocol.adapter import AdapterSpec
 from protocol.codecs.secure import SecureLayout
@@ -193,11 +195,14 @@ class PlainTransport:
         acc = (wire.accumulator(expected) if wire else None) or self.accumulator(expected)
         c = Contribution(acc.sum, 0.0, sampled=len(nodes), nodes=sorted(nodes))
         capped: list[int] = []
+        # Summed in sampled order whatever the arrival order (coordinator/ordered_fold.py).
+        ordered = OrderedFold(nodes, lambda item: acc.add(*item))
 
         def fold(node: int, reply: Any) -> None:
             ok = False
             if not reply.has_content():
                 c.failures.append({"node": node, "reason": reply_reason(reply)})
+                ordered.skip(node)
             else:
                 c.replied.append(node)
                 try:
@@ -211,11 +216,16 @@ class PlainTransport:
                         delta, weight = self.bounds.apply(delta, weight)
                         if weight < update.num_examples:
                             capped.append(node)
-                    delta, weight = prepare(delta, weight)
-                    acc.add(wire.attach(node, delta) if wire else delta, weight)
+                    prepared = prepare(delta, weight)
+                    if not (math.isfinite(prepared[1]) and prepared[1] > 0):
+                        raise ValueError(f"weight must be positive and finite, got {prepared[1]}")
+                    if wire:  # --client-ranks: which rank components this update holds
+                        prepared = (wire.attach(node, prepared[0]), prepared[1])
                 except (ProtocolError, UpdateOutOfBounds, ValueError) as exc:
                     c.failures.append({"node": node, "reason": str(exc)})
+                    ordered.skip(node)
                 else:
+                    ordered.offer(node, prepared)
                     ok = True
                     c.contributors.append(node)
                     c.client_metrics[node] = {
@@ -235,6 +245,9 @@ class PlainTransport:
             clock=self.clock,
             keep=False,
         )
+        ordered.finish()
+        if not ordered.in_order:
+            c.extra["fold_out_of_order"] = True  # the window overflowed: not reproducible
         c.failures = [
             {"node": n, "reason": f"no reply within {self.timeout:g}s"} for n in ex.missing
         ] + sorted(c.failures, key=lambda f: f["node"])

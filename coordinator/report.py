@@ -23,7 +23,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +73,11 @@ class RunData:
         raw = self.config.get("node_names") or {}
         return {int(k): str(v) for k, v in raw.items()}
 
-    def client_label(self, node: int) -> str:
-        return self.node_names.get(int(node), str(node))
+    def client_label(self, client: int | str) -> str:
+        """A client's display name: rows name clients by their stable name (``client``);
+        older runs by node id, shown by ``node_names`` where config.json has them."""
+        text = str(client)
+        return self.node_names.get(int(text), text) if text.isdigit() else text
 
     @property
     def sequential(self) -> bool:
@@ -157,24 +160,29 @@ def time_split(row: dict[str, Any], *, sequential: bool) -> dict[str, float]:
     }
 
 
+def _who(entry: Mapping[str, Any]) -> str:
+    """The client of a failure entry: its name (``client``), or an older run's node id."""
+    return str(entry.get("client", entry.get("node")))
+
+
 def participation(
     rows: Sequence[dict[str, Any]],
-) -> tuple[list[int], list[int], dict[tuple[int, int], str]]:
+) -> tuple[list[str], list[int], dict[tuple[str, int], str]]:
     """(clients, training rounds, cell) where cell[(client, round)] is "ok" (trained and its
     update was used), or the reason it failed; absent = not asked to train that round.
 
     Clients come from each row's ``clients`` (the sampled nodes) and ``failures``; a round
     without ``clients`` (secure aggregation, older runs) is left out."""
-    cells: dict[tuple[int, int], str] = {}
+    cells: dict[tuple[str, int], str] = {}
     rounds = []
     for r in rows:
         rnd = int(r["round"])
         if rnd == 0 or "clients" not in r:
             continue
         rounds.append(rnd)
-        failed = {int(f["node"]): str(f.get("reason", "")) for f in r.get("failures") or []}
-        for node in r.get("clients") or []:
-            cells[(int(node), rnd)] = failed.get(int(node), "ok")
+        failed = {_who(f): str(f.get("reason", "")) for f in r.get("failures") or []}
+        for client in r.get("clients") or []:
+            cells[(str(client), rnd)] = failed.get(str(client), "ok")
         for node, reason in failed.items():
             cells[(node, rnd)] = reason or "failed"
     clients = sorted({c for c, _ in cells})
@@ -188,9 +196,9 @@ def failures(rows: Sequence[dict[str, Any]]) -> list[tuple[int, str, str, str]]:
     for r in rows:
         rnd = int(r["round"])
         for f in r.get("failures") or []:
-            out.append((rnd, "train", str(f.get("node")), str(f.get("reason"))))
+            out.append((rnd, "train", _who(f), str(f.get("reason"))))
         for f in r.get("eval_failures") or []:
-            out.append((rnd, "evaluate", str(f.get("node")), str(f.get("reason"))))
+            out.append((rnd, "evaluate", _who(f), str(f.get("reason"))))
         if r.get("status") == "failed":
             out.append((rnd, "round", "-", str(r.get("reason"))))
     return out
@@ -521,7 +529,7 @@ def _failures(run: RunData) -> str:
         return "<p>No failures.</p>"
     lines = ["<table><tr><th>round</th><th>phase</th><th>client</th><th>reason</th></tr>"]
     for rnd, phase, node, reason in rows:
-        label = run.client_label(int(node)) if node.isdigit() else node
+        label = run.client_label(node)
         lines.append(
             f"<tr><td class='num'>{rnd}</td><td>{phase}</td><td>{html.escape(label)}</td>"
             f"<td>{html.escape(reason)}</td></tr>"

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from coordinator.pipeline import (
 )
 from coordinator.progress import Progress
 from coordinator.report import write_run_report
+from coordinator.roster import Roster
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from coordinator.update_wire import RANK_ORDER, UpdateWire, wire_row
@@ -237,16 +238,19 @@ def _privacy(
     with the settings it started with (a changed ``rounds`` does not recalibrate the noise)."""
     if cfg.dp is not DpMode.CLIENT:
         return NoPrivacy(cfg.clients_per_round, cfg.seed)
+    # --dp-rng: the cohort (and the coordinator's noise) from (seed, round), or secret
+    seeded = cfg.dp_rng == "seeded" or (cfg.dp_rng == "auto" and bool(cfg.partition_dir))
+    seed = cfg.seed if seeded else None
     saved = saved_state["privacy"] if saved_state is not None and "privacy" in saved_state else None
     limits = [cfg.max_epsilon] if cfg.max_epsilon > 0 else []  # a resumed run may change it
     if cfg.secagg:
         if saved is None:
-            return DistributedClientDP(resolve_distributed_dp(cfg, connected, numel))
+            return DistributedClientDP(resolve_distributed_dp(cfg, connected, numel), seed=seed)
         dsettings = DistributedDpSettings.from_record(saved["settings"])
         if limits:
             limits += [dsettings.target_epsilon] if dsettings.target_epsilon else []
             dsettings = dataclasses.replace(dsettings, max_epsilon=min(limits))
-        ddp = DistributedClientDP(dsettings)
+        ddp = DistributedClientDP(dsettings, seed=seed)
         ddp.load_state_dict(saved)
         return ddp
     if saved is not None:
@@ -254,10 +258,10 @@ def _privacy(
         if limits:
             limits += [settings.target_epsilon] if settings.target_epsilon else []
             settings = dataclasses.replace(settings, max_epsilon=min(limits))
-        dp = ClientLevelDP(settings, update_keys)
+        dp = ClientLevelDP(settings, update_keys, seed=seed)
         dp.load_state_dict(saved)
         return dp
-    return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys)
+    return ClientLevelDP(resolve_client_dp(cfg, connected), update_keys, seed=seed)
 
 
 def _transport(cfg: RunConfig, privacy: Privacy, clock: Clock, trained_numel: int) -> Transport:
@@ -345,7 +349,9 @@ class Pipeline:
         if rw is not None:
             c.extra.update(wire_row(rw, c))  # bytes against fp32, ranks
         for f in c.failures:
-            log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
+            log.warning(
+                "round %d: client %s dropped: %s", rnd, progress.name(f["node"]), f["reason"]
+            )
         if c.error is None and len(c.contributors) < self.min_clients:
             c.error = f"{len(c.contributors)} usable update(s), min-clients is {self.min_clients}"
         if c.error is not None:
@@ -374,8 +380,11 @@ def run_federation(
     progress: Progress | None = None,
     config_record: dict[str, Any] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    node_names: Callable[[Iterable[int]], Mapping[int, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory."""
+    """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory.
+    ``node_names`` gives clients' names where the caller knows them (the simulator); other
+    nodes are asked (``coordinator.roster``)."""
     progress = progress or Progress(cfg.rounds)
     rundir = RunDirectory.open(run_dir, config_record or {"run": cfg.to_mapping()}, resume=resume)
     server = ServerModel(cfg)
@@ -393,10 +402,16 @@ def run_federation(
     trained = spec.subset(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else spec
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
+    # Ask the nodes their names: clients go by these stable names (coordinator/roster.py) in
+    # sampling, rank assignment, metrics and progress.
+    roster = Roster(cfg.round_timeout, clock, known=node_names)
+    roster.learn(grid, nodes)
+    progress.set_names(roster.names)
+    nodes = roster.ordered(nodes)
     wire = UpdateWire(cfg)
-    if saved is not None:  # a resumed run keeps each node's place in the rank order
-        wire.load_order(saved[0].get(RANK_ORDER, {}))
-    wire.assign(nodes)  # client ranks round-robin over the nodes connected now, by id
+    if saved is not None:  # a resumed run keeps each client's place in the rank order
+        wire.load_order(saved[0].get(RANK_ORDER, {}), roster.node_named)
+    wire.assign(nodes)  # client ranks round-robin over the clients, by name
     numel = wire.masked_numel(trained) if cfg.secagg else spec.numel  # a sketch is shorter
     privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, numel)
     strategy = Strategy.create(
@@ -404,9 +419,12 @@ def run_federation(
     )
     if saved is not None:
         strategy.load_state_arrays(rundir.load_server_arrays(int(saved[0]["round"])))
+    transport = _transport(cfg, privacy, clock, trained.numel)
+    if saved is not None and "secagg" in saved[0] and hasattr(transport, "load_state_dict"):
+        transport.load_state_dict(saved[0]["secagg"], roster.node_named)
     pipeline = Pipeline(
         privacy,
-        _transport(cfg, privacy, clock, trained.numel),
+        transport,
         strategy,
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,
@@ -420,6 +438,7 @@ def run_federation(
     eval_nodes = (
         nodes if cfg.eval_clients == 0 else sample_nodes(nodes, cfg.eval_clients, cfg.seed, 0)
     )
+    eval_names = {roster.name(n) for n in eval_nodes}  # a fixed set of clients, by name
     log.info(
         "%d client node(s); %d per round, %d evaluating; adapter %d tensors, %d parameters; "
         "strategy %s",
@@ -434,9 +453,10 @@ def run_federation(
     client_task = server.client_task()  # --eval-task-clients
 
     def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
-        live = set(grid.get_node_ids())
+        live = list(grid.get_node_ids())
+        roster.learn(grid, live)
         row, down, up = federated_evaluate(
-            grid, cfg, [n for n in eval_nodes if n in live], adapter, rnd, progress, clock,
+            grid, cfg, roster.nodes_named(eval_names, live), adapter, rnd, progress, clock,
             task=client_task,
         )  # fmt: skip
         central = server.central_eval(adapter)
@@ -444,21 +464,29 @@ def run_federation(
         row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task
         return row, down, up
 
-    def save(rnd: int) -> None:
+    def save(rnd: int, row: dict[str, Any]) -> None:
+        """Round ``rnd``'s adapter, optimizer, privacy and secure-aggregation state and its
+        metrics row (clients by name), saved all or nothing (``RunDirectory.save_round``)."""
         state: dict[str, Any] = {}
         if not isinstance(privacy, NoPrivacy):
             state["privacy"] = privacy.state_dict()
-        if wire.ranks:  # each node's place in the rank order, for a resumed run
-            state[RANK_ORDER] = wire.order_record()
+        if hasattr(pipeline.transport, "state_dict"):
+            state["secagg"] = pipeline.transport.state_dict(roster.name)
+        if wire.ranks:  # each client's place in the rank order, for a resumed run
+            state[RANK_ORDER] = wire.order_record(roster.name)
         rundir.save_round(
-            rnd, functools.partial(server.write_peft, adapter), state, strategy.state_arrays()
+            rnd,
+            functools.partial(server.write_peft, adapter),
+            state,
+            strategy.state_arrays(),
+            row=roster.label_row(row),
         )
 
     if start == 1:
         t0 = clock.now()
         row, down, up = evaluate_all(0)
-        save(0)
-        rundir.append_metrics(
+        save(
+            0,
             {
                 "round": 0,
                 "train_loss": None,
@@ -469,13 +497,15 @@ def run_federation(
                 "bytes_up": up,
                 "seconds": clock.now() - t0,
                 **privacy.row(),
-            }
+            },
         )
         progress.round_done(rundir.read_metrics()[-1])
 
     for rnd in range(start, cfg.rounds + 1):
         live = live_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
-        live = [n for n in live if n not in pipeline.transport.excluded]
+        roster.learn(grid, live)
+        progress.set_names(roster.names)
+        live = roster.ordered(n for n in live if n not in pipeline.transport.excluded)
         stop = privacy.stop_reason(len(live), rnd)
         if stop is not None:
             log.warning("stopping: %s", stop)
@@ -497,7 +527,6 @@ def run_federation(
         else:
             log.error("round %d failed: %s; the global adapter is unchanged", rnd, result.reason)
         eval_row, edown, eup = evaluate_all(rnd)
-        save(rnd)
         row = {
             "round": rnd,
             **result.to_row(),
@@ -507,7 +536,7 @@ def run_federation(
             "seconds": clock.now() - t0,
             **privacy.row(),
         }
-        rundir.append_metrics(row)
+        save(rnd, row)
         rundir.plot()
         progress.round_done(row)
         if new is None and cfg.on_round_failure == "stop":

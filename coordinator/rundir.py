@@ -9,13 +9,27 @@
                     task.png, privacy.png, bytes.png, time.png and report.html
                     (coordinator/report.py)
 
-Every write replaces the old file atomically, so a crash mid-round leaves the previous round's
-files intact.
+Crash consistency (``kill -9`` or a power cut at any moment, then ``--resume``): every file is
+written atomically (``client.durable``: temp file, fsync, rename, fsync of the directory). A round
+is saved in three steps:
+
+1. stage: everything of round N (adapter/, server-state.safetensors, state.json, the metrics
+   row) is written into a scratch directory ``.round-N.tmp-*`` and fsynced;
+2. commit: that directory is renamed to ``.commit-N`` (one atomic rename): from here on round N
+   is saved;
+3. install: its files are moved into place (server state, adapter, the metrics row, state.json
+   last) and ``.commit-N`` is removed.
+
+Each install step can be redone, so a resume first finishes an interrupted install; a scratch
+directory (a round that never committed) is deleted and that round is redone. state.json names
+its round and the SHA-256 of the adapter weights; server-state.safetensors names its round in its
+header; metrics.jsonl is reconciled with state.json (rows after it dropped, one row per round).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -29,6 +43,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from client.durable import fsync_dir, fsync_tree, remove_scratch, replace_durably, write_text_atomic
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
@@ -36,6 +52,15 @@ STATE = "state.json"
 PLOT = "loss.png"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SERVER_STATE = "server-state.safetensors"  # server optimizer moments, SCAFFOLD's control variate
+ROW = "row.json"  # the metrics row inside a staged round
+COMMIT_PREFIX = ".commit-"
+OLD_ADAPTER = ".adapter-old"
+
+
+def checkpoint_step(name: str) -> None:
+    """A named point of saving a round (tests inject crashes here; nothing happens otherwise).
+    Steps, in order: staged, committed, server-state-installed, adapter-moved-aside,
+    adapter-installed, metrics-installed, state-installed, done."""
 
 
 class RunDirError(RuntimeError):
@@ -72,11 +97,20 @@ def _clean(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_clean(data), fh, indent=2, default=_json_default)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Replace ``path`` by ``data`` as JSON (temp file, fsync, rename, fsync of the directory)."""
+    write_text_atomic(path, json.dumps(_clean(data), indent=2, default=_json_default) + "\n")
+
+
+def _row_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(_clean(dict(row)), default=_json_default)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------ checks before anything is written
@@ -209,7 +243,7 @@ class RunDirectory:
     def open(cls, path: Path, config: Mapping[str, Any], *, resume: bool) -> RunDirectory:
         """Create a new run directory, or reopen one to resume (its config must match)."""
         run = cls(path)
-        if run.state_path.exists():
+        if run.state_path.exists() or (path.is_dir() and run._commits()):
             if not resume:
                 raise RunDirError(
                     f"output directory {path} already holds a run; pass --resume to continue it "
@@ -244,25 +278,88 @@ class RunDirectory:
     # -- metrics ------------------------------------------------------------------------------
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
-        line = json.dumps(_clean(dict(row)), default=_json_default)
+        """Append one row (not part of a round's checkpoint; ``save_round`` installs round rows)."""
         with (self.path / METRICS).open("a") as fh:
-            fh.write(line + "\n")
+            fh.write(_row_line(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl; a last line cut short by a crash is skipped."""
         f = self.path / METRICS
         if not f.exists():
             return []
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        lines = [line for line in f.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i == len(lines) - 1:  # a torn append: that row is written again
+                    break
+                raise RunDirError(f"{f}: line {i + 1} is not JSON") from None
+        return rows
+
+    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        write_text_atomic(self.path / METRICS, "".join(_row_line(r) + "\n" for r in rows))
 
     def truncate_metrics(self, last_round: int) -> None:
-        """Drop rows after ``last_round`` (a crash may have logged a round it never saved)."""
-        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, self.path / METRICS)
+        """Keep one row per round up to ``last_round`` (a crash may have logged a round it
+        never saved, or logged one twice)."""
+        self.reconcile_metrics(last_round)
+
+    def reconcile_metrics(self, last_round: int, row: Mapping[str, Any] | None = None) -> None:
+        """metrics.jsonl := the first row of each round before ``last_round`` and, for
+        ``last_round``, ``row`` if given (else the row already there). Rewritten atomically,
+        and only if that changes it."""
+        old = self.read_metrics()
+        by_round: dict[int, dict[str, Any]] = {}
+        for r in old:
+            rnd = int(r["round"])
+            if rnd <= last_round and rnd not in by_round:
+                by_round[rnd] = r
+        if row is not None:
+            by_round[last_round] = json.loads(_row_line(row))
+        rows = [by_round[k] for k in sorted(by_round)]
+        f = self.path / METRICS
+        want = "".join(_row_line(r) + "\n" for r in rows)
+        if not f.exists() or f.read_text() != want:
+            self._write_metrics(rows)
+
+    def _last_row_round(self) -> int | None:
+        """The round of metrics.jsonl's last line, read from the end of the file (None: no
+        file, empty, or a last line that is not a whole JSON row)."""
+        f = self.path / METRICS
+        if not f.is_file():
+            return None
+        with f.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            block = min(size, 1 << 16)
+            while True:
+                fh.seek(size - block)
+                tail = fh.read(block)
+                if not tail.endswith(b"\n"):
+                    return None  # a torn append
+                start = tail.rfind(b"\n", 0, len(tail) - 1)
+                if start >= 0 or block == size:
+                    break
+                block = min(size, block * 4)
+        try:
+            return int(json.loads(tail[start + 1 :])["round"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _install_row(self, rnd: int, row: Mapping[str, Any] | None) -> None:
+        """Put round ``rnd``'s row in metrics.jsonl: appended (fsynced) when the file ends with
+        round ``rnd - 1``, nothing when it already ends with ``rnd`` (an install redone after
+        the append), else the whole file reconciled (after a crash)."""
+        last = self._last_row_round()
+        if row is not None and last == rnd - 1:
+            self.append_metrics(row)
+        elif row is None or last != rnd:
+            self.reconcile_metrics(rnd, row)
 
     # -- adapter + state ----------------------------------------------------------------------
 
@@ -272,44 +369,101 @@ class RunDirectory:
         write_adapter: Callable[[Path], None],
         extra_state: Mapping[str, Any] | None = None,
         server_arrays: Mapping[str, np.ndarray] | None = None,
+        row: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write the adapter (``write_adapter`` fills a directory in PEFT format) and the server
-        optimizer's arrays (tagged with the round), then the state.
-
-        The state file is written last: it names a round only once that round's adapter and
-        optimizer state are on disk.
-        """
-        self._write_server_arrays(rnd, dict(server_arrays or {}))
-        scratch = Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter-"))
+        """Save round ``rnd``: its adapter (``write_adapter`` fills a directory in PEFT format),
+        the server optimizer's arrays, the state (``extra_state``: privacy ledgers, secure
+        aggregation's exclusions, ...) and its metrics row, all or nothing (stage, commit,
+        install: see the module docstring)."""
+        remove_scratch(self.path)
+        stage = Path(tempfile.mkdtemp(dir=self.path, prefix=f".round-{rnd}.tmp-"))
         try:
-            write_adapter(scratch)
-            if not (scratch / ADAPTER_WEIGHTS).is_file():
+            write_adapter(stage / ADAPTER)
+            weights = stage / ADAPTER / ADAPTER_WEIGHTS
+            if not weights.is_file():
                 raise RunDirError(f"adapter writer produced no {ADAPTER_WEIGHTS}")
-            old = self.path / ".adapter-old"
+            self._write_server_arrays(stage / SERVER_STATE, rnd, dict(server_arrays or {}))
+            state = {"round": rnd, "adapter_sha256": file_sha256(weights), **(extra_state or {})}
+            (stage / STATE).write_text(
+                json.dumps(_clean(state), indent=2, default=_json_default) + "\n"
+            )
+            if row is not None:
+                (stage / ROW).write_text(_row_line(row) + "\n")
+            fsync_tree(stage)
+            checkpoint_step("staged")
+            commit = self.path / f"{COMMIT_PREFIX}{rnd}"
+            shutil.rmtree(commit, ignore_errors=True)  # a stale one: this round is saved anew
+            os.rename(stage, commit)
+            fsync_dir(self.path)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        checkpoint_step("committed")
+        self._install(commit)
+
+    def _commits(self) -> list[tuple[int, Path]]:
+        out = []
+        for entry in self.path.iterdir():
+            if entry.name.startswith(COMMIT_PREFIX) and entry.is_dir():
+                suffix = entry.name[len(COMMIT_PREFIX) :]
+                if suffix.isdigit():
+                    out.append((int(suffix), entry))
+        return sorted(out)
+
+    def _install(self, commit: Path) -> None:
+        """Move the files of a committed round into place. Every step can be redone after a
+        crash (a file already moved is simply no longer in ``commit``)."""
+        rnd = int(commit.name[len(COMMIT_PREFIX) :])
+        if (commit / SERVER_STATE).exists():
+            replace_durably(commit / SERVER_STATE, self.path / SERVER_STATE)
+        checkpoint_step("server-state-installed")
+        if (commit / ADAPTER).exists():
+            old = self.path / OLD_ADAPTER
             if self.adapter_dir.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(self.adapter_dir, old)
-            os.rename(scratch, self.adapter_dir)
+                fsync_dir(self.path)
+            checkpoint_step("adapter-moved-aside")
+            os.rename(commit / ADAPTER, self.adapter_dir)
+            fsync_dir(self.path)
+            fsync_dir(commit)
             shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        write_json_atomic(self.state_path, {"round": rnd, **(extra_state or {})})
+        checkpoint_step("adapter-installed")
+        row = json.loads((commit / ROW).read_text()) if (commit / ROW).exists() else None
+        self._install_row(rnd, row)
+        checkpoint_step("metrics-installed")
+        if (commit / STATE).exists():
+            replace_durably(commit / STATE, self.state_path)
+        checkpoint_step("state-installed")
+        shutil.rmtree(commit)
+        fsync_dir(self.path)
+        checkpoint_step("done")
 
-    def _write_server_arrays(self, rnd: int, arrays: dict[str, np.ndarray]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{SERVER_STATE}", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                tmp,
-                metadata={"round": str(rnd)},
-            )
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path / SERVER_STATE)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    def recover(self) -> None:
+        """Finish a round whose install a crash interrupted, drop rounds that never committed
+        (scratch directories) and older leftovers, and reconcile metrics.jsonl with state.json."""
+        commits = self._commits()
+        for _rnd, stale in commits[:-1]:  # never more than one; an older one is superseded
+            shutil.rmtree(stale, ignore_errors=True)
+        if commits:
+            self._install(commits[-1][1])
+        remove_scratch(self.path)
+        old = self.path / OLD_ADAPTER
+        if old.exists():
+            if self.adapter_dir.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # cannot happen with a commit installed above; kept as the last good copy
+                os.rename(old, self.adapter_dir)
+            fsync_dir(self.path)
+        if self.state_path.exists():
+            self.reconcile_metrics(int(json.loads(self.state_path.read_text())["round"]))
+
+    def _write_server_arrays(self, path: Path, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+            str(path),
+            metadata={"round": str(rnd)},
+        )
 
     def load_server_arrays(self, rnd: int) -> dict[str, np.ndarray]:
         """The server optimizer's arrays saved with round ``rnd`` (none for a stateless
@@ -324,7 +478,9 @@ class RunDirectory:
             return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
 
     def load_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-        """(state, global adapter) of the last completed round, or None for a fresh run."""
+        """(state, global adapter) of the last saved round, or None for a fresh run. An
+        interrupted save is finished or dropped first (``recover``)."""
+        self.recover()
         if not self.state_path.exists():
             return None
         state = json.loads(self.state_path.read_text())
@@ -332,6 +488,12 @@ class RunDirectory:
         if not weights.is_file():
             raise RunDirError(
                 f"{self.state_path} names round {state.get('round')} but {weights} is missing"
+            )
+        digest = state.get("adapter_sha256")
+        if digest is not None and file_sha256(weights) != digest:
+            raise RunDirError(
+                f"{weights} is not the adapter of round {state.get('round')} that "
+                f"{self.state_path} names (its SHA-256 differs)"
             )
         return state, dict(load_file(str(weights)))
 

@@ -19,7 +19,8 @@ release that reached it, for the privacy stage's ledger).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -99,6 +100,36 @@ class SecureTransport:
         self.excluded: dict[int, str] = {}
         self.seen_keys: set[bytes] = set()  # 64 bytes per client and round
         self.complaint_ledger = ComplaintLedger()
+
+    def state_dict(self, name: Callable[[int], str]) -> dict[str, Any]:
+        """What a resumed run must keep (saved with every round), clients by ``name``."""
+        return {
+            "excluded": {name(n): r for n, r in sorted(self.excluded.items())},
+            "complaints": {
+                name(n): {name(o): r for o, r in sorted(seen.items())}
+                for n, seen in sorted(self.complaint_ledger.counterparts.items())
+            },
+            "seen_keys": sorted(k.hex() for k in self.seen_keys),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], node: Callable[[str], int | None]) -> None:
+        """Restore ``state_dict``'s record; ``node`` maps a client name to its node id now (a
+        client not connected now is dropped from it, with a warning)."""
+
+        def known(who: str) -> int | None:
+            n = node(who)
+            if n is None:
+                log.warning("secure aggregation state: client %r is not connected; forgotten", who)
+            return n
+
+        for who, reason in state.get("excluded", {}).items():
+            if (n := known(who)) is not None:
+                self.excluded[n] = str(reason)
+        for who, seen in state.get("complaints", {}).items():
+            if (n := known(who)) is not None:
+                others = {o: int(r) for w, r in seen.items() if (o := known(w)) is not None}
+                self.complaint_ledger.counterparts[n] = others
+        self.seen_keys = {bytes.fromhex(k) for k in state.get("seen_keys", [])}
 
     def plan(self, n: int, numel: int, clip: float | None = None) -> tuple[EncodingPlan, float]:
         """The encoding for ``n`` sampled clients and the Skellam parameter each client adds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,11 @@ def make_server_app(
     resume: bool = False,
     config_record: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    node_names: Callable[[Iterable[int]], Mapping[int, str]] | None = None,
 ) -> ServerApp:
     """Build the ServerApp. ``overrides`` win over the run config (``fedtune simulate`` passes its
-    resolved options; ``flwr run`` uses ``[tool.flwr.app.config]`` alone)."""
+    resolved options; ``flwr run`` uses ``[tool.flwr.app.config]`` alone). ``node_names``: the
+    clients' names where the caller knows them (``fedtune simulate``), else nodes are asked."""
     fixed = dict(overrides or {})
     app = ServerApp()
 
@@ -54,7 +56,13 @@ def make_server_app(
         record = config_record or {"run": cfg.to_mapping()}
         try:
             run_federation(
-                grid, cfg, Path(out), resume=resume, progress=progress, config_record=record
+                grid,
+                cfg,
+                Path(out),
+                resume=resume,
+                progress=progress,
+                config_record=record,
+                node_names=node_names,
             )
         finally:
             if progress is not None:

@@ -24,7 +24,7 @@ uncompressed float32 tensors at the global rank, measured as Flower counts bytes
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,7 @@ from protocol.ranks import (
 
 Arrays = Mapping[str, np.ndarray]
 HOLDER_SLACK = 1e-3  # encoding error allowed on a mean holder weight
-RANK_ORDER = "client_rank_order"  # config.json section: node id -> place in the rank order
+RANK_ORDER = "client_rank_order"  # round-state section: client name -> place in the rank order
 
 
 def rank_spec(spec: AdapterSpec, rank: int) -> AdapterSpec:
@@ -97,23 +97,26 @@ class UpdateWire:
         return self.compression.codec != "none" or self.down is not None or self.holders
 
     def assign(self, nodes: Iterable[int]) -> None:
-        """Give nodes not seen before the next positions (sorted by id)."""
-        for node in sorted(set(nodes) - set(self.order)):
-            self.order[node] = len(self.order)
+        """Give nodes not seen before the next positions, in the order given (the roster's
+        stable order: by client name)."""
+        for node in nodes:
+            if node not in self.order:
+                self.order[node] = max(self.order.values(), default=-1) + 1
 
-    def order_record(self) -> dict[str, int]:
-        """The rank order for config.json (node ids as strings: JSON keys)."""
-        return {str(n): i for n, i in sorted(self.order.items(), key=lambda x: x[1])}
+    def order_record(self, name: Callable[[int], str]) -> dict[str, int]:
+        """The rank order for the round state, clients by ``name`` (node ids change on resume)."""
+        return {name(n): i for n, i in sorted(self.order.items(), key=lambda x: x[1])}
 
-    def load_order(self, record: Mapping[str, Any]) -> None:
-        """The order a resumed run saved (``order_record``); nodes new since then come after."""
+    def load_order(self, record: Mapping[str, Any], node: Callable[[str], int | None]) -> None:
+        """The order a resumed run saved (``order_record``); ``node`` maps a client name to its
+        node id now. Clients not connected now keep their places free; new ones come after."""
         try:
-            order = {int(n): int(i) for n, i in record.items()}
+            order = {str(n): int(i) for n, i in record.items()}
         except (TypeError, ValueError) as exc:
-            raise RankError(f"config.json {RANK_ORDER}: malformed ({exc})") from exc
+            raise RankError(f"state {RANK_ORDER}: malformed ({exc})") from exc
         if sorted(order.values()) != list(range(len(order))):
-            raise RankError(f"config.json {RANK_ORDER}: positions are not 0..{len(order) - 1}")
-        self.order = order
+            raise RankError(f"state {RANK_ORDER}: positions are not 0..{len(order) - 1}")
+        self.order = {n: i for who, i in order.items() if (n := node(who)) is not None}
 
     def rank(self, node: int) -> int:
         if not self.ranks:

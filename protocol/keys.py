@@ -50,3 +50,6 @@ SECAGG_MASKED: Final = "secagg-masked"  # ArrayRecord: {"masked": uint ring vect
 # schema version is unchanged; the coordinator counts the replies that carry counts.
 EVAL_TASK: Final = "eval-task"  # ConfigRecord: a protocol.task_eval.EvalTaskSpec
 TASK_COUNTS: Final = "task-counts"  # MetricRecord: a protocol.task_eval.TaskCounts
+# -- client identity (a QUERY message, once per node; coordinator/roster.py) ----------------------
+IDENTITY: Final = "identity"  # ConfigRecord; in the query: schema version; in the reply: "name"
+IDENTITY_NAME: Final = "name"  # str: the client's stable name (partition name, device name)

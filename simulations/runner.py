@@ -43,6 +43,7 @@ from coordinator.rundir import (
     write_json_atomic,
 )
 from protocol.messages import LoraSpec
+from simulations.node_names import simulated_node_names
 from simulations.partition import PartitionSpec, partition
 from simulations.ray_local import local_ray
 
@@ -280,7 +281,8 @@ def simulate(
     # A resumed run keeps its directory whatever happens; a new one is removed again if it fails
     # before its first saved round.
     keep = contextlib.nullcontext() if sim.resume else removed_on_failure(run_dir)
-    with keep, local_ray(cpus) as ray_args:
+    partition_names = {int(c["partition_id"]): str(c["name"]) for c in index}
+    with keep, local_ray(cpus) as ray_args, simulated_node_names(partition_names) as names:
         if split is not None:
             write_shards(*split, index, part_dir)
         backend: dict[str, Any] = {
@@ -303,7 +305,7 @@ def simulate(
         )
         run_simulation(
             server_app=make_server_app(
-                flat, resume=sim.resume, config_record=record, progress=progress
+                flat, resume=sim.resume, config_record=record, progress=progress, node_names=names
             ),
             client_app=make_client_app(flat),
             num_supernodes=n,

@@ -118,3 +118,24 @@ def test_scaffold_control_variate_round_trip_and_correction(
     # The correction moved the training: without it the delta differs.
     plain = train_round(model, examples, _instr(), g, pad_id=pad, client_seed=2)
     assert any(not np.array_equal(plain.delta[k], up.delta[k]) for k in g)
+
+
+def test_client_control_is_kept_per_round_so_a_redone_round_starts_from_the_same_c_i(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: a round the coordinator redoes after a crash (it never saved it) must not see
+    the c_i this client wrote in the lost attempt."""
+
+    def c(value: float) -> dict[str, np.ndarray]:
+        return {"w": np.full(3, value, np.float32)}
+
+    save_client_control(tmp_path, c(3.0), 3)
+    save_client_control(tmp_path, c(7.0), 7)  # round 7's attempt: lost with the coordinator
+    np.testing.assert_array_equal(load_client_control(tmp_path, 7)["w"], c(3.0)["w"])  # redo
+    save_client_control(tmp_path, c(7.5), 7)  # the redo writes round 7 again
+    np.testing.assert_array_equal(load_client_control(tmp_path, 9)["w"], c(7.5)["w"])
+    save_client_control(tmp_path, c(9.0), 9)
+    names = sorted(p.name for p in (tmp_path / "scaffold").iterdir())
+    # round 3's is gone; round 7's stays for a redo of round 9
+    assert names == ["control-r000007.safetensors", "control-r000009.safetensors"]
+    assert load_client_control(tmp_path, 1) == {}  # nothing from before round 1

@@ -146,6 +146,7 @@ def test_node_config_and_supernode_command(keys: Path, data: Path, tmp_path: Pat
         "cache-dir": str(tmp_path / "cache"),
         "state-dir": str(tmp_path / "state"),
         "worker-socket": str(sock),
+        "device-name": "pi",  # what it answers the identity query with (its registered name)
         "quantization": "int8",
         "threads": 2,
         "max-memory": 2**30,  # the ClientApp plans its training within it

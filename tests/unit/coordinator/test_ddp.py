@@ -286,3 +286,21 @@ def test_simulate_counts_the_adapter_size_from_checkpoint_headers(
 
     cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run")
     assert lora_numel(tiny_model_dir, cfg.lora) == numel_of(cfg) > 0
+
+
+def test_seeded_cohort_is_a_function_of_seed_round_and_order(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """--dp-rng seeded (simulation): the cohort is drawn by position in the nodes' stable order
+    from (seed, round); the default stays secret."""
+    cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run")
+    settings = resolve_distributed_dp(cfg, 8, 1000)
+    one, two = range(100, 108), [9, 2**63 + 1, 5, 77, 3, 8, 1, 40]
+    pos_one = [
+        list(one).index(n) for n in DistributedClientDP(settings, seed=4).sample(list(one), 2)
+    ]
+    pos_two = [two.index(n) for n in DistributedClientDP(settings, seed=4).sample(two, 2)]
+    assert pos_one == pos_two and len(pos_one) == settings.cohort
+    draws = {tuple(DistributedClientDP(settings, seed=4).sample(list(one), r)) for r in range(9)}
+    assert len(draws) > 1
+    assert DistributedClientDP(settings).seed is None

@@ -19,6 +19,7 @@ from client.model import Quantization, attach_lora, get_adapter, load_base, reso
 from client.train import evaluate, train_round
 from coordinator.config import ConfigError, RunConfig
 from coordinator.dp import ClientDPSettings, ClientLevelDP, resolve_client_dp
+from coordinator.pipeline import Contribution
 from coordinator.progress import Progress
 from privacy.accounting import AccountantKind
 from protocol import keys
@@ -293,7 +294,9 @@ def test_ffa_lora_sends_only_b_and_keeps_a_bit_identical(
     rows = load_records("builtin:chatterbot")[:24]
     examples = tokenize_all(base.tokenizer, to_conversations(rows, "b"), 64)
     pad = int(base.tokenizer.pad_token_id)
-    extra = {**DP, "noise-multiplier": 0.5} if dp == "client" else {"clients-per-round": 2}
+    # dp-rng seeded: a fixed Poisson draw (with the OS generator, round 1 drew nobody now and then)
+    dpkw = {**DP, "noise-multiplier": 0.5, "dp-rng": "seeded"}
+    extra = dpkw if dp == "client" else {"clients-per-round": 2}
 
     def run(ffa: bool) -> tuple[list[dict[str, Any]], FakeGrid, Path]:
         out = tmp_path / f"run-{ffa}"
@@ -394,3 +397,28 @@ def test_adaptive_clip_norm_is_saved_with_the_round(
         "count_stddev": 1.0,
     }
     assert privacy["sum_noise_multiplier"] == pytest.approx((0.5**-2 - 2.0**-2) ** -0.5)
+
+
+def test_seeded_dp_draws_cohort_and_noise_from_seed_and_round() -> None:
+    """--dp-rng seeded: round r's cohort and noise are functions of (seed, r) and of the
+    nodes' stable order (names), so a run reproduces and a resumed one continues as if never
+    stopped; the cohort is drawn by position, whatever the node ids."""
+    names = ["ai", "art", "law", "math", "music", "sport", "zoo", "bio"]
+
+    def draw(seed: int, rnd: int, ids: list[int]) -> tuple[list[str], np.ndarray]:
+        dp = ClientLevelDP(_settings(sampling_rate=0.5), ["w"], seed=seed)
+        by_id = dict(zip(ids, names, strict=True))
+        cohort = [by_id[n] for n in dp.sample(ids, rnd)]
+        acc = {"w": np.zeros(4)}
+        mean, _ = dp.release(Contribution(acc, 0.0))
+        return cohort, mean["w"]
+
+    a = draw(5, 3, list(range(100, 108)))
+    b = draw(5, 3, [2**63 + 9, 7, 55, 1, 900, 3, 12, 4])  # other node ids, same names in order
+    assert a[0] == b[0] and a[0]
+    np.testing.assert_array_equal(a[1], b[1])
+    other_rounds = [draw(5, r, list(range(8))) for r in range(4, 12)]
+    assert any(c != a[0] for c, _ in other_rounds)
+    assert all(not np.array_equal(n, a[1]) for _, n in other_rounds)
+    secret = ClientLevelDP(_settings(), ["w"])  # the default: secret, from the OS
+    assert secret.seed is None

@@ -27,11 +27,19 @@ def test_time_split_sequential_and_parallel() -> None:
 
 
 def test_participation_and_failures() -> None:
-    clients, rounds, cells = report.participation(rows())
-    assert clients == sorted(NODES) and rounds == [1, 2, 3]
-    assert cells[(NODES[0], 1)] == "ok" and (NODES[2], 1) not in cells
-    assert cells[(NODES[0], 2)] == "CUDA out of memory"
-    assert cells[(NODES[2], 3)] == "ok"
+    clients, rounds, cells = report.participation(rows())  # an older run: clients by node id
+    n0, n2 = str(NODES[0]), str(NODES[2])
+    assert clients == sorted(str(n) for n in NODES) and rounds == [1, 2, 3]
+    assert cells[(n0, 1)] == "ok" and (n2, 1) not in cells
+    assert cells[(n0, 2)] == "CUDA out of memory"
+    assert cells[(n2, 3)] == "ok"
+    named = [  # rows of this version: clients by name
+        {**r, "clients": ["ai", "law"], "failures": [{"client": "law", "reason": "oom"}]}
+        for r in rows()
+    ]
+    clients, _, cells = report.participation(named)
+    assert clients == ["ai", "law"] and cells[("ai", 1)] == "ok" and cells[("law", 1)] == "oom"
+    assert (1, "train", "law", "oom") in report.failures(named)
     secure = [{k: v for k, v in r.items() if k != "clients"} for r in rows()]  # counts only
     assert report.participation(secure) == ([], [], {})
     assert report.failures(rows()) == [
