@@ -563,9 +563,9 @@ def _client_task_detail(run: RunData) -> str:
     head = f"<tr><th>client</th><th>rows scored</th><th>accuracy</th><th>{second}</th>"
     head += "<th>rows without a label (skipped)</th><th>unreadable rows (skipped)</th></tr>"
     lines = [head]
-    for c in sorted(last["client_task_per_client"], key=lambda c: run.client_label(c["node"])):
+    for c in sorted(last["client_task_per_client"], key=lambda c: run.client_label(_who(c))):
         cells = [
-            html.escape(run.client_label(c["node"])),
+            html.escape(run.client_label(_who(c))),
             _fmt(c.get("rows")),
             _fmt(c.get("accuracy")),
             _fmt(c.get("token_f1" if generate else "macro_f1")),

@@ -402,16 +402,7 @@ def run_federation(
     trained = spec.subset(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else spec
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
-    # Ask the nodes their names: clients go by these stable names (coordinator/roster.py) in
-    # sampling, rank assignment, metrics and progress.
-    roster = Roster(cfg.round_timeout, clock, known=node_names)
-    roster.learn(grid, nodes)
-    progress.set_names(roster.names)
-    nodes = roster.ordered(nodes)
     wire = UpdateWire(cfg)
-    if saved is not None:  # a resumed run keeps each client's place in the rank order
-        wire.load_order(saved[0].get(RANK_ORDER, {}), roster.node_named)
-    wire.assign(nodes)  # client ranks round-robin over the clients, by name
     numel = wire.masked_numel(trained) if cfg.secagg else spec.numel  # a sketch is shorter
     privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, numel)
     strategy = Strategy.create(
@@ -420,6 +411,15 @@ def run_federation(
     if saved is not None:
         strategy.load_state_arrays(rundir.load_server_arrays(int(saved[0]["round"])))
     transport = _transport(cfg, privacy, clock, trained.numel)
+    # The settings are checked: ask the nodes their names. Clients go by these stable names
+    # (coordinator/roster.py) in sampling, rank assignment, metrics and progress.
+    roster = Roster(cfg.round_timeout, clock, known=node_names)
+    roster.learn(grid, nodes)
+    progress.set_names(roster.names)
+    nodes = roster.ordered(nodes)
+    if saved is not None:  # a resumed run keeps each client's place in the rank order
+        wire.load_order(saved[0].get(RANK_ORDER, {}), roster.node_named)
+    wire.assign(nodes)  # client ranks round-robin over the clients, by name
     if saved is not None and "secagg" in saved[0] and hasattr(transport, "load_state_dict"):
         transport.load_state_dict(saved[0]["secagg"], roster.node_named)
     pipeline = Pipeline(

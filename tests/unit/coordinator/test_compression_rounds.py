@@ -32,7 +32,7 @@ from protocol.messages import decode_train_instruction, decode_update
 from protocol.ranks import flexlora, mixed_rank_mean
 from tests.fakegrid import FakeGrid, run_virtual
 
-NODES = [2**63 + 7, 101, 5003]  # sorted: 101, 5003, 2**63 + 7
+NODES = [2**63 + 7, 101, 5003]  # partition-0, -1, -2 (clients are ordered by name)
 
 
 @pytest.fixture(autouse=True)
@@ -268,8 +268,9 @@ def test_mixed_ranks_train_their_slice_and_aggregate_per_component(
     rows = run(fleet, cfg, out)
     r = rows[1]
     assert r["status"] == "ok", r.get("reason")
-    # round-robin over the nodes sorted by id: 101 -> 1, 5003 -> 2, 2**63+7 -> 1
-    assert r["client_ranks"] == {"101": 1, "5003": 2, str(2**63 + 7): 1}
+    # round-robin over the clients by name (partition-0 = 2**63+7, partition-1 = 101,
+    # partition-2 = 5003), not by node id
+    assert r["client_ranks"] == {"101": 2, "5003": 1, str(2**63 + 7): 1}
     for node, msg, reply in fleet.trains(1):
         instr, sent = decode_train_instruction(msg.content)
         rank = r["client_ranks"][str(node)]
@@ -298,14 +299,14 @@ def test_a_resumed_run_keeps_each_nodes_rank(
     fleet = RealFleet(tmp_path / "f", tiny_model_dir, model_cache)
     ranks = {"client-ranks": "1,2", "min-clients": 2}
     first = run(fleet, config(tiny_model_dir, model_cache, out, **ranks), out)[1]
-    assert first["client_ranks"] == {"101": 1, "5003": 2, str(2**63 + 7): 1}
+    assert first["client_ranks"] == {"101": 2, "5003": 1, str(2**63 + 7): 1}
     fleet.restart()
     grid = fleet.grid()
     del grid.handlers[101]  # node 101 is gone when the run resumes
     more = config(tiny_model_dir, model_cache, out, rounds=2, **ranks)
     rows = run_virtual(grid, more, out, resume=True, progress=Progress(2, live=False))
-    # without the saved order, 5003 would now come first and get rank 1
-    assert rows[2]["client_ranks"] == {"5003": 2, str(2**63 + 7): 1}
+    # without the saved order, 5003 (partition-2) would now be second and get rank 2
+    assert rows[2]["client_ranks"] == {"5003": 1, str(2**63 + 7): 1}
     assert rows[2]["status"] == "ok"
 
 

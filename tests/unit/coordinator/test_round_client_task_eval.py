@@ -99,7 +99,7 @@ def test_client_task_rows_in_metrics_and_report(
         assert r["client_task_rows_unlabelled"] == unlabelled
         assert r["client_task_rows_invalid"] == 0
         per = r["client_task_per_client"]
-        assert [c["node"] for c in per] == NODES
+        assert [c["client"] for c in per] == [str(n) for n in NODES]  # unnamed: by node id
         assert [c["rows"] for c in per] == [len(h[0]) for h in held]
         assert set(r["client_task_per_class_recall"]) == {"greeting", "math"}
         assert r["client_task_eval_seconds"] > 0
