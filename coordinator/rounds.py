@@ -40,6 +40,7 @@ from coordinator.exchange import (
     sample_nodes,
     wait_for_nodes,
 )
+from coordinator.fleet import FleetModel
 from coordinator.pipeline import (
     NoPrivacy,
     PlainTransport,
@@ -260,6 +261,7 @@ class Pipeline:
     strategy: Strategy
     trained: AdapterSpec  # the adapter tensors clients train (FFA-LoRA: the B matrices)
     min_clients: int
+    fleet: FleetModel | None = None  # simulated devices (coordinator/fleet.py)
 
     def train(
         self,
@@ -271,6 +273,8 @@ class Pipeline:
         progress: Progress,
     ) -> tuple[Arrays | None, RoundResult]:
         """One round: (next global adapter or None if the round failed, its result)."""
+        if self.fleet is not None:  # devices unavailable this round are not sampled
+            live = self.fleet.available(live, rnd)
         sampled = self.privacy.sample(live, rnd)
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
@@ -280,21 +284,27 @@ class Pipeline:
         c = self.transport.collect(
             grid, sampled, content, expected, rnd, progress, self.privacy.prepare
         )
+        fleet_metrics = self.fleet.round_metrics(rnd, c) if self.fleet is not None else {}
         for f in c.failures:
             log.warning("round %d: client %s dropped: %s", rnd, f["node"], f["reason"])
         if c.error is None and len(c.contributors) < self.min_clients:
             c.error = f"{len(c.contributors)} usable update(s), min-clients is {self.min_clients}"
         if c.error is not None:
-            return None, RoundResult.from_contribution(c, "failed", c.error)
+            failed = RoundResult.from_contribution(c, "failed", c.error)
+            failed.extra.update(fleet_metrics)
+            return None, failed
         try:
             mean, privacy_metrics = self.privacy.release(c)
             check_finite(mean, "the released mean update")
             new = self.strategy.apply(adapter, mean)
             check_finite(new, "the next global adapter")
         except RoundFailed as exc:
-            return None, RoundResult.from_contribution(c, "failed", str(exc))
+            failed = RoundResult.from_contribution(c, "failed", str(exc))
+            failed.extra.update(fleet_metrics)
+            return None, failed
         result = RoundResult.from_contribution(c, "ok", None)
         result.extra.update(privacy_metrics)
+        result.extra.update(fleet_metrics)
         result.update_norm = update_norm(adapter, new)
         return new, result
 
@@ -308,6 +318,7 @@ def run_federation(
     progress: Progress | None = None,
     config_record: dict[str, Any] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    fleet: FleetModel | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory."""
     progress = progress or Progress(cfg.rounds)
@@ -339,6 +350,7 @@ def run_federation(
         strategy,
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,
+        fleet,
     )
     if not isinstance(privacy, NoPrivacy):
         rundir.update_config("privacy", privacy.settings.to_record())  # type: ignore[attr-defined]

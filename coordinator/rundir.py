@@ -47,7 +47,7 @@ class RunDirError(RuntimeError):
 RESUME_MAY_CHANGE = ("rounds", "output-dir", "max-epsilon", "cache-dir")
 # Settings holding paths. One inside the run directory is stored (and compared) relative to it,
 # so a moved or copied run directory resumes.
-PATH_SETTINGS = ("partition-dir", "central-eval-data")
+PATH_SETTINGS = ("partition-dir", "central-eval-data", "device-profiles")
 
 
 def _json_default(obj: Any) -> Any:

@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.config import RunConfig, resolve_output_dir
+from coordinator.fleet import FleetModel
 from coordinator.progress import Progress
 from coordinator.rounds import run_federation
 
@@ -40,6 +41,7 @@ def make_server_app(
     resume: bool = False,
     config_record: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    fleet: FleetModel | None = None,
 ) -> ServerApp:
     """Build the ServerApp. ``overrides`` win over the run config (``fedtune simulate`` passes its
     resolved options; ``flwr run`` uses ``[tool.flwr.app.config]`` alone)."""
@@ -54,7 +56,13 @@ def make_server_app(
         record = config_record or {"run": cfg.to_mapping()}
         try:
             run_federation(
-                grid, cfg, Path(out), resume=resume, progress=progress, config_record=record
+                grid,
+                cfg,
+                Path(out),
+                resume=resume,
+                progress=progress,
+                config_record=record,
+                fleet=fleet,
             )
         finally:
             if progress is not None:
