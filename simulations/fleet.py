@@ -1,59 +1,17 @@
 """Device profiles in a simulated run (``--device-profiles``): the ``coordinator.fleet.FleetModel``
-of ``fedtune simulate``, over the partition ids Flower's simulation engine gives its nodes.
-
-Flower registers each virtual client as a node with a random 64-bit id and the partition id in
-its node config, which the ServerApp never sees. ``node_partitions`` records the mapping as the
-engine registers the nodes (in this process), so profiles and availability follow the stable
-partition id, never the node id.
-"""
+of ``fedtune simulate``, over the partition ids Flower's simulation engine gives its nodes
+(``simulations.engine.node_partitions``): profiles and availability follow the stable partition
+id, never the random node id."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from client.profiles import Fleet
 from coordinator.pipeline import Contribution
-
-REGISTRATION_TIMEOUT = 600.0
-
-
-@dataclass
-class NodePartitions:
-    """node id -> partition id of the simulated nodes, filled once the engine registered them."""
-
-    mapping: dict[int, int] = field(default_factory=dict)
-    ready: threading.Event = field(default_factory=threading.Event)
-
-    def partition(self, node: int, timeout: float = REGISTRATION_TIMEOUT) -> int:
-        if not self.ready.wait(timeout):
-            raise RuntimeError(f"the simulation registered no nodes within {timeout:g}s")
-        return self.mapping[int(node)]
-
-
-@contextlib.contextmanager
-def node_partitions() -> Iterator[NodePartitions]:
-    """Record the node -> partition mapping of the simulation run inside the block (wraps the
-    engine's ``_register_nodes``; flwr 1.39)."""
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    out = NodePartitions()
-    original = vce_api._register_nodes
-
-    def register(num_nodes: int, state_factory: Any) -> dict[int, int]:
-        mapping: dict[int, int] = original(num_nodes=num_nodes, state_factory=state_factory)
-        out.mapping.update(mapping)
-        out.ready.set()
-        return mapping
-
-    vce_api._register_nodes = register
-    try:
-        yield out
-    finally:
-        vce_api._register_nodes = original
+from simulations.engine import NodePartitions
 
 
 @dataclass
@@ -117,5 +75,7 @@ def round_metrics(
     return {
         "simulated_seconds": slowest,
         "clients_unavailable": unavailable,
+        "client_bytes_down": down,
+        "client_bytes_up": up,
         "client_profiles": clients,
     }

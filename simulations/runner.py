@@ -44,7 +44,8 @@ from coordinator.rundir import (
     write_json_atomic,
 )
 from protocol.messages import LoraSpec
-from simulations.fleet import DeviceFleet, node_partitions
+from simulations.engine import fleet_engine
+from simulations.fleet import DeviceFleet
 from simulations.partition import PartitionSpec, partition
 from simulations.ray_local import local_ray, resolve_ray_address
 from simulations.resources import WorkerResources, worker_resources
@@ -296,8 +297,6 @@ def simulate(
         "partition-dir": str(part_dir.resolve()),
         "cache-dir": str(cache),
         "device-profiles": str(profiles_path.resolve()) if profiles else "",
-        # Each worker's torch threads: its share of the cores, not all of them.
-        "threads": resources.threads,
     }
     fleet = Fleet.build(profiles, n, sim.run.seed) if profiles else None
     record = {
@@ -336,7 +335,7 @@ def simulate(
     with (
         keep,
         local_ray(os.cpu_count() or 1, address=sim.run.ray_address or None) as ray_args,
-        node_partitions() as nodes,
+        fleet_engine() as nodes,
     ):
         if split is not None:
             write_shards(*split, index, part_dir)
@@ -371,7 +370,8 @@ def simulate(
                 progress=progress,
                 fleet=device_fleet,
             ),
-            client_app=make_client_app(flat),
+            # Each worker's torch threads: its share of the cores, not all of them.
+            client_app=make_client_app({**flat, "threads": resources.threads}),
             num_supernodes=n,
             backend_config=backend,
         )
