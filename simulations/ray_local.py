@@ -133,15 +133,31 @@ def local_ray(num_cpus: int, *, address: str | None = None) -> Iterator[dict[str
     if address:
         resolved = resolve_ray_address(address, os.environ)
         log.info("attaching to the Ray cluster at %s", resolved)
-        with _without_ray_address():
+        host, _ = parse_host_port(resolved)
+        # A head on loopback: ray.init would otherwise swap 127.0.0.1 for this machine's
+        # outward address, where that head does not listen, and retry for minutes.
+        single = _single_node() if _is_loopback(host) else contextlib.nullcontext()
+        with _without_ray_address(), single:
             yield {"address": resolved}
         return
-    with _without_ray_address(), _loopback_ray(num_cpus) as args:
-        yield args
+    with _without_ray_address(), _single_node():
+        yield {"address": "local", "_node_ip_address": LOOPBACK, "num_cpus": num_cpus}
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
-def _loopback_ray(num_cpus: int) -> Iterator[dict[str, Any]]:
+def _single_node() -> Iterator[None]:
+    """Ray's multi-node support off for the block (see the module docstring)."""
     from ray._private import ray_constants  # Ray is imported by Flower's simulation anyway
 
     if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # a Ray release this was not made for
@@ -154,7 +170,7 @@ def _loopback_ray(num_cpus: int) -> Iterator[dict[str, Any]]:
     os.environ[RAY_MULTI_NODE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield {"address": "local", "_node_ip_address": LOOPBACK, "num_cpus": num_cpus}
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
         if old_env is None:
