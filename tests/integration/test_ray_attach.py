@@ -89,7 +89,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ps
 
 def _children(p: psutil.Process) -> list[psutil.Process]:
     try:
-        return p.children(recursive=True)
+        return list(p.children(recursive=True))
     except psutil.NoSuchProcess:
         return []
 

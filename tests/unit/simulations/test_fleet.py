@@ -41,9 +41,9 @@ NODES = [2**63 + 7919 * i for i in range(NUM)]  # random-looking 64-bit ids, par
 def client(pid: int):  # type: ignore[no-untyped-def]
     def handle(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.EVALUATE:
-            instr, _ = decode_eval_instruction(msg.content)
+            ev, _ = decode_eval_instruction(msg.content)
             res = EvalResult(loss=1.0, num_tokens=10, num_examples=2)
-            return Message(encode_eval_result(res, rnd=instr.round), reply_to=msg)
+            return Message(encode_eval_result(res, rnd=ev.round), reply_to=msg)
         instr, adapter = decode_train_instruction(msg.content)
         delta = {k: np.full_like(v, 1e-3) for k, v in adapter.items()}
         tokens = 100.0 * (pid + 1)  # each client reports a different amount of training

@@ -64,7 +64,9 @@ def test_registering_10000_nodes_in_flower_stays_in_bounded_memory() -> None:
     factory = LinkStateFactory(
         FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
     )
-    run_config = {f"option-{i}": "x" * 20 for i in range(90)}  # about fedtune's run config
+    run_config: dict[str, bool | float | int | str] = {
+        f"option-{i}": "x" * 20 for i in range(90)
+    }  # about the size of fedtune's run config
     run = Run.create_empty(run_id=1)
     run.override_config = run_config
     tracemalloc.start()
