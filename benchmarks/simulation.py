@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import glob
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -148,19 +149,28 @@ def throughput(a: argparse.Namespace, extra: list[str]) -> None:
     base = load_base(source, cfg.quantization, cache)
     runtime = Runtime(base, attach_lora(base.model, cfg.lora))
     adapter = get_adapter(runtime.model)
-    t0 = time.perf_counter()
+    # Warm-up, as the simulation's worker had in round 0 (its evaluation): one client-round on a
+    # client outside the timed ones; the process's first training step is not timed in either.
+    one(runtime, adapter, n)
+    times = []
     for i in range(n):
+        t0 = time.perf_counter()
         one(runtime, adapter, i)
-    plain_seconds = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    plain_seconds = sum(times)
+    print(f"plain loop, seconds per client-round: {', '.join(f'{t:.2f}' for t in times)}")
     del runtime, base
 
     flower_n = max(1, min(n, a.flowertune_clients))
-    t0 = time.perf_counter()
+    times = []
     for i in range(flower_n):
+        t0 = time.perf_counter()
         fresh = load_base(source, cfg.quantization, cache)  # model and tokenizer, every call
         one(Runtime(fresh, attach_lora(fresh.model, cfg.lora)), adapter, i)
         del fresh
-    flower_seconds = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    flower_seconds = sum(times)
+    print(f"FlowerTune-style, seconds per client-round: {', '.join(f'{t:.2f}' for t in times)}")
 
     rate = {
         "fedtune": sim_rounds / sim_seconds * 3600,
@@ -168,7 +178,8 @@ def throughput(a: argparse.Namespace, extra: list[str]) -> None:
         "flowertune": flower_n / flower_seconds * 3600,
     }
     print(f"\nmodel {cfg.model} ({cfg.quantization.value}), local steps {cfg.local_steps}, "
-          f"batch {cfg.batch_size}, seq-len {cfg.seq_len}, torch threads {threads}")  # fmt: skip
+          f"batch {cfg.batch_size}, seq-len {cfg.seq_len}, torch threads {threads}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'':<12}{'client-rounds':>14}{'seconds':>10}{'per hour':>10}")
     for name, count, secs in (
         ("fedtune", sim_rounds, sim_seconds),
@@ -195,8 +206,6 @@ def _phase_table(rows: list[dict[str, Any]]) -> None:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
@@ -264,6 +273,7 @@ def scale(a: argparse.Namespace, extra: list[str]) -> None:
             f"seconds per round (mean of {len(per_round)}): {sum(per_round) / len(per_round):.1f}"
         )
     print(f"peak RSS of the process tree (Ray included): {w.peak_rss / 2**20:.0f} MiB")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} ({_cpus()} cores)")
     print(f"whole command: {w.seconds:.1f} s")
 
 
