@@ -42,7 +42,9 @@ from client.model import (  # noqa: E402
     get_adapter,
     load_base,
     resolve_model,
+    set_adapter,
 )
+from client.tasks import Task, TaskKind, TaskSpec, evaluate_task, load_task  # noqa: E402
 from client.train import Correction, evaluate, train_round  # noqa: E402
 from coordinator.aggregators import Accumulator  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
@@ -78,6 +80,14 @@ def parse_args() -> argparse.Namespace:
         help="NAME=LR: server learning rate for a strategy (default: the strategy's default)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        help="KIND=FILE: also score every final adapter on this task (benchmarks/tasks.py writes "
+        "label and choice tasks from Dolly's held-out rows); repeatable",
+    )
+    p.add_argument("--task-limit", type=int, default=0, help="score a seeded subset of N rows")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args()
 
@@ -122,9 +132,21 @@ def main() -> None:
     def held_loss(adapter: dict[str, np.ndarray]) -> float:
         return evaluate(model, heldout, batch_size=8, pad_id=pad, global_adapter=adapter).loss
 
+    tasks: dict[str, Task] = {}
+    for item in args.task:
+        kind, path = item.split("=", 1)
+        tspec = TaskSpec(kind=TaskKind.parse(kind), limit=args.task_limit, seed=args.seed)
+        tasks[f"{kind}:{Path(path).stem}"] = load_task(path, tspec)
+
+    def task_scores(adapter: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        set_adapter(model, adapter)
+        return {name: evaluate_task(model, tok, t).metrics for name, t in tasks.items()}
+
     base_loss = held_loss(initial)
     print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
     results: dict[str, Any] = {"base_loss": base_loss, "config": vars(args) | {"out": None}}
+    results["base_tasks"] = task_scores(initial)
+    print(f"base tasks: {results['base_tasks']}", flush=True)
 
     # Centralized: one adapter on the pooled rows, the same examples seen as the federation.
     pooled = [e for cid in range(args.clients) for e in data(cid)]
@@ -135,8 +157,10 @@ def main() -> None:
     central = {k: initial[k] + up.delta[k] for k in initial}
     central_loss = held_loss(central)
     results["centralized"] = {"loss": central_loss, "steps": steps,
-                              "seconds": time.perf_counter() - t0}  # fmt: skip
-    print(f"centralized ({steps} steps): {central_loss:.4f}", flush=True)
+                              "seconds": time.perf_counter() - t0,
+                              "tasks": task_scores(central)}  # fmt: skip
+    print(f"centralized ({steps} steps): {central_loss:.4f} {results['centralized']['tasks']}",
+          flush=True)  # fmt: skip
 
     population = list(range(args.clients))
     for name in [s for s in args.strategies.split(",") if s]:
@@ -185,7 +209,9 @@ def main() -> None:
             "server_learning_rate": strategy.record()["server_learning_rate"],
             "seconds": time.perf_counter() - t0,
             "load_average": load_average(),
+            "tasks": task_scores(adapter),
         }
+        print(f"{name} tasks: {results[name]['tasks']}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
@@ -197,7 +223,34 @@ def main() -> None:
         rec = f"{100 * r['recovered']:.0f}%" if r["recovered"] is not None else "n/a"
         path = " -> ".join(f"{x:.4f}" for x in r["losses"])
         print(f"| {name} | {r['server_learning_rate']:g} | {path} | {rec} |")
+    if tasks:
+        print_task_table(results, [s for s in args.strategies.split(",") if s])
     plot(results, args)
+
+
+def recovered(base: float, central: float, federated: float) -> float | None:
+    """Share of the centralized run's gain over the base that a federated run recovers
+    ((federated - base) / (central - base) for a higher-is-better metric); None without a gain."""
+    gain = central - base
+    return (federated - base) / gain if gain > 0 else None
+
+
+def print_task_table(results: dict[str, Any], names: list[str]) -> None:
+    for task in results["base_tasks"]:
+        base = results["base_tasks"][task]
+        central = results["centralized"]["tasks"][task]
+        print(f"\n{task}: accuracy / macro-F1 (recovered share of the centralized accuracy gain)")
+        print(f"majority-class baseline {base['majority_baseline']:.3f}, "
+              f"chance {base['chance_baseline']:.3f}")  # fmt: skip
+        print("| adapter | accuracy | macro-F1 | recovered |")
+        print("|---|---|---|---|")
+        rows = [("base model", base), ("centralized", central)]
+        rows += [(n, results[n]["tasks"][task]) for n in names]
+        for label, m in rows:
+            rec = recovered(base["accuracy"], central["accuracy"], m["accuracy"])
+            cell = "-" if label in ("base model", "centralized") or rec is None else f"{rec:.0%}"
+            f1 = m.get("macro_f1", float("nan"))
+            print(f"| {label} | {m['accuracy']:.3f} | {f1:.3f} | {cell} |")
 
 
 def plot(results: dict[str, Any], args: argparse.Namespace) -> None:

@@ -228,3 +228,9 @@ def check_eval_task(cfg: RunConfig) -> None:
             cfg.eval_task,
             cfg.eval_task_kind,
         )
+    if cfg.eval_task_clients:
+        log.info(
+            "task evaluation on the clients: each evaluating client scores its held-out rows that "
+            "carry an answer as a %s task at round 0 and after every round",
+            cfg.eval_task_kind,
+        )

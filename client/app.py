@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from client import secagg
 from client.corrections import ProximalTerm, Scaffold, load_client_control, save_client_control
 from client.data import (
+    Record,
     TokenizedExample,
     heldout_split,
     load_records,
@@ -66,6 +67,7 @@ from protocol.messages import (
     encode_update,
     train_instruction_round,
 )
+from protocol.task_eval import decode_eval_task, encode_task_counts
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class LocalData:
     train: list[TokenizedExample]
     heldout: list[TokenizedExample]
     seed: int  # derived from the data, distinct per client, stable across runs
+    heldout_records: list[Record] = field(default_factory=list)  # the rows of ``heldout``
 
 
 @dataclass
@@ -111,7 +114,7 @@ class Runtime:
             raise ValueError(
                 f"{where}: no training example has a response within seq-len {seq_len}"
             )
-        self._data[key] = LocalData(train, heldout, seed)
+        self._data[key] = LocalData(train, heldout, seed, [records[i] for i in held_idx])
         while len(self._data) > settings.data_cache:
             self._data.popitem(last=False)
         return self._data[key]
@@ -312,9 +315,23 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 pad_id=runtime.pad_id,
                 global_adapter=global_adapter,
             )
+        task, counts = decode_eval_task(msg.content), None
+        if task is not None:  # --eval-task-clients (client/local_task.py)
+            from client.local_task import score_heldout
+
+            t0 = time.perf_counter()
+            counts = score_heldout(runtime.model, runtime.base.tokenizer, data.heldout_records,
+                                   task, settings.data_path)  # fmt: skip
+            task_seconds = time.perf_counter() - t0
         metrics = {**result.metrics, "eval-peak-rss-mb": peak_rss_mb()}
+        if counts is not None:
+            metrics["task-eval-seconds"] = task_seconds
+            metrics["eval-seconds"] = metrics.get("eval-seconds", 0.0) + task_seconds
         result = dataclasses.replace(result, metrics=metrics)
-        return Message(encode_eval_result(result, rnd=instr.round), reply_to=msg)
+        reply = encode_eval_result(result, rnd=instr.round)
+        if counts is not None:
+            encode_task_counts(reply, counts)
+        return Message(reply, reply_to=msg)
 
     return app
 

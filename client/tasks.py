@@ -244,70 +244,91 @@ def subset(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+# The role whose column holds a row's right answer: a row without it has nothing to score against.
+ANSWER_ROLE: dict[TaskKind, str] = {
+    TaskKind.CHOICE: "answer",
+    TaskKind.LABEL: "label",
+    TaskKind.GENERATE: "response",
+}
+
+
+def has_answer(row: Record, spec: TaskSpec) -> bool:
+    """Does ``row`` carry its answer (the label, answer or response column, non-empty)?"""
+    value = row.get(spec.column(ANSWER_ROLE[spec.kind]))
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def parse_item(
+    row: Record, number: int, spec: TaskSpec, labels: Sequence[str], source: str
+) -> ChoiceItem | GenerateItem:
+    """One row (1-based ``number``) as an item of ``spec``'s kind; ``labels`` is the label set of
+    a label task. A bad row raises ``DataError`` naming the file, the row and the field."""
+    cols = parse_columns(spec.columns)
+    template = spec.template or DEFAULT_TEMPLATES[spec.kind]
+    where = f"{source}: row {number}"
+    if spec.kind is TaskKind.LABEL:
+        text = _text(row, cols["text"], where)
+        label = _text(row, cols["label"], where)
+        if label not in labels:
+            raise DataError(
+                f"{where}: field {cols['label']!r}: {label!r} is not one of the labels "
+                f"{', '.join(labels)}"
+            )
+        extra = {"text": text, "label": label, "labels": ", ".join(labels)}
+        return ChoiceItem(number, _format(template, row, extra, where), tuple(labels),
+                          list(labels).index(label))  # fmt: skip
+    if spec.kind is TaskKind.CHOICE:
+        question = _text(row, cols["question"], where)
+        choices = _choices(row, cols["choices"], where)
+        if len(choices) > len(LETTERS):
+            raise DataError(f"{where}: field {cols['choices']!r} has over 26 choices")
+        if cols["answer"] not in row or row[cols["answer"]] is None:
+            raise DataError(f"{where}: field {cols['answer']!r} is missing")
+        answer = resolve_answer(row[cols["answer"]], choices, cols["answer"], where)
+        extra = {"question": question, "options": _options(choices)}
+        return ChoiceItem(number, _format(template, row, extra, where), choices, answer)
+    instruction = _text(row, cols["instruction"], where)
+    reference = _text(row, cols["response"], where)
+    extra = {"instruction": instruction, "response": reference}
+    prompt = _format(template, row, extra, where)
+    context = row.get(cols["context"])
+    if not spec.template and isinstance(context, str) and context.strip():
+        prompt = f"{prompt}\n\n{context.strip()}"
+    return GenerateItem(number, prompt, reference)
+
+
+def item_classes(spec: TaskSpec, labels: Sequence[str], items: Sequence[Any]) -> tuple[str, ...]:
+    """The classes of a task's confusion matrix: the label set (label), the answer letters up to
+    the widest row's (choice), none (generate)."""
+    if spec.kind is TaskKind.LABEL:
+        return tuple(labels)
+    if spec.kind is TaskKind.CHOICE:
+        return tuple(LETTERS[: max((len(i.choices) for i in items), default=0)])
+    return ()
+
+
 def load_task(path: str | Path, spec: TaskSpec) -> Task:
     """Read and check every row of a task file, then keep the ``spec.limit`` subset.
 
     A bad row raises ``DataError`` naming the file, the row (1-based) and the field."""
     source = str(path)
     records = load_records(source)
-    cols = parse_columns(spec.columns)
-    template = spec.template or DEFAULT_TEMPLATES[spec.kind]
-    items: list[Any] = []
-    classes: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
     if spec.kind is TaskKind.LABEL:
         labels = spec.label_set()
         if not labels:  # the distinct labels of the whole file, sorted
-            found = {
-                _text(r, cols["label"], f"{source}: row {i + 1}") for i, r in enumerate(records)
-            }
+            column = spec.column("label")
+            found = {_text(r, column, f"{source}: row {i + 1}") for i, r in enumerate(records)}
             labels = tuple(sorted(found))
             if len(labels) < 2:
                 raise DataError(
-                    f"{source}: field {cols['label']!r} holds {len(labels)} distinct label(s); "
+                    f"{source}: field {column!r} holds {len(labels)} distinct label(s); "
                     "a label task needs at least two (or pass --labels)"
                 )
-        classes = labels
-        for i, r in enumerate(records):
-            where = f"{source}: row {i + 1}"
-            text = _text(r, cols["text"], where)
-            label = _text(r, cols["label"], where)
-            if label not in labels:
-                raise DataError(
-                    f"{where}: field {cols['label']!r}: {label!r} is not one of the labels "
-                    f"{', '.join(labels)}"
-                )
-            extra = {"text": text, "label": label, "labels": ", ".join(labels)}
-            prompt = _format(template, r, extra, where)
-            items.append(ChoiceItem(i + 1, prompt, labels, labels.index(label)))
-    elif spec.kind is TaskKind.CHOICE:
-        widest = 0
-        for i, r in enumerate(records):
-            where = f"{source}: row {i + 1}"
-            question = _text(r, cols["question"], where)
-            choices = _choices(r, cols["choices"], where)
-            if len(choices) > len(LETTERS):
-                raise DataError(f"{where}: field {cols['choices']!r} has over 26 choices")
-            if cols["answer"] not in r or r[cols["answer"]] is None:
-                raise DataError(f"{where}: field {cols['answer']!r} is missing")
-            answer = resolve_answer(r[cols["answer"]], choices, cols["answer"], where)
-            extra = {"question": question, "options": _options(choices)}
-            prompt = _format(template, r, extra, where)
-            items.append(ChoiceItem(i + 1, prompt, choices, answer))
-            widest = max(widest, len(choices))
-        classes = tuple(LETTERS[:widest])
-    else:
-        for i, r in enumerate(records):
-            where = f"{source}: row {i + 1}"
-            instruction = _text(r, cols["instruction"], where)
-            reference = _text(r, cols["response"], where)
-            extra = {"instruction": instruction, "response": reference}
-            prompt = _format(template, r, extra, where)
-            context = r.get(cols["context"])
-            if not spec.template and isinstance(context, str) and context.strip():
-                prompt = f"{prompt}\n\n{context.strip()}"
-            items.append(GenerateItem(i + 1, prompt, reference))
+    items = [parse_item(r, i + 1, spec, labels, source) for i, r in enumerate(records)]
     keep = subset(len(items), spec.limit, spec.seed)
-    return Task(source, spec, tuple(items[int(j)] for j in keep), classes, len(records))
+    classes = item_classes(spec, labels, items)
+    return Task(source, spec, tuple(items[int(j)] for j in keep), classes, len(records))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ the model

@@ -238,6 +238,12 @@ class RunConfig:
     eval_task_limit: int = option(
         0, "score a seeded subset of this many --eval-task rows (0 = all)"
     )
+    eval_task_clients: bool = option(
+        False,
+        "also score each evaluating client's held-out rows that carry an answer as an "
+        "--eval-task-kind task with the same column options (client_task_* in metrics.jsonl); "
+        "--eval-task-limit caps each client's rows",
+    )
 
     @property
     def lora(self) -> LoraSpec:
@@ -564,17 +570,37 @@ class RunConfig:
 
     def _check_eval_task(self, need: Any) -> None:
         need(
-            bool(self.eval_task) or not self.eval_task_kind,
+            bool(self.eval_task) or self.eval_task_clients or not self.eval_task_kind,
             "eval-task-kind",
-            "needs --eval-task FILE (the task to score)",
+            "needs --eval-task FILE or --eval-task-clients (the task to score)",
         )
         need(
             not self.eval_task or bool(self.eval_task_kind),
             "eval-task-kind",
             "--eval-task needs a kind: choice | label | generate",
         )
-        if self.eval_task:
-            self.task_spec()  # raises ConfigError naming the eval-task-* key
+        need(
+            not self.eval_task_clients or bool(self.eval_task_kind),
+            "eval-task-kind",
+            "--eval-task-clients needs a kind: choice | label | generate",
+        )
+        need(
+            not (self.eval_task_clients and (self.secagg or self.dp is not DpMode.NONE)),
+            "eval-task-clients",
+            "reports each client's confusion counts in the clear (its held-out label mix), "
+            "which --secagg and --dp exist to hide; score a shared --eval-task file instead",
+        )
+        if self.eval_task or self.eval_task_clients:
+            spec = self.task_spec()  # raises ConfigError naming the eval-task-* key
+            need(
+                not (self.eval_task_clients and not self.eval_task)
+                or spec.kind.value != "label"
+                or bool(spec.label_set()),
+                "eval-task-labels",
+                "--eval-task-clients with kind label needs the label set (--eval-task-labels "
+                "a,b,c) or an --eval-task file to take it from: every client scores the same "
+                "classes",
+            )
 
     def task_spec(self) -> TaskSpec:
         """The ``client.tasks.TaskSpec`` of ``--eval-task`` (seeded with the run's seed)."""

@@ -23,6 +23,7 @@ ROUND_METRICS = (
     ("central_eval_loss", "coordinator loss"),
     ("task_accuracy", "task accuracy"),
     ("task_macro_f1", "macro-F1"),
+    ("client_task_accuracy", "clients' task accuracy"),
 )
 
 
@@ -151,7 +152,8 @@ class Progress:
             return
         msg = f"round {row['round']}/{self.rounds}: train_loss {_fmt(row.get('train_loss'))}  "
         msg += f"eval_loss {_fmt(row.get('eval_loss'))}"
-        for key in ("central_eval_loss", "task_accuracy", "task_macro_f1", "task_exact_match"):
+        for key in ("central_eval_loss", "task_accuracy", "task_macro_f1", "task_exact_match",
+                    "client_task_accuracy", "client_task_macro_f1"):  # fmt: skip
             if row.get(key) is not None:
                 msg += f"  {key} {_fmt(row[key])}"
         msg += (

@@ -4,7 +4,8 @@ base64 PNG, no scripts, nothing fetched) for one run or several side by side.
 What it shows, from ``metrics.jsonl``, ``config.json`` and ``state.json``:
 
     loss         train / held-out losses per round
-    task         task_* metrics per round (--eval-task), with the task's baselines
+    task         task_* metrics per round (--eval-task), with the task's baselines, and the
+                 clients' pooled client_task_* (--eval-task-clients) with a per-client table
     privacy      epsilon per round where DP ran
     bytes        bytes down / up per round and cumulative
     time         each round's wall time split into train, evaluate, transport and coordinator
@@ -40,6 +41,9 @@ PLOT_FILES = {
 # task_* keys plotted (others, e.g. task_rows_scored, are shown only in the table).
 TASK_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1")
 TASK_BASELINES = ("majority_baseline", "chance_baseline")
+# Where task metrics come from: the coordinator's --eval-task file (task_*), and the clients'
+# held-out rows pooled (client_task_*, --eval-task-clients).
+TASK_SOURCES = (("task_", "coordinator task"), ("client_task_", "clients' held-out"))
 LOSSES = (
     ("train_loss", "train (clients, during local steps)"),
     ("eval_loss", "held-out (clients' local splits)"),
@@ -246,19 +250,27 @@ def plot_loss(runs: Sequence[RunData]) -> Any | None:
 
 
 def plot_task(runs: Sequence[RunData]) -> Any | None:
-    keys = [k for k in TASK_METRICS if any(series(run.rows, f"task_{k}")[0] for run in runs)]
+    keys = [
+        (prefix, source, k)
+        for prefix, source in TASK_SOURCES
+        for k in TASK_METRICS
+        if any(series(run.rows, f"{prefix}{k}")[0] for run in runs)
+    ]
     if not keys:
         return None
+    both = len({prefix for prefix, _, _ in keys}) > 1
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     styles = ("-", "--", "-.", ":")
     for i, run in enumerate(runs):
-        for j, key in enumerate(keys):
-            xs, ys = series(run.rows, f"task_{key}")
+        for j, (prefix, source, key) in enumerate(keys):
+            xs, ys = series(run.rows, f"{prefix}{key}")
             if xs:
-                label = f"{run.name}: {key}" if len(runs) > 1 else key
+                label = f"{source}: {key}" if both else key
+                label = f"{run.name}: {label}" if len(runs) > 1 else label
                 color = _color(i) if len(runs) > 1 else _color(j)
-                ax.plot(xs, ys, styles[j % 4], marker="o", color=color, label=label)
+                marker = "o" if prefix == "task_" else "s"
+                ax.plot(xs, ys, styles[j % 4], marker=marker, color=color, label=label)
         for b, key in enumerate(TASK_BASELINES):
             _, ys = series(run.rows, f"task_{key}")
             if ys:
@@ -267,7 +279,8 @@ def plot_task(runs: Sequence[RunData]) -> Any | None:
     _integer_rounds(ax)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("score on the task")
-    ax.set_title("Task metrics (coordinator, --eval-task)")
+    sources = [s for p, s in TASK_SOURCES if any(k[0] == p for k in keys)]
+    ax.set_title(f"Task metrics ({' and '.join(sources)})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -440,7 +453,8 @@ def _first_last(rows: Sequence[dict[str, Any]], key: str) -> str:
 
 def _summary(runs: Sequence[RunData]) -> str:
     head = ["run", "rounds", "train loss", "held-out loss (clients)", "held-out loss (coordinator)",
-            "task accuracy", "task macro-F1", "epsilon", "MB down / up", "status"]  # fmt: skip
+            "task accuracy", "task macro-F1", "clients' task accuracy", "clients' task macro-F1",
+            "epsilon", "MB down / up", "status"]  # fmt: skip
     lines = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for run in runs:
         last = run.rows[-1] if run.rows else {}
@@ -458,6 +472,8 @@ def _summary(runs: Sequence[RunData]) -> str:
             _first_last(run.rows, "central_eval_loss"),
             _first_last(run.rows, "task_accuracy"),
             _first_last(run.rows, "task_macro_f1"),
+            _first_last(run.rows, "client_task_accuracy"),
+            _first_last(run.rows, "client_task_macro_f1"),
             _fmt(last.get("epsilon")),
             f"{down:.2f} / {up:.2f}",
             html.escape(status),
@@ -531,10 +547,44 @@ def _task_detail(run: RunData) -> str:
     )
 
 
+def _client_task_detail(run: RunData) -> str:
+    """The last evaluated round's per-client task scores (--eval-task-clients), if any."""
+    last = next((r for r in reversed(run.rows) if r.get("client_task_per_client")), None)
+    if last is None:
+        return ""
+    generate = any("token_f1" in c for c in last["client_task_per_client"])
+    second = "token F1" if generate else "macro-F1"
+    head = f"<tr><th>client</th><th>rows scored</th><th>accuracy</th><th>{second}</th>"
+    head += "<th>rows without a label (skipped)</th><th>unreadable rows (skipped)</th></tr>"
+    lines = [head]
+    for c in sorted(last["client_task_per_client"], key=lambda c: run.client_label(c["node"])):
+        cells = [
+            html.escape(run.client_label(c["node"])),
+            _fmt(c.get("rows")),
+            _fmt(c.get("accuracy")),
+            _fmt(c.get("token_f1" if generate else "macro_f1")),
+            _fmt(c.get("unlabelled")),
+            _fmt(c.get("invalid")),
+        ]
+        lines.append("<tr>" + "".join(f"<td class='num'>{v}</td>" for v in cells) + "</tr>")
+    pooled = (
+        f"pooled: accuracy {_fmt(last.get('client_task_accuracy'))}, "
+        f"{second} {_fmt(last.get('client_task_token_f1' if generate else 'client_task_macro_f1'))}"
+        f" over {_fmt(last.get('client_task_rows_scored'))} rows of "
+        f"{_fmt(last.get('client_task_clients'))} client(s)"
+    )
+    return (
+        f"<p>Clients' held-out rows scored as the task after round {last['round']} "
+        f"({html.escape(run.name)}; {pooled}):</p>"
+        f'<table id="client-task">{"".join(lines)}</table>'
+    )
+
+
 _CAPTIONS = {
     "loss": "Loss per response token, per round (round 0: the untrained adapter).",
-    "task": "Task metrics of the global adapter on the coordinator's --eval-task, per round; grey "
-    "lines: the majority-class and chance baselines.",
+    "task": "Task metrics of the global adapter per round: on the coordinator's --eval-task "
+    "(circles) and on the clients' own held-out rows, pooled (squares, --eval-task-clients); grey "
+    "lines: the majority-class and chance baselines of the coordinator's task.",
     "privacy": "Epsilon spent after each round (at the run's delta).",
     "bytes": "Payload bytes sent to and received from clients, per round and summed.",
     "time": "Each round's wall time: clients' train and evaluate compute (plus the coordinator's "
@@ -577,6 +627,7 @@ def render_html(runs: Sequence[RunData]) -> str:
         ]
         if name == "task":
             parts += [_task_detail(run) for run in runs]
+            parts += [_client_task_detail(run) for run in runs]
     parts.append("<h2>Participation</h2>")
     for run in runs:
         parts += [f"<h3>{html.escape(run.name)}</h3>", _participation(run)]

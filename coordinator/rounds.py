@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import MessageType
+from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.aggregators import (
@@ -29,8 +29,9 @@ from coordinator.aggregators import (
     default_norm_bound,
     make_accumulator,
 )
+from coordinator.client_tasks import aggregate_task_counts
 from coordinator.clock import SYSTEM_CLOCK, Clock
-from coordinator.config import DpMode, RunConfig
+from coordinator.config import ConfigError, DpMode, RunConfig
 from coordinator.ddp import DistributedClientDP, DistributedDpSettings, resolve_distributed_dp
 from coordinator.dp import ClientDPSettings, ClientLevelDP, resolve_client_dp
 from coordinator.exchange import (
@@ -56,7 +57,9 @@ from coordinator.report import write_run_report
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from protocol.adapter import AdapterSpec
+from protocol.errors import ProtocolError
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
+from protocol.task_eval import EvalTaskSpec, TaskCounts, decode_task_counts, encode_eval_task
 
 log = logging.getLogger("fedtune")
 
@@ -121,6 +124,32 @@ class ServerModel:
         row["task_eval_seconds"] = time.monotonic() - t0
         return row
 
+    def client_task(self) -> EvalTaskSpec | None:
+        """What ``--eval-task-clients`` asks clients to score (None without it). A label task
+        without ``--eval-task-labels`` takes the label set of ``--eval-task``'s file."""
+        if not self.cfg.eval_task_clients:
+            return None
+        spec = self.cfg.task_spec()
+        labels = ",".join(spec.label_set())
+        if spec.kind.value == "label" and not labels:
+            from client.tasks import load_task
+
+            if getattr(self, "task", None) is None:
+                self.task = load_task(self.cfg.eval_task, spec)
+            labels = ",".join(self.task.classes)
+        try:
+            return EvalTaskSpec(
+                kind=spec.kind.value,
+                columns=spec.columns,
+                labels=labels,
+                template=spec.template,
+                limit=spec.limit,
+                seed=spec.seed,
+                max_new_tokens=spec.max_new_tokens,
+            )
+        except ProtocolError as exc:
+            raise ConfigError(f"eval-task-clients: {exc}") from exc
+
     def write_peft(self, adapter: Arrays, directory: Path) -> None:
         from client.model import set_adapter
 
@@ -142,19 +171,38 @@ def federated_evaluate(
     rnd: int,
     progress: Progress,
     clock: Clock = SYSTEM_CLOCK,
+    task: EvalTaskSpec | None = None,
 ) -> tuple[dict[str, Any], int, int]:
-    """Held-out loss of ``adapter`` on ``nodes``' local splits, weighted by response tokens."""
+    """Held-out loss of ``adapter`` on ``nodes``' local splits, weighted by response tokens;
+    with ``task`` (--eval-task-clients), also the clients' pooled task metrics."""
     if not nodes:
         return {"eval_loss": None, "eval_clients_ok": 0, "eval_failures": []}, 0, 0
     content = encode_eval_instruction(cfg.eval_instruction(rnd), adapter)
+    if task is not None:
+        encode_eval_task(content, task)
     ex = broadcast(
         grid, nodes, content, MessageType.EVALUATE, rnd, cfg.round_timeout, progress, clock
     )
-    decoded, failures = ex.collect(lambda content: decode_eval_result(content, rnd=rnd))
-    results = list(decoded.values())
+    n_labels = len(task.label_set()) if task is not None else 0
+
+    def decode(content: RecordDict) -> tuple[EvalResult, TaskCounts | None]:
+        result = decode_eval_result(content, rnd=rnd)
+        counts = decode_task_counts(content, task.kind, n_labels) if task is not None else None
+        return result, counts
+
+    decoded, failures = ex.collect(decode)
+    results = [r for r, _ in decoded.values()]
     loss = _weighted([(r.loss, r.num_tokens) for r in results if r.num_tokens > 0])
+    task_row: dict[str, Any] = {}
+    if task is not None:
+        counts = {n: c for n, (_, c) in decoded.items() if c is not None}
+        task_row = aggregate_task_counts(task.kind, counts, task.label_set())
+        task_row["client_task_eval_seconds"] = sum(
+            r.metrics.get("task-eval-seconds", 0.0) for r in results
+        )
     return (
         {
+            **task_row,
             "eval_loss": loss,
             "eval_clients_ok": len(results),
             "eval_tokens": sum(r.num_tokens for r in results),
@@ -371,11 +419,14 @@ def run_federation(
         cfg.strategy,
     )
 
+    client_task = server.client_task()  # --eval-task-clients
+
     def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
         live = set(grid.get_node_ids())
         row, down, up = federated_evaluate(
-            grid, cfg, [n for n in eval_nodes if n in live], adapter, rnd, progress, clock
-        )
+            grid, cfg, [n for n in eval_nodes if n in live], adapter, rnd, progress, clock,
+            task=client_task,
+        )  # fmt: skip
         central = server.central_eval(adapter)
         row["central_eval_loss"] = central.loss if central else None
         row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task

@@ -36,3 +36,10 @@ SECAGG: Final = "secagg"  # ConfigRecord: the stage's message bytes and simulati
 SECAGG_PAYLOAD: Final = "payload"  # bytes: a privacy.secagg.messages dataclass
 SECAGG_INJECT_DROPOUT: Final = "inject-dropout"  # bool: simulate this client crashing here
 SECAGG_MASKED: Final = "secagg-masked"  # ArrayRecord: {"masked": uint ring vector}
+
+# -- task evaluation on the clients' held-out rows (--eval-task-clients) --------------------------
+# Optional records: an evaluate message may carry EVAL_TASK (what to score), a reply TASK_COUNTS
+# (what was scored). Absent means off on both sides, so peers without them stay compatible and the
+# schema version is unchanged; the coordinator counts the replies that carry counts.
+EVAL_TASK: Final = "eval-task"  # ConfigRecord: a protocol.task_eval.EvalTaskSpec
+TASK_COUNTS: Final = "task-counts"  # MetricRecord: a protocol.task_eval.TaskCounts
