@@ -1,70 +1,308 @@
-"""Seconds per client-round in simulation, split into load, train, evaluate and transport.
+"""The simulator's throughput against two baselines, and a 10,000-client scale run (issue 13).
 
-Runs ``fedtune simulate`` with the real model and reads the run's ``metrics.jsonl``:
+``throughput`` (the real model by default, at the default local steps):
 
-* load      -- decoding the round message and getting the (process-cached) model ready
-* train     -- the local optimizer steps
-* evaluate  -- one client's held-out evaluation
-* transport -- the rest of a phase's wall time: serialising, Flower's message passing, Ray
+* fedtune   -- ``fedtune simulate`` (Flower + Ray, every update encoded, sent and aggregated);
+  client-rounds per hour over its training phases, read from the run's ``metrics.jsonl``;
+* plain     -- (a) the pure-training ceiling: one process, the model loaded once, a loop calling
+  the same training function (``client.train.train_round``) on the same shards, data read and
+  tokenized by the same code (``client.app.Runtime.local_data``);
+* flowertune -- (b) a FlowerTune-style client: the model and tokenizer loaded again for every
+  client-round, then the same tokenization and training.
 
-    python benchmarks/simulation.py [--rounds 2] [--clients-per-round 3] [extra simulate args]
+It prints client-rounds per hour of each, the simulator's overhead against (a) (target: within
+5%) and its speed-up over (b) (target: at least 3x), all measured in this process run.
+
+``scale``: ``fedtune simulate --num-clients 10000 --clients-per-round 100`` on a 20,000-row
+dataset (Dolly-15k and WikiDoc from /work/shared/data, each field cut to ``--max-chars`` so every
+row fits ``--seq-len`` with the tiny test tokenizer) and a tiny model; prints set-up seconds
+(launch until the coordinator sees every node), seconds per round and the peak RSS of the whole
+process tree (Ray included), sampled every 0.5 s.
+
+    python benchmarks/simulation.py throughput [--model smollm2] [--rounds 2] ...
+    python benchmarks/simulation.py scale [--num-clients 10000] [--rounds 3] ...
+
+Run it on a quiet machine: the figures are wall-clock times.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+SHARED = Path("/work/shared/data")
+DOLLY = SHARED / "dolly15k" / "by_category"
+WIKIDOC = SHARED / "medical_meadow_wikidoc_patient_info" / "medical_meadow_small.json"
+
+
+# ----------------------------------------------------------------------------- running fedtune
+
+
+class Watch:
+    """Run a command; sample the RSS of its whole process tree and time-stamp its output."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        import psutil
+
+        self.t0 = time.perf_counter()
+        self.lines: list[tuple[float, str]] = []
+        self.peak_rss = 0
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        self._log = log.open("w")
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        root = psutil.Process(self.proc.pid)
+        while self.proc.poll() is None:
+            rss = 0
+            with contextlib.suppress(psutil.Error):
+                for p in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        rss += p.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+            time.sleep(0.5)
+        reader.join(timeout=60)
+        self.seconds = time.perf_counter() - self.t0
+        self._log.close()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append((time.perf_counter() - self.t0, line.rstrip()))
+            self._log.write(line)
+
+    def first(self, text: str) -> float | None:
+        return next((t for t, line in self.lines if text in line), None)
+
+
+def simulate_cmd(out: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "cli.main", "simulate", "--output-dir", str(out), *args]
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------- throughput
+
+
+def throughput(a: argparse.Namespace, extra: list[str]) -> None:
+    import torch
+
+    from client.app import Runtime
+    from client.model import attach_lora, get_adapter, load_base, resolve_model
+    from client.settings import ClientSettings
+    from client.train import train_round
+    from coordinator.config import RunConfig
+    from simulations.partition import PartitionSpec
+    from simulations.resources import worker_resources
+    from simulations.runner import split_data, write_shards
+
+    work = Path(tempfile.mkdtemp(prefix="fedtune-bench-sim-"))
+    out = work / "run"
+    common = ["--model", a.model, "--data", a.data, "--partition", "iid",
+              "--num-clients", str(a.num_clients), "--seed", str(a.seed)]  # fmt: skip
+    run_args = [*common, "--rounds", str(a.rounds),
+                "--clients-per-round", str(a.clients_per_round),
+                "--min-clients", "1", "--eval-clients", "1", *extra]  # fmt: skip
+    print(f"fedtune simulate {' '.join(run_args)}", flush=True)
+    w = Watch(simulate_cmd(out, run_args), work / "simulate.log")
+    if w.proc.returncode != 0:
+        raise SystemExit(f"fedtune simulate failed; see {work / 'simulate.log'}")
+    rows = [r for r in metrics(out) if r["round"] > 0]
+    sim_rounds = sum(int(r["clients_ok"]) for r in rows)
+    sim_seconds = sum(float(r["train_phase_seconds"]) for r in rows)
+    _phase_table(rows)
+
+    # The same options, shards, instruction and threads, in this process.
+    saved = json.loads((out / "config.json").read_text())
+    flat = saved["run"]
+    cfg = RunConfig.from_mapping(flat)
+    records, shards, index = split_data(a.data, PartitionSpec.parse("iid"), a.num_clients, a.seed)
+    write_shards(records, shards, index, work / "partitions")
+    threads = worker_resources(_cpus(), 0, cfg.cpus_per_client).threads
+    torch.set_num_threads(threads)
+    source, cache = resolve_model(cfg.model), Path(flat["cache-dir"])
+    run_config = {**flat, "partition-dir": str(work / "partitions")}
+    n = sim_rounds  # as many client-rounds as the simulation trained
+
+    def settings(i: int) -> ClientSettings:
+        node = {"partition-id": i % a.num_clients, "num-partitions": a.num_clients}
+        return ClientSettings.resolve(node, run_config)
+
+    def one(runtime: Runtime, adapter: dict[str, Any], i: int) -> None:
+        data = runtime.local_data(settings(i), cfg.seq_len)
+        train_round(runtime.model, data.train, cfg.train_instruction(1), adapter,
+                    pad_id=runtime.pad_id, client_seed=data.seed)  # fmt: skip
+
+    base = load_base(source, cfg.quantization, cache)
+    runtime = Runtime(base, attach_lora(base.model, cfg.lora))
+    adapter = get_adapter(runtime.model)
+    # Warm-up, as the simulation's worker had in round 0 (its evaluation): one client-round on a
+    # client outside the timed ones; the process's first training step is not timed in either.
+    one(runtime, adapter, n)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        one(runtime, adapter, i)
+        times.append(time.perf_counter() - t0)
+    plain_seconds = sum(times)
+    print(f"plain loop, seconds per client-round: {', '.join(f'{t:.2f}' for t in times)}")
+    del runtime, base
+
+    flower_n = max(1, min(n, a.flowertune_clients))
+    times = []
+    for i in range(flower_n):
+        t0 = time.perf_counter()
+        fresh = load_base(source, cfg.quantization, cache)  # model and tokenizer, every call
+        one(Runtime(fresh, attach_lora(fresh.model, cfg.lora)), adapter, i)
+        del fresh
+        times.append(time.perf_counter() - t0)
+    flower_seconds = sum(times)
+    print(f"FlowerTune-style, seconds per client-round: {', '.join(f'{t:.2f}' for t in times)}")
+
+    rate = {
+        "fedtune": sim_rounds / sim_seconds * 3600,
+        "plain": n / plain_seconds * 3600,
+        "flowertune": flower_n / flower_seconds * 3600,
+    }
+    print(f"\nmodel {cfg.model} ({cfg.quantization.value}), local steps {cfg.local_steps}, "
+          f"batch {cfg.batch_size}, seq-len {cfg.seq_len}, torch threads {threads}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'':<12}{'client-rounds':>14}{'seconds':>10}{'per hour':>10}")
+    for name, count, secs in (
+        ("fedtune", sim_rounds, sim_seconds),
+        ("plain (a)", n, plain_seconds),
+        ("flowertune (b)", flower_n, flower_seconds),
+    ):
+        print(f"{name:<12}{count:>14}{secs:>10.1f}{count / secs * 3600:>10.0f}")
+    overhead = 1 - rate["fedtune"] / rate["plain"]
+    print(f"\noverhead vs the plain loop (a): {overhead:.1%} (target <= 5%)")
+    print(f"speed-up vs FlowerTune-style (b): {rate['fedtune'] / rate['flowertune']:.2f}x "
+          "(target >= 3x)")  # fmt: skip
+    print(f"run directory {out}")
+
+
+def _phase_table(rows: list[dict[str, Any]]) -> None:
+    """Seconds per client-round in each simulated round: load, train and the rest."""
+    print(f"\n{'round':>5}{'clients':>8}{'load':>8}{'train':>8}{'other':>8}{'phase s':>9}")
+    for r in rows:
+        k = max(int(r["clients_ok"]), 1)
+        load, train = r["client_load_seconds"] / k, r["client_train_seconds"] / k
+        other = r["train_phase_seconds"] / k - load - train
+        print(f"{r['round']:>5}{r['clients_ok']:>8}{load:>8.2f}{train:>8.2f}{other:>8.2f}"
+              f"{r['train_phase_seconds']:>9.1f}")  # fmt: skip
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------ scale
+
+
+def fleet_dataset(path: Path, rows: int, max_chars: int) -> Path:
+    """``rows`` rows from Dolly-15k, then WikiDoc, each field cut to ``max_chars``."""
+    out: list[dict[str, str]] = []
+
+    def add(instruction: str, context: str, response: str, category: str) -> None:
+        out.append({"instruction": instruction[:max_chars], "context": context[:max_chars],
+                    "response": response[:max_chars], "category": category})  # fmt: skip
+
+    for f in sorted(glob.glob(str(DOLLY / "*.jsonl"))):
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line)
+            add(r["instruction"], r.get("context", ""), r["response"], Path(f).stem)
+    for r in json.loads(WIKIDOC.read_text()):
+        add(r["instruction"], r["input"], r["output"], "medical")
+    if len(out) < rows:
+        raise SystemExit(f"only {len(out)} rows in {SHARED}, {rows} asked for")
+    with path.open("w") as fh:
+        for r in out[:rows]:
+            fh.write(json.dumps(r) + "\n")
+    return path
+
+
+def scale(a: argparse.Namespace, extra: list[str]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="fedtune-bench-scale-"))
+    data = fleet_dataset(work / "fleet.jsonl", a.rows, a.max_chars)
+    model = a.model
+    if model == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.tiny_model import build_tiny_model
+
+        model = str(build_tiny_model(work / "tiny"))
+    out = work / "run"
+    run_args = ["--model", model, "--quantization", "none", "--cache-dir", str(work / "cache"),
+                "--data", str(data), "--partition", "iid", "--num-clients", str(a.num_clients),
+                "--clients-per-round", str(a.clients_per_round), "--min-clients", "1",
+                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
+                "--seq-len", str(a.seq_len),
+                "--eval-clients", str(a.eval_clients), *extra]  # fmt: skip
+    print(f"fedtune simulate {' '.join(run_args)}", flush=True)
+    w = Watch(simulate_cmd(out, run_args), work / "simulate.log")
+    if w.proc.returncode != 0:
+        raise SystemExit(f"fedtune simulate failed; see {work / 'simulate.log'}")
+    rows = metrics(out)
+    ready = w.first("client node(s)")
+    print(f"\n{a.num_clients} clients, {a.rows} rows, {a.clients_per_round} per round, "
+          f"{a.rounds} rounds (log: {work / 'simulate.log'})")  # fmt: skip
+    print(f"set-up (launch -> every node registered, as the coordinator sees them): "
+          f"{ready:.1f} s" if ready is not None else "set-up: not seen in the log")  # fmt: skip
+    print(f"partition files written: {len(list((out / 'partitions').iterdir()))}")
+    print(f"round 0 (evaluation only; starts the worker, loads the model): "
+          f"{rows[0]['seconds']:.1f} s")  # fmt: skip
+    for r in rows[1:]:
+        print(f"round {r['round']}: {r['seconds']:.1f} s, {r['clients_ok']}/"
+              f"{r['clients_sampled']} clients ok, train phase {r['train_phase_seconds']:.1f} s, "
+              f"inside clients {r['client_seconds']:.1f} s")  # fmt: skip
+    per_round = [float(r["seconds"]) for r in rows[1:]]
+    if per_round:
+        print(
+            f"seconds per round (mean of {len(per_round)}): {sum(per_round) / len(per_round):.1f}"
+        )
+    print(f"peak RSS of the process tree (Ray included): {w.peak_rss / 2**20:.0f} MiB")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} ({_cpus()} cores)")
+    print(f"whole command: {w.seconds:.1f} s")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--clients-per-round", type=int, default=3)
-    p.add_argument("--eval-clients", type=int, default=3)
+    sub = p.add_subparsers(dest="mode", required=True)
+    t = sub.add_parser("throughput", help="client-rounds per hour against the two baselines")
+    t.add_argument("--model", default="smollm2")
+    t.add_argument("--data", default=str(DOLLY / "open_qa.jsonl"))
+    t.add_argument("--num-clients", type=int, default=20)
+    t.add_argument("--clients-per-round", type=int, default=4)
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--flowertune-clients", type=int, default=4,
+                   help="client-rounds timed for (b) (each reloads the model)")  # fmt: skip
+    s = sub.add_parser("scale", help="the 10,000-client run")
+    s.add_argument("--model", default="tiny", help="'tiny' (a 2-layer test model) or a model")
+    s.add_argument("--num-clients", type=int, default=10_000)
+    s.add_argument("--rows", type=int, default=20_000)
+    s.add_argument("--max-chars", type=int, default=120)
+    s.add_argument("--clients-per-round", type=int, default=100)
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--local-steps", type=int, default=2)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--eval-clients", type=int, default=10)
     args, extra = p.parse_known_args()
-    out = Path(tempfile.mkdtemp(prefix="fedtune-bench-")) / "run"
-    cmd = [
-        sys.executable, "-m", "cli.main", "simulate", "--rounds", str(args.rounds),
-        "--clients-per-round", str(args.clients_per_round),
-        "--eval-clients", str(args.eval_clients), "--output-dir", str(out), *extra,
-    ]  # fmt: skip
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    total = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r["round"] > 0 and r.get("clients_ok")]
-
-    print(f"\n{' '.join(cmd[3:])}\nwhole command: {total:.1f} s; run directory {out}\n")
-    print(
-        f"{'round':>5}{'clients':>8}{'load':>8}{'train':>8}{'eval':>8}{'transport':>10}{'up MB':>8}"
-    )
-    sums = {"load": 0.0, "train": 0.0, "eval": 0.0, "transport": 0.0}
-    for r in train_rows:
-        n, m = r["clients_ok"], max(r["eval_clients_ok"], 1)
-        load = r["client_load_seconds"] / n
-        train = r["client_train_seconds"] / n
-        ev = r["client_eval_seconds"] / m
-        transport = (r["train_phase_seconds"] - r["client_seconds"]) / n + (
-            r["eval_phase_seconds"] - r["client_eval_seconds"]
-        ) / m
-        for k, v in zip(sums, (load, train, ev, transport), strict=True):
-            sums[k] += v
-        print(f"{r['round']:>5}{n:>8}{load:>8.2f}{train:>8.2f}{ev:>8.2f}{transport:>10.2f}"
-              f"{r['bytes_up'] / 1e6:>8.2f}")  # fmt: skip
-    k = max(len(train_rows), 1)
-    mean = {key: v / k for key, v in sums.items()}
-    whole = sum(mean.values())
-    print(
-        "\nmean seconds per client-round: " + ", ".join(f"{key} {v:.2f}" for key, v in mean.items())
-    )
-    print("share: " + ", ".join(f"{key} {v / whole:.0%}" for key, v in mean.items()))
+    (throughput if args.mode == "throughput" else scale)(args, extra)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,16 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Options of the simulated fleet that mean nothing to a deployment.
+SIMULATION_ONLY = (
+    "cpus-per-client",
+    "gpus-per-client",
+    "client-data-cache",
+    "ray-address",
+    "device-profiles",
+)
+
+
 def _endpoint(args: argparse.Namespace) -> Any:
     from coordinator.superlink import ControlEndpoint, default_coordinator_dir
 
@@ -231,6 +241,9 @@ def cmd_coordinator_run(args: argparse.Namespace) -> int:
             "client-max-memory: applies to simulated fleets; in a deployment each device "
             "sets its own with `fedtune client start --max-memory`"
         )
+    for key in SIMULATION_ONLY:
+        if overrides.get(key):
+            raise ValueError(f"{key}: applies to `fedtune simulate` only")
     cfg = RunConfig.from_mapping(overrides)
     out = resolve_output_dir(cfg).expanduser().resolve()
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()

@@ -45,12 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="number of clients (natural partitions infer it)",
     )
-    sim.add_argument(
-        "--cpus-per-client",
-        type=float,
-        default=0.0,
-        help="CPU cores per virtual client (default: all cores, one client at a time)",
-    )
     sim.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     add_run_options(sim)
 
@@ -125,7 +119,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         data=data or DEFAULT_DATA,
         partition=partition or DEFAULT_PARTITION,
         num_clients=num_clients,
-        cpus_per_client=args.cpus_per_client,
         resume=args.resume,
     )
     from cli.tasks import check_eval_task

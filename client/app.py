@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from client.model import (
 )
 from client.rss import current_rss_mb, peak_rss_mb, reset_peak_rss, tune_allocator
 from client.settings import ClientSettings
+from client.shards import shard_records
 from client.train import Correction, evaluate, train_round
 from protocol.identity import encode_identity_reply, is_identity_query
 from protocol.messages import (
@@ -81,31 +83,43 @@ class LocalData:
 
 @dataclass
 class Runtime:
-    """A loaded base model with LoRA attached, and the client datasets tokenized for it."""
+    """A loaded base model with LoRA attached, and the client datasets tokenized for it (the
+    most recently used ``ClientSettings.data_cache`` of them: a worker serving thousands of
+    virtual clients does not grow with the number it has seen)."""
 
     base: LoadedBase
     model: Any  # PeftModel wrapping base.model
-    _data: dict[tuple[str, int, float], LocalData] = field(default_factory=dict)
+    _data: OrderedDict[tuple[str, int, int, float], LocalData] = field(default_factory=OrderedDict)
 
     @property
     def pad_id(self) -> int:
         return int(self.base.tokenizer.pad_token_id)
 
-    def local_data(self, data_path: str, seq_len: int, heldout_fraction: float) -> LocalData:
-        key = (data_path, seq_len, heldout_fraction)
-        if key not in self._data:
+    def local_data(self, settings: ClientSettings, seq_len: int) -> LocalData:
+        data_path, shard = settings.data_path, settings.shard
+        key = (data_path, shard, seq_len, settings.heldout_fraction)
+        if key in self._data:
+            self._data.move_to_end(key)
+            return self._data[key]
+        if shard >= 0:
+            records = shard_records(Path(data_path).parent, shard)
+            where = f"{data_path} (shard {shard})"
+        else:
             records = load_records(data_path)
-            seed = records_seed(records)
-            train_idx, held_idx = heldout_split(len(records), heldout_fraction, seed)
-            convs = to_conversations(records, data_path)
-            tok = self.base.tokenizer
-            train = tokenize_all(tok, [convs[i] for i in train_idx], seq_len)
-            heldout = tokenize_all(tok, [convs[i] for i in held_idx], seq_len)
-            if not train:
-                raise ValueError(
-                    f"{data_path}: no training example has a response within seq-len {seq_len}"
-                )
-            self._data[key] = LocalData(train, heldout, seed, [records[i] for i in held_idx])
+            where = data_path
+        seed = records_seed(records)
+        train_idx, held_idx = heldout_split(len(records), settings.heldout_fraction, seed)
+        convs = to_conversations(records, where)
+        tok = self.base.tokenizer
+        train = tokenize_all(tok, [convs[i] for i in train_idx], seq_len)
+        heldout = tokenize_all(tok, [convs[i] for i in held_idx], seq_len)
+        if not train:
+            raise ValueError(
+                f"{where}: no training example has a response within seq-len {seq_len}"
+            )
+        self._data[key] = LocalData(train, heldout, seed, [records[i] for i in held_idx])
+        while len(self._data) > settings.data_cache:
+            self._data.popitem(last=False)
         return self._data[key]
 
 
@@ -222,7 +236,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         plan = plan_round(_settings(context, base_defaults), instr)
         settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len, plan)
         t_load = time.perf_counter() - t0
-        data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
+        data = runtime.local_data(settings, instr.seq_len)
         corrections: list[Correction] = []
         if instr.proximal_mu > 0:  # FedProx
             trained = instr.trainable_keys or tuple(global_adapter)
@@ -309,7 +323,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         reset_peak_rss()
         instr, global_adapter = decode_eval_instruction(msg.content)
         settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len)
-        data = runtime.local_data(settings.data_path, instr.seq_len, settings.heldout_fraction)
+        data = runtime.local_data(settings, instr.seq_len)
         chunk = SMALL_HEAD_CHUNK_BYTES if settings.max_memory else HEAD_CHUNK_BYTES
         with head_chunk(chunk):
             result = evaluate(

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from client.defaults import DEFAULT_MODEL, Quantization, default_cache_dir, parse_size
+from client.profiles import client_profile
+from client.shards import RECORDS, is_indexed
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,19 @@ class ClientSettings:
     max_memory: int = 0
     # May the plan fall back to a smaller quantization (none -> int8 -> nf4) to fit max-memory?
     quantize_to_fit: bool = False
+    # A simulated client: its shard of the indexed data file ``data_path`` (client.shards);
+    # -1: every row of ``data_path`` is this client's.
+    shard: int = -1
+    # Tokenized client datasets a process keeps (least recently used dropped first).
+    data_cache: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction}")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0, got {self.threads}")
+        if self.data_cache < 1:
+            raise ValueError(f"client-data-cache: must be >= 1, got {self.data_cache}")
         if self.max_memory < 0:
             raise ValueError(f"max-memory: must be >= 0 bytes, got {self.max_memory}")
         if not self.data_path:
@@ -66,11 +75,14 @@ class ClientSettings:
             # A simulated mixed fleet: modes assigned to clients round-robin.
             modes = [m.strip() for m in str(get("client-quantization", "")).split(",")]
             quantization = modes[int(node_config["partition-id"]) % len(modes)]
+        shard = -1
         if "partition-id" in node_config and get("partition-dir", ""):
             # A simulated client: its shard and its state live in the run directory.
             pid = int(node_config["partition-id"])
             part_dir = Path(get("partition-dir", ""))
-            data_path = data_path or str(partition_file(part_dir, pid))
+            if not data_path and is_indexed(part_dir):  # one data file and an index
+                data_path, shard = str(part_dir / RECORDS), pid
+            data_path = data_path or str(partition_file(part_dir, pid))  # one file per client
             state_dir = state_dir or str(part_dir.parent / "client-state" / f"{pid:04d}")
         max_memory = get("max-memory", 0)
         if "partition-id" in node_config and "max-memory" not in node_config:
@@ -78,6 +90,20 @@ class ClientSettings:
             budgets = [b.strip() for b in str(get("client-max-memory", "")).split(",") if b.strip()]
             if budgets:
                 max_memory = budgets[int(node_config["partition-id"]) % len(budgets)]
+        profiles = str(get("device-profiles", ""))
+        if "partition-id" in node_config and profiles:
+            # A simulated device of the fleet's profiles (client/profiles.py): its quantization
+            # and memory budget, unless the node config sets them.
+            profile = client_profile(
+                profiles,
+                int(node_config["num-partitions"]),
+                int(get("seed", 0)),
+                int(node_config["partition-id"]),
+            )
+            if profile.quantization is not None and "quantization" not in node_config:
+                quantization = profile.quantization.value
+            if profile.memory and "max-memory" not in node_config:
+                max_memory = profile.memory
         cache = get("cache-dir", "")
         return cls(
             model=str(get("model", DEFAULT_MODEL)),
@@ -90,6 +116,8 @@ class ClientSettings:
             state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
             max_memory=parse_size(max_memory, "max-memory"),
             quantize_to_fit=_flag(get("quantize-to-fit", False), "quantize-to-fit"),
+            shard=shard,
+            data_cache=int(get("client-data-cache", 32)),
         )
 
 
@@ -104,7 +132,7 @@ def _flag(value: Any, key: str) -> bool:
 
 
 def partition_file(partition_dir: Path, partition_id: int) -> Path:
-    """Where the simulator writes (and a virtual client reads) shard ``partition_id``."""
+    """Shard ``partition_id`` of a run made before shards were an index (``client.shards``)."""
     return partition_dir / f"{partition_id:04d}.jsonl"
 
 

@@ -146,6 +146,28 @@ class RunConfig:
     quantize_to_fit: bool = option(
         False, "clients may fall back to a smaller quantization (none, int8, nf4) to fit memory"
     )
+    # -- the simulated fleet (README, "Simulating a fleet") -----------------------------------
+    cpus_per_client: float = option(
+        0.0,
+        "simulation: CPU cores per worker (one virtual client at a time each); 0: about 4 "
+        "cores per worker, at least one worker",
+    )
+    gpus_per_client: float = option(
+        0.0, "simulation: GPUs per worker (0.25: four workers share a GPU); 0: CPU only"
+    )
+    client_data_cache: int = option(
+        32, "simulation: tokenized client datasets each worker keeps (least recently used go)"
+    )
+    ray_address: str = option(
+        "",
+        "simulation: attach to a running Ray cluster, auto | HOST:PORT (default: start a "
+        "private Ray on 127.0.0.1)",
+    )
+    device_profiles: str = option(
+        "",
+        "simulation: device profiles file (YAML or JSON): memory, tokens/s, availability, "
+        "link speeds and share of the fleet of each kind of device",
+    )
     # -- files ---------------------------------------------------------------------------------
     output_dir: str = option("", "run directory (default runs/<timestamp>)")
     central_eval_data: str = option("", "coordinator-side held-out data file")
@@ -292,7 +314,32 @@ class RunConfig:
                 raise ConfigError(f"{key}: {msg}")
 
         need(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        need(
+            self.cpus_per_client >= 0,
+            "cpus-per-client",
+            f"must be >= 0 (0: automatic), got {self.cpus_per_client}",
+        )
+        need(
+            self.gpus_per_client >= 0,
+            "gpus-per-client",
+            f"must be >= 0 (0: CPU only), got {self.gpus_per_client}",
+        )
+        need(
+            self.client_data_cache >= 1,
+            "client-data-cache",
+            f"must be >= 1, got {self.client_data_cache}",
+        )
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        for key, value in (
+            ("client-quantization", self.client_quantization),
+            ("client-max-memory", self.client_max_memory),
+        ):
+            need(
+                not (self.device_profiles and value),
+                key,
+                "give either device-profiles (each profile sets quantization and memory) or "
+                f"{key}, not both",
+            )
         self.client_quantizations()  # raises ConfigError naming a bad mode
         self.client_memory_budgets()  # raises ConfigError naming a bad size
         need(

@@ -84,7 +84,9 @@ class RunData:
         """Did a phase's clients run one after another (the default simulation) rather than in
         parallel (deployments)?"""
         sim = self.config.get("simulation")
-        return isinstance(sim, dict) and not sim.get("cpus_per_client")
+        if not isinstance(sim, dict):
+            return False
+        return int(sim.get("workers", 2 if sim.get("cpus_per_client") else 1)) == 1
 
 
 def load_run(path: Path) -> RunData:

@@ -41,6 +41,7 @@ from coordinator.exchange import (
     sample_nodes,
     wait_for_nodes,
 )
+from coordinator.fleet import FleetModel
 from coordinator.pipeline import (
     NoPrivacy,
     PlainTransport,
@@ -319,6 +320,7 @@ class Pipeline:
     trained: AdapterSpec  # the adapter tensors clients train (FFA-LoRA: the B matrices)
     min_clients: int
     wire: UpdateWire | None = None  # codecs and client ranks (coordinator.update_wire)
+    fleet: FleetModel | None = None  # simulated devices (coordinator/fleet.py)
 
     def train(
         self,
@@ -330,6 +332,8 @@ class Pipeline:
         progress: Progress,
     ) -> tuple[Arrays | None, RoundResult]:
         """One round: (next global adapter or None if the round failed, its result)."""
+        if self.fleet is not None:  # devices unavailable this round are not sampled
+            live = self.fleet.available(live, rnd)
         sampled = self.privacy.sample(live, rnd)
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
@@ -348,6 +352,7 @@ class Pipeline:
         )
         if rw is not None:
             c.extra.update(wire_row(rw, c))  # bytes against fp32, ranks
+        fleet_metrics = self.fleet.round_metrics(rnd, c) if self.fleet is not None else {}
         for f in c.failures:
             log.warning(
                 "round %d: client %s dropped: %s", rnd, progress.name(f["node"]), f["reason"]
@@ -355,7 +360,9 @@ class Pipeline:
         if c.error is None and len(c.contributors) < self.min_clients:
             c.error = f"{len(c.contributors)} usable update(s), min-clients is {self.min_clients}"
         if c.error is not None:
-            return None, RoundResult.from_contribution(c, "failed", c.error)
+            failed = RoundResult.from_contribution(c, "failed", c.error)
+            failed.extra.update(fleet_metrics)
+            return None, failed
         try:
             mean, privacy_metrics = self.privacy.release(c)
             if wire is not None:
@@ -364,9 +371,12 @@ class Pipeline:
             new = self.strategy.apply(adapter, mean)
             check_finite(new, "the next global adapter")
         except (RoundFailed, UpdateRejected) as exc:
-            return None, RoundResult.from_contribution(c, "failed", str(exc))
+            failed = RoundResult.from_contribution(c, "failed", str(exc))
+            failed.extra.update(fleet_metrics)
+            return None, failed
         result = RoundResult.from_contribution(c, "ok", None)
         result.extra.update(privacy_metrics)
+        result.extra.update(fleet_metrics)
         result.update_norm = update_norm(adapter, new)
         return new, result
 
@@ -381,6 +391,7 @@ def run_federation(
     config_record: dict[str, Any] | None = None,
     clock: Clock = SYSTEM_CLOCK,
     node_names: Callable[[Iterable[int]], Mapping[int, str]] | None = None,
+    fleet: FleetModel | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) ``cfg.rounds`` rounds and return the metrics rows of this run directory.
     ``node_names`` gives clients' names where the caller knows them (the simulator); other
@@ -429,6 +440,7 @@ def run_federation(
         trained,
         0 if privacy.releases_every_round else cfg.min_clients,
         wire,
+        fleet,
     )
     if not isinstance(privacy, NoPrivacy):
         rundir.update_config("privacy", privacy.settings.to_record())  # type: ignore[attr-defined]

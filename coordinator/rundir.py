@@ -69,10 +69,20 @@ class RunDirError(RuntimeError):
 
 # Settings a resumed run may change: how long it runs, where the run directory and the
 # machine-local model cache live (the cache holds the same weights wherever it is).
-RESUME_MAY_CHANGE = ("rounds", "output-dir", "max-epsilon", "cache-dir")
+RESUME_MAY_CHANGE = (
+    "rounds",
+    "output-dir",
+    "max-epsilon",
+    "cache-dir",
+    # Where and how the simulation runs, not what it computes.
+    "cpus-per-client",
+    "gpus-per-client",
+    "client-data-cache",
+    "ray-address",
+)
 # Settings holding paths. One inside the run directory is stored (and compared) relative to it,
 # so a moved or copied run directory resumes.
-PATH_SETTINGS = ("partition-dir", "central-eval-data")
+PATH_SETTINGS = ("partition-dir", "central-eval-data", "device-profiles")
 
 
 def _json_default(obj: Any) -> Any:

@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.config import RunConfig, resolve_output_dir
+from coordinator.fleet import FleetModel
 from coordinator.progress import Progress
 from coordinator.rounds import run_federation
 
@@ -41,6 +42,7 @@ def make_server_app(
     config_record: dict[str, Any] | None = None,
     progress: Progress | None = None,
     node_names: Callable[[Iterable[int]], Mapping[int, str]] | None = None,
+    fleet: FleetModel | None = None,
 ) -> ServerApp:
     """Build the ServerApp. ``overrides`` win over the run config (``fedtune simulate`` passes its
     resolved options; ``flwr run`` uses ``[tool.flwr.app.config]`` alone). ``node_names``: the
@@ -63,6 +65,7 @@ def make_server_app(
                 progress=progress,
                 config_record=record,
                 node_names=node_names,
+                fleet=fleet,
             )
         finally:
             if progress is not None:

@@ -1,9 +1,9 @@
 """``fedtune simulate``: a whole fleet on one machine, on Flower's simulation engine (Ray).
 
 The simulator adds only what deployment does not have: it splits one dataset into client shards
-(written to ``<run>/partitions/NNNN.jsonl``, so each virtual client reads a file exactly as a
-device would), prepares the model cache once before clients start, and starts the same ServerApp
-and ClientApp that deployments use.
+(an index into one copy of the data in ``<run>/partitions/``, ``client.shards``: a client
+costs nothing before it is sampled), prepares the model cache once before clients start, and
+starts the same ServerApp and ClientApp that deployments use.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from client.model import (
     resolve_model,
     weight_module_names,
 )
-from client.settings import partition_file
+from client.profiles import DeviceProfile, Fleet, load_profiles
+from client.shards import write_index
 from coordinator.config import ConfigError, DpMode, RunConfig, resolve_output_dir
 from coordinator.ddp import check_population, resolve_distributed_dp
 from coordinator.dp import resolve_client_dp
@@ -43,9 +44,12 @@ from coordinator.rundir import (
     write_json_atomic,
 )
 from protocol.messages import LoraSpec
+from simulations.engine import fleet_engine
+from simulations.fleet import DeviceFleet
 from simulations.node_names import simulated_node_names
 from simulations.partition import PartitionSpec, partition
-from simulations.ray_local import local_ray
+from simulations.ray_local import local_ray, resolve_ray_address
+from simulations.resources import WorkerResources, worker_resources
 
 log = logging.getLogger("fedtune")
 
@@ -62,15 +66,12 @@ class SimulationConfig:
     data: str = DEFAULT_DATA
     partition: str = DEFAULT_PARTITION
     num_clients: int | None = None  # natural partitions infer it
-    cpus_per_client: float = 0.0  # 0: all cores, one client at a time
     resume: bool = False
 
     def __post_init__(self) -> None:
         PartitionSpec.parse(self.partition)
         if self.num_clients is not None and self.num_clients < 1:
             raise ConfigError(f"num-clients: must be >= 1, got {self.num_clients}")
-        if self.cpus_per_client < 0:
-            raise ConfigError(f"cpus-per-client: must be >= 0, got {self.cpus_per_client}")
 
 
 def resume_settings(
@@ -130,19 +131,16 @@ def write_shards(
     index: list[dict[str, Any]],
     out_dir: Path,
 ) -> None:
-    """Write one JSONL file per client and ``index.json`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for pid, idx in enumerate(shards):
-        with partition_file(out_dir, pid).open("w", encoding="utf-8") as fh:
-            for i in idx:
-                fh.write(json.dumps(records[i], ensure_ascii=False, default=str) + "\n")
+    """Write the clients' shards into ``out_dir`` as one data file and an index into it
+    (``client.shards``), and ``index.json`` (name and rows of each client)."""
+    write_index(records, shards, out_dir)
     write_json_atomic(out_dir / "index.json", index)
 
 
 def write_partitions(
     data: str, spec: PartitionSpec, num_clients: int | None, seed: int, out_dir: Path
 ) -> list[dict[str, Any]]:
-    """Split ``data`` and write one JSONL file per client. Returns the index (name, rows)."""
+    """Split ``data`` and write the shards' index. Returns the index (name, rows)."""
     records, shards, index = split_data(data, spec, num_clients, seed)
     write_shards(records, shards, index, out_dir)
     return index
@@ -183,6 +181,52 @@ def lora_numel(base_dir: Path, spec: LoraSpec) -> int:
                 if len(shape) == 2:
                     total += spec.rank * (int(shape[0]) + int(shape[1]))
     return total
+
+
+def _resources(cfg: RunConfig) -> WorkerResources:
+    """Resources of each worker (``simulations.resources``) for this machine, or, attached to
+    a cluster, for a machine like this one (the cluster may hold more workers)."""
+    cpus = os.cpu_count() or 1
+    gpus = _cuda_devices()
+    if cfg.ray_address and cfg.gpus_per_client and not gpus:
+        gpus = 1  # the GPUs are on the cluster's other machines
+    try:
+        res = worker_resources(cpus, gpus, cfg.cpus_per_client, cfg.gpus_per_client)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if res.workers == 0 and not cfg.ray_address:
+        raise ConfigError(
+            f"cpus-per-client: {cfg.cpus_per_client:g} is more than this machine's {cpus} cores"
+        )
+    return res
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _device_profiles(
+    sim: SimulationConfig, part_dir: Path
+) -> tuple[tuple[DeviceProfile, ...], Path]:
+    """The run's device profiles (none without ``--device-profiles``) and where the run keeps
+    them. A resumed run uses the copy it saved; a file given again must say the same."""
+    saved = part_dir / "profiles.json"
+    given = load_profiles(sim.run.device_profiles) if sim.run.device_profiles else ()
+    if sim.resume and saved.is_file():
+        kept = load_profiles(saved)
+        if given and given != kept:
+            raise ConfigError(
+                f"device-profiles: {sim.run.device_profiles} differs from the profiles the run "
+                f"in {part_dir.parent} was started with ({saved}); leave the option out"
+            )
+        return kept, saved
+    if sim.resume and given:
+        raise ConfigError(
+            f"device-profiles: the run in {part_dir.parent} was started without device profiles"
+        )
+    return given, saved
 
 
 def _versions() -> dict[str, str]:
@@ -241,6 +285,10 @@ def simulate(
     cache = Path(sim.run.cache_dir).expanduser() if sim.run.cache_dir else default_cache_dir()
     source = resolve_model(sim.run.model)
     check_model_file(source)
+    resources = _resources(sim.run)
+    if sim.run.ray_address:
+        resolve_ray_address(sim.run.ray_address, os.environ)  # a one-line error, before Ray
+    profiles, profiles_path = _device_profiles(sim, part_dir)
 
     flat = {
         **sim.run.to_mapping(),
@@ -249,7 +297,9 @@ def simulate(
         "output-dir": str(run_dir),
         "partition-dir": str(part_dir.resolve()),
         "cache-dir": str(cache),
+        "device-profiles": str(profiles_path.resolve()) if profiles else "",
     }
+    fleet = Fleet.build(profiles, n, sim.run.seed) if profiles else None
     record = {
         "run": flat,
         "simulation": {
@@ -257,7 +307,11 @@ def simulate(
             "partition": str(spec),
             "num_clients": n,
             "clients": index,
-            "cpus_per_client": sim.cpus_per_client,
+            "cpus_per_client": resources.cpus,
+            "gpus_per_client": resources.gpus,
+            "workers": resources.workers,
+            "ray_address": sim.run.ray_address,
+            **({"device_profiles": fleet.counts()} if fleet else {}),
         },
         "versions": _versions(),
     }
@@ -275,18 +329,23 @@ def simulate(
         # before Ray starts (the coordinator resolves the same settings again).
         resolve_distributed_dp(sim.run, n, lora_numel(base_dir, sim.run.lora))
 
-    cpus = os.cpu_count() or 1
-    per_client = sim.cpus_per_client or cpus
     progress = progress or Progress(sim.run.rounds)
     # A resumed run keeps its directory whatever happens; a new one is removed again if it fails
     # before its first saved round.
     keep = contextlib.nullcontext() if sim.resume else removed_on_failure(run_dir)
     partition_names = {int(c["partition_id"]): str(c["name"]) for c in index}
-    with keep, local_ray(cpus) as ray_args, simulated_node_names(partition_names) as names:
+    with (
+        keep,
+        local_ray(os.cpu_count() or 1, address=sim.run.ray_address or None) as ray_args,
+        fleet_engine() as nodes,  # node -> partition id (device profiles)
+        simulated_node_names(partition_names) as names,  # node -> client name (the roster)
+    ):
         if split is not None:
             write_shards(*split, index, part_dir)
+        if profiles and not profiles_path.is_file():
+            write_json_atomic(profiles_path, {p.name: p.to_record() for p in profiles})
         backend: dict[str, Any] = {
-            "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+            "client_resources": resources.client_resources(),
             "init_args": {
                 **ray_args,
                 "include_dashboard": False,
@@ -297,17 +356,26 @@ def simulate(
             },
         }
         log.info(
-            "simulating %d clients (%d per round, %d rounds) -> %s",
+            "simulating %d clients (%d per round, %d rounds; workers of %g CPU, %g GPU) -> %s",
             n,
             sim.run.clients_per_round,
             sim.run.rounds,
+            resources.cpus,
+            resources.gpus,
             run_dir,
         )
+        device_fleet = DeviceFleet(fleet, nodes, [str(c["name"]) for c in index]) if fleet else None
         run_simulation(
             server_app=make_server_app(
-                flat, resume=sim.resume, config_record=record, progress=progress, node_names=names
+                flat,
+                resume=sim.resume,
+                config_record=record,
+                progress=progress,
+                node_names=names,
+                fleet=device_fleet,
             ),
-            client_app=make_client_app(flat),
+            # Each worker's torch threads: its share of the cores, not all of them.
+            client_app=make_client_app({**flat, "threads": resources.threads}),
             num_supernodes=n,
             backend_config=backend,
         )

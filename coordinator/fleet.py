@@ -1,0 +1,22 @@
+"""The seam through which a simulated fleet's devices shape rounds (``fedtune simulate
+--device-profiles``; ``simulations/fleet.py`` implements it): who is reachable before a round's
+sample is drawn, and what the round would have cost on those devices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from coordinator.pipeline import Contribution
+
+
+class FleetModel(Protocol):
+    def available(self, nodes: Sequence[int], rnd: int) -> list[int]:
+        """The nodes of ``nodes`` that are reachable in round ``rnd`` (a pure function of the
+        run's seed, the round and each node's stable identity)."""
+        ...
+
+    def round_metrics(self, rnd: int, c: Contribution) -> dict[str, Any]:
+        """Metrics row fields for the round ``c`` was collected in: each sampled client's
+        profile and the simulated wall-clock of the round on those devices."""
+        ...

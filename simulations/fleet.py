@@ -1,0 +1,81 @@
+"""Device profiles in a simulated run (``--device-profiles``): the ``coordinator.fleet.FleetModel``
+of ``fedtune simulate``, over the partition ids Flower's simulation engine gives its nodes
+(``simulations.engine.node_partitions``): profiles and availability follow the stable partition
+id, never the random node id."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.profiles import Fleet
+from coordinator.pipeline import Contribution
+from simulations.engine import NodePartitions
+
+
+@dataclass
+class DeviceFleet:
+    """Profiles assigned to partitions (``client.profiles.Fleet``), seen through node ids."""
+
+    fleet: Fleet
+    nodes: NodePartitions
+    names: Sequence[str]  # client name of each partition id
+    unavailable: dict[int, int] = field(default_factory=dict)  # round -> clients left out
+
+    def available(self, nodes: Sequence[int], rnd: int) -> list[int]:
+        out = [n for n in nodes if self.fleet.is_available(self.nodes.partition(n), rnd)]
+        self.unavailable[rnd] = len(nodes) - len(out)
+        return out
+
+    def round_metrics(self, rnd: int, c: Contribution) -> dict[str, Any]:
+        return round_metrics(
+            self.fleet,
+            {n: self.nodes.partition(n) for n in c.nodes},
+            self.names,
+            c,
+            self.unavailable.get(rnd, 0),
+        )
+
+
+def round_metrics(
+    fleet: Fleet,
+    partitions: dict[int, int],
+    names: Sequence[str],
+    c: Contribution,
+    unavailable: int,
+) -> dict[str, Any]:
+    """The metrics row fields of a round on ``fleet``: each sampled client's profile and the
+    seconds its round would take on that device (its reported training tokens at the
+    profile's tokens/s, plus the adapter down and the update up at its link speeds); the
+    round's simulated wall-clock is the slowest contributing client's. Bytes per client are
+    the round's bytes shared equally (every client gets the same adapter and returns the same
+    tensors)."""
+    down = c.bytes_down / len(c.nodes) if c.nodes else 0.0
+    up = c.bytes_up / len(c.contributors) if c.contributors else 0.0
+    contributed = set(c.contributors)
+    clients = []
+    slowest: float | None = None
+    for node in sorted(c.nodes, key=lambda n: partitions[n]):
+        pid = partitions[node]
+        profile = fleet.profile(pid)
+        tokens = c.client_metrics.get(node, {}).get("train-tokens")
+        seconds = None
+        if node in contributed and tokens is not None:
+            seconds = profile.round_seconds(float(tokens), down, up)
+            slowest = seconds if slowest is None else max(slowest, seconds)
+        clients.append(
+            {
+                "client": names[pid],
+                "partition_id": pid,
+                "profile": profile.name,
+                "simulated_seconds": seconds,
+            }
+        )
+    return {
+        "simulated_seconds": slowest,
+        "clients_unavailable": unavailable,
+        "client_bytes_down": down,
+        "client_bytes_up": up,
+        "client_profiles": clients,
+    }
