@@ -121,6 +121,9 @@ def _without_ray_address() -> Iterator[None]:
             os.environ[RAY_ADDRESS_ENV] = old
 
 
+WORKER_NICENESS = 0  # the simulated clients run at the caller's priority (Ray's default: 15)
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int, *, address: str | None = None) -> Iterator[dict[str, Any]]:
     """Yield the ``ray.init`` arguments for the simulation, to be used inside the block.
@@ -141,7 +144,14 @@ def local_ray(num_cpus: int, *, address: str | None = None) -> Iterator[dict[str
             yield {"address": resolved}
         return
     with _without_ray_address(), _single_node():
-        yield {"address": "local", "_node_ip_address": LOOPBACK, "num_cpus": num_cpus}
+        yield {
+            "address": "local",
+            "_node_ip_address": LOOPBACK,
+            "num_cpus": num_cpus,
+            # Ray starts its workers at niceness 15; the simulated clients' training is the work
+            # a simulation is for, so on a busy machine it must not wait behind everything else.
+            "_system_config": {"worker_niceness": WORKER_NICENESS},
+        }
 
 
 def _is_loopback(host: str) -> bool:

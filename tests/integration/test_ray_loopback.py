@@ -97,3 +97,26 @@ def test_simulation_listens_on_loopback_only_and_a_copied_run_resumes(
     assert saved["run"]["partition-dir"] == "partitions" and saved["run"]["rounds"] == 2
     assert len(watch_sockets) == 3  # round 2 of the resumed run, on a second Ray instance
     assert all(is_loopback(ip) for _, ip, _ in watch_sockets[2])
+
+
+def test_simulated_clients_run_at_the_callers_priority() -> None:
+    """Ray starts workers at niceness +15; the simulator's private Ray starts them at the
+    caller's, so a busy machine does not starve the clients' training (seen: a simulation's
+    clients at +15 got a few percent of a core beside ordinary processes)."""
+    import os
+
+    import ray
+
+    from simulations.ray_local import local_ray
+
+    with local_ray(1) as args:
+        ray.init(**args, include_dashboard=False, logging_level="error")
+        try:
+
+            @ray.remote
+            def niceness() -> int:
+                return os.nice(0)
+
+            assert ray.get(niceness.remote(), timeout=600) == os.nice(0)
+        finally:
+            ray.shutdown()
