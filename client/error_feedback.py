@@ -13,14 +13,13 @@ since its entries do not correspond to the new tensors.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client.durable import write_bytes_atomic
 from protocol.adapter import AdapterSpec
 from protocol.codecs import Codec, Payload, error_feedback_step, layout_digest
 from protocol.messages import TrainInstruction
@@ -69,16 +68,7 @@ def save_residual(path: Path, residual: Mapping[str, np.ndarray]) -> None:
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residual.items()}
     blob = save(tensors, metadata={_LAYOUT_KEY: layout_digest(AdapterSpec.of(tensors))})
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, blob)
 
 
 def codec_rng(instr: TrainInstruction, context: Any) -> np.random.Generator:
