@@ -217,8 +217,8 @@ def test_two_rounds_complete_and_write_the_run_directory(deployment: Deployment)
 def test_progress_is_streamed_to_the_operator(deployment: Deployment) -> None:
     out = "\n".join(deployment.run.lines)
     assert "round 1/2 train: waiting for 3 client(s)" in out
-    for node in deployment.node_ids.values():
-        assert f"round 1/2 train: client {node} ok" in out
+    for name in deployment.node_ids:  # clients by their device names, not node ids
+        assert f"round 1/2 train: client {name} ok" in out
 
 
 def test_killed_client_does_not_stall_round_2(deployment: Deployment) -> None:
@@ -226,13 +226,12 @@ def test_killed_client_does_not_stall_round_2(deployment: Deployment) -> None:
     r2 = rows[2]
     assert r2["status"] == "ok"
     assert r2["clients_sampled"] == 3 and r2["clients_ok"] == 2
-    assert [f["node"] for f in r2["failures"]] == [deployment.killed_node]
+    assert [f["client"] for f in r2["failures"]] == ["d3"]  # the killed device, by name
+    assert deployment.node_ids["d3"] == deployment.killed_node
     reason = r2["failures"][0]["reason"]
     assert reason == f"no reply within {ROUND_TIMEOUT}s" or "Node Unavailable" in reason
     # The coordinator said which client it dropped and why, while the run went on.
-    assert any(
-        f"round 2: client {deployment.killed_node} dropped" in line for line in deployment.run.lines
-    )
+    assert any("round 2: client d3 dropped" in line for line in deployment.run.lines)
     assert r2["update_norm"] > 0
 
 

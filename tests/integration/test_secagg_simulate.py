@@ -84,6 +84,6 @@ def test_secagg_equals_plaintext_and_survives_thirty_percent_dropout(
         assert r["status"] == "ok" and r["clients_sampled"] == 4 and r["clients_ok"] == 3
         (f,) = r["failures"]
         assert f["stage"] == "masked-input" and "injected dropout" in f["reason"]
-        assert r["secagg"]["recovered"] == [f["node"]]
+        assert r["secagg"]["recovered"] == [f["client"]]  # by client name
         assert r["update_norm"] > 0
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
