@@ -106,8 +106,8 @@ def test_mixed_ranks_train_and_aggregate_on_three_devices(
     assert code == 0, "\n".join(run.lines[-40:])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    ordered = sorted(node_ids.values())
-    want = {str(n): (2, 4)[i % 2] for i, n in enumerate(ordered)}
+    # round-robin over the clients by device name (the key's stem), not by node id
+    want = {str(node_ids[d]): (2, 4)[i % 2] for i, d in enumerate(sorted(node_ids))}
     for r in rows[1:]:
         assert r["status"] == "ok" and r["clients_ok"] == 3, r.get("reason")
         assert r["client_ranks"] == want
