@@ -11,9 +11,14 @@ examples seen (rounds x clients per round x local steps x batch size).
 
 For each strategy: held-out loss after every round, and the share of the centralized run's loss
 gain over the base model it recovers, (base - federated) / (base - centralized). Prints a table,
-writes ``strategies.json`` and ``strategies.png`` to ``--out``. Dolly-15k: Databricks, CC BY-SA 3.0.
+writes ``strategies.json``, ``strategies.png`` and every final adapter (``adapters/*.safetensors``)
+to ``--out``. ``--server-lr NAME=LR,LR,...`` sweeps a strategy's server learning rate (each value is
+its own run, labelled ``NAME@LR``). ``--reuse`` keeps the runs already in ``--out`` (same data and
+training settings, adapter file present) and trains only the missing ones, so a long benchmark can
+be stopped and continued. Dolly-15k: Databricks, CC BY-SA 3.0.
 
     python benchmarks/strategies.py --rounds 3 --local-steps 3
+    python benchmarks/strategies.py --strategies fedadam --server-lr fedadam=0.01,0.03,0.1 --reuse
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from client.logs import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # before torchao and transformers are imported: their chatter is not ours
 
 from benchmarks._common import load_average  # noqa: E402
 from benchmarks.privacy_utility import heldout_and_clients  # noqa: E402
@@ -77,7 +86,13 @@ def parse_args() -> argparse.Namespace:
         "--server-lr",
         action="append",
         default=[],
-        help="NAME=LR: server learning rate for a strategy (default: the strategy's default)",
+        help="NAME=LR[,LR...]: server learning rate(s) for a strategy (default: the strategy's "
+        "default); several values sweep it, one run each, labelled NAME@LR",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the runs already in --out whose settings match and whose adapter is saved",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -99,9 +114,61 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+# Settings that change what a run trains: a saved run is reused only if all of them match.
+SAME_RUN = ("data", "model", "quantization", "clients", "alpha", "natural", "clients_per_round",
+            "rounds", "local_steps", "batch_size", "seq_len", "eval_seq_len", "lr",
+            "heldout_per_category", "seed")  # fmt: skip
+
+
+def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, float]]:
+    """(label, strategy, server lr or 0 for the strategy's default) for every run to do."""
+    lrs: dict[str, list[float]] = {}
+    for item in server_lr:
+        name, _, raw = item.partition("=")
+        if name not in STRATEGIES or not raw:
+            raise SystemExit(f"--server-lr {item!r}: expected NAME=LR[,LR...] with NAME one of "
+                             f"{', '.join(STRATEGIES)}")  # fmt: skip
+        lrs[name] = [float(v) for v in raw.split(",")]
+    runs: list[tuple[str, str, float]] = []
+    for name in [s for s in strategies.split(",") if s]:
+        values = lrs.get(name, [0.0])
+        for lr in values:
+            runs.append((f"{name}@{lr:g}" if len(values) > 1 else name, name, lr))
+    return runs
+
+
+def previous(args: argparse.Namespace) -> dict[str, Any]:
+    """The results in --out that --reuse may keep (empty if the settings differ)."""
+    path = args.out / "strategies.json"
+    if not args.reuse or not path.exists():
+        return {}
+    old: dict[str, Any] = json.loads(path.read_text())
+    if any(old.get("config", {}).get(k) != getattr(args, k) for k in SAME_RUN):
+        print(f"--reuse: {path} was made with other settings; training everything", flush=True)
+        return {}
+    return old
+
+
+def save_adapter(out: Path, label: str, adapter: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    (out / "adapters").mkdir(parents=True, exist_ok=True)
+    tmp = out / "adapters" / f".{label}.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
+    tmp.replace(out / "adapters" / f"{label}.safetensors")
+
+
+def load_adapter(out: Path, label: str) -> dict[str, np.ndarray] | None:
+    from safetensors.numpy import load_file
+
+    path = out / "adapters" / f"{label}.safetensors"
+    return dict(load_file(str(path))) if path.exists() else None
+
+
 def main() -> None:
     args = parse_args()
-    server_lr = {k: float(v) for k, v in (x.split("=", 1) for x in args.server_lr)}
+    runs = plan_runs(args.strategies, args.server_lr)
+    old = previous(args)
     records = load_records(args.data)
     base = load_base(
         resolve_model(args.model), Quantization.parse(args.quantization), default_cache_dir()
@@ -144,28 +211,47 @@ def main() -> None:
         **read_tasks(args.top_task, args.seed, top=True),
     }
     finals: dict[str, dict[str, np.ndarray]] = {"base model": initial}
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results: dict[str, Any] = {"config": config | {"out": None, "reuse": None}}
 
-    base_loss = held_loss(initial)
-    print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
-    results: dict[str, Any] = {"base_loss": base_loss, "config": vars(args) | {"out": None}}
+    def write() -> None:
+        (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
 
-    # Centralized: one adapter on the pooled rows, the same examples seen as the federation.
-    pooled = [e for cid in range(args.clients) for e in data(cid)]
-    steps = args.rounds * args.clients_per_round * args.local_steps
-    t0 = time.perf_counter()
-    instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps)
-    up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
-    central = {k: initial[k] + up.delta[k] for k in initial}
-    central_loss = held_loss(central)
-    results["centralized"] = {"loss": central_loss, "steps": steps,
-                              "seconds": time.perf_counter() - t0}  # fmt: skip
-    print(f"centralized ({steps} steps): {central_loss:.4f}", flush=True)
+    central = load_adapter(args.out, "centralized") if "centralized" in old else None
+    if central is not None:
+        base_loss = float(old["base_loss"])
+        results["centralized"] = old["centralized"]
+        print(f"base model loss {base_loss:.4f} (kept)", flush=True)
+    else:
+        base_loss = held_loss(initial)
+        print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
+        # Centralized: one adapter on the pooled rows, the same examples seen as the federation.
+        pooled = [e for cid in range(args.clients) for e in data(cid)]
+        steps = args.rounds * args.clients_per_round * args.local_steps
+        t0 = time.perf_counter()
+        instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps)
+        up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
+        central = {k: initial[k] + up.delta[k] for k in initial}
+        results["centralized"] = {"loss": held_loss(central), "steps": steps,
+                                  "seconds": time.perf_counter() - t0}  # fmt: skip
+        save_adapter(args.out, "centralized", central)
+    results["base_loss"] = base_loss
+    central_loss = float(results["centralized"]["loss"])
+    print(f"centralized ({results['centralized']['steps']} steps): {central_loss:.4f}", flush=True)
     finals["centralized"] = central
+    write()
 
     population = list(range(args.clients))
-    for name in [s for s in args.strategies.split(",") if s]:
+    gain = base_loss - central_loss
+    for label, name, lr in runs:
+        kept = load_adapter(args.out, label) if label in old else None
+        if kept is not None:
+            results[label], finals[label] = old[label], kept
+            print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
+            continue
         cfg = RunConfig.from_mapping(
-            {**cfg0.to_mapping(), "strategy": name, "server-learning-rate": server_lr.get(name, 0)}
+            {**cfg0.to_mapping(), "strategy": name, "server-learning-rate": lr}
         )
         strategy = Strategy.create(cfg.strategy_settings(), args.clients, args.clients_per_round)
         privacy = NoPrivacy(args.clients_per_round, args.seed)
@@ -201,37 +287,36 @@ def main() -> None:
             mean, _ = privacy.release(Contribution(acc.sum, acc.weight, list(cohort)))
             adapter = strategy.apply(adapter, mean)
             losses.append(held_loss(adapter))
-            print(f"{name} round {rnd}: {losses[-1]:.4f}", flush=True)
-        gain = base_loss - central_loss
-        results[name] = {
+            print(f"{label} round {rnd}: {losses[-1]:.4f}", flush=True)
+        results[label] = {
+            "strategy": name,
             "losses": losses,
             "recovered": (base_loss - losses[-1]) / gain if gain > 0 else None,
             "server_learning_rate": strategy.record()["server_learning_rate"],
             "seconds": time.perf_counter() - t0,
             "load_average": load_average(),
         }
-        finals[name] = adapter
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+        finals[label] = adapter
+        save_adapter(args.out, label, adapter)
+        write()
 
-    names = [s for s in args.strategies.split(",") if s]
+    labels = [label for label, _, _ in runs]
     print("\n| strategy | server lr | held-out loss by round | recovered of centralized gain |")
     print("|---|---|---|---|")
     print(f"| centralized | - | {base_loss:.4f} -> {central_loss:.4f} | 100% |")
-    for name in names:
-        r = results[name]
+    for label in labels:
+        r = results[label]
         rec = f"{100 * r['recovered']:.0f}%" if r["recovered"] is not None else "n/a"
         path = " -> ".join(f"{x:.4f}" for x in r["losses"])
-        print(f"| {name} | {r['server_learning_rate']:g} | {path} | {rec} |", flush=True)
+        print(f"| {label} | {r['server_learning_rate']:g} | {path} | {rec} |", flush=True)
     plot(results, args)
 
-    best = min(names, key=lambda n: results[n]["losses"][-1]) if names else None
+    best = min(labels, key=lambda n: results[n]["losses"][-1]) if labels else None
+    fedavg = next((n for n in labels if results[n].get("strategy", n) == "fedavg"), None)
     results["best_by_loss"] = best
     results["tasks"] = {}
     for task_name, (task, top) in tasks.items():
-        scored = [
-            n for n in finals if not top or n in ("base model", "centralized", "fedavg", best)
-        ]
+        scored = [n for n in finals if not top or n in ("base model", "centralized", fedavg, best)]
         rows: dict[str, dict[str, float]] = {}
         for n in scored:
             set_adapter(model, finals[n])
@@ -241,9 +326,9 @@ def main() -> None:
             }
             print(f"{task_name} {n}: accuracy {rows[n]['accuracy']:.3f}", flush=True)
         results["tasks"][task_name] = rows
-        (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+        write()
         print_task_table(task_name, rows)
-    (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+    write()
 
 
 def read_tasks(items: list[str], seed: int, top: bool) -> dict[str, tuple[Task, bool]]:
