@@ -11,6 +11,7 @@ A profiles file (YAML or JSON) maps profile names to their settings::
       uplink_mbps: 5
       downlink_mbps: 20
       quantization: nf4     # optional: the base model's quantization on it
+      rank: 4               # optional: the LoRA rank it trains (default: the run's lora-rank)
 
 Everything here is a pure function of its arguments: the profile of a client is a function of
 (profiles, number of clients, seed, client), its availability of (seed, round, client,
@@ -39,6 +40,7 @@ _FIELDS = (
     "uplink_mbps",
     "downlink_mbps",
     "quantization",
+    "rank",
 )
 # Streams of the seeded generators (distinct from sampling's, which uses the round number).
 _ASSIGN_STREAM = 0x5EED_0001
@@ -59,6 +61,7 @@ class DeviceProfile:
     availability: float = 1.0
     memory: int = 0  # bytes; 0: no budget
     quantization: Quantization | None = None  # None: the run's
+    rank: int | None = None  # LoRA rank it trains; None: the run's lora-rank
 
     def round_seconds(self, tokens: float, bytes_down: float, bytes_up: float) -> float:
         """Seconds this device would take for a round: download the global adapter, train
@@ -124,6 +127,9 @@ def _profile(name: str, raw: Any, where: str) -> DeviceProfile:
             raise ProfileError(f"{where}: {exc}") from None
         if memory < 64 * 2**20:
             raise ProfileError(f"{where}: memory {raw['memory']} is below 64 MiB")
+    rank = raw.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ProfileError(f"{where}: rank must be a positive integer, got {rank!r}")
     quantization = None
     if raw.get("quantization") not in (None, ""):
         try:
@@ -139,6 +145,7 @@ def _profile(name: str, raw: Any, where: str) -> DeviceProfile:
         availability=availability,
         memory=memory,
         quantization=quantization,
+        rank=rank,
     )
 
 
@@ -217,6 +224,11 @@ class Fleet:
 
     def is_available(self, client: int, rnd: int) -> bool:
         return available(self.seed, rnd, client, self.profile(client).availability)
+
+    @property
+    def ranked(self) -> bool:
+        """Whether any profile sets a LoRA rank (then the run is a mixed-rank run)."""
+        return any(p.rank is not None for p in self.profiles)
 
     def counts(self) -> dict[str, int]:
         n = np.bincount(self.assignment, minlength=len(self.profiles))

@@ -166,7 +166,7 @@ class RunConfig:
     device_profiles: str = option(
         "",
         "simulation: device profiles file (YAML or JSON): memory, tokens/s, availability, "
-        "link speeds and share of the fleet of each kind of device",
+        "link speeds, share of the fleet and optionally LoRA rank of each kind of device",
     )
     # -- files ---------------------------------------------------------------------------------
     output_dir: str = option("", "run directory (default runs/<timestamp>)")
@@ -666,6 +666,27 @@ class RunConfig:
         except RankError as exc:
             raise ConfigError(str(exc)) from exc
 
+    def profile_ranks(self) -> dict[str, int]:
+        """The LoRA rank of each device profile (``--device-profiles``) when any profile sets
+        one (a profile without ``rank`` trains ``lora-rank``); empty otherwise."""
+        if not self.device_profiles:
+            return {}
+        from client.profiles import ProfileError, cached_profiles
+
+        try:
+            profiles = cached_profiles(self.device_profiles)
+        except ProfileError as exc:
+            raise ConfigError(str(exc)) from exc
+        if all(p.rank is None for p in profiles):
+            return {}
+        return {p.name: p.rank or self.lora_rank for p in profiles}
+
+    @property
+    def mixed_ranks(self) -> bool:
+        """Whether clients train ranks of their own (``--client-ranks`` or a ``rank`` in a
+        device profile): updates then carry holder weights and aggregate per rank component."""
+        return bool(self.client_rank_list() or self.profile_ranks())
+
     def _check_compression(self, need: Any) -> None:
         try:
             self.compression().check_secagg(self.secagg)
@@ -678,12 +699,28 @@ class RunConfig:
             "of the model itself would come back with an error larger than the model)",
         )
         ranks = self.client_rank_list()
+        profiles = self.profile_ranks()
+        need(
+            not (ranks and profiles),
+            "client-ranks",
+            f"give either client-ranks or a rank in the device profiles ({self.device_profiles}), "
+            "not both",
+        )
         if ranks:
             need(
                 max(ranks) == self.lora_rank,
                 "client-ranks",
                 f"the largest rank {max(ranks)} must equal lora-rank {self.lora_rank} (the "
                 f"global adapter keeps the largest rank); pass --lora-rank {max(ranks)}",
+            )
+        if profiles:
+            top = max(profiles, key=lambda name: profiles[name])
+            need(
+                profiles[top] == self.lora_rank,
+                "device-profiles",
+                f"{self.device_profiles}: the largest rank {profiles[top]} (profile {top!r}) must "
+                f"equal lora-rank {self.lora_rank} (the global adapter keeps the largest rank); "
+                f"pass --lora-rank {profiles[top]}",
             )
         need(
             self.rank_aggregation in RANK_AGGREGATIONS,
@@ -708,11 +745,12 @@ class RunConfig:
             "rank-aggregation",
             "flexlora is an aggregation rule of its own; it needs --aggregator mean",
         )
-        if not (ranks or flex):
+        mixed = self.mixed_ranks
+        if not (mixed or flex):
             return
-        what = "client-ranks" if ranks else "rank-aggregation"
+        what = "client-ranks" if ranks else "device-profiles" if profiles else "rank-aggregation"
         need(
-            not (ranks and self.dp is DpMode.CLIENT),
+            not (mixed and self.dp is DpMode.CLIENT),
             what,
             "mixed ranks divide each rank component by the weight of the clients holding it, "
             "a count client-level DP's fixed-denominator release does not account for; use one "

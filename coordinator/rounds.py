@@ -413,7 +413,7 @@ def run_federation(
     trained = spec.subset(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else spec
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
-    wire = UpdateWire(cfg)
+    wire = UpdateWire(cfg, fleet.rank if fleet is not None else None)  # profile ranks
     numel = wire.masked_numel(trained) if cfg.secagg else spec.numel  # a sketch is shorter
     privacy = _privacy(cfg, len(nodes), trained.names, saved[0] if saved else None, numel)
     strategy = Strategy.create(

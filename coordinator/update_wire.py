@@ -1,9 +1,13 @@
 """How a run's updates travel: the update codec (``--compress``), the compressed global adapter
-(``--compress-down``) and per-client LoRA ranks (``--client-ranks``), behind the transports'
-``wire`` seam (``coordinator.pipeline.Wire``).
+(``--compress-down``) and per-client LoRA ranks (``--client-ranks`` or a ``rank`` per device
+profile), behind the transports' ``wire`` seam (``coordinator.pipeline.Wire``).
 
-Ranks. Clients get ranks round-robin over a stable order: the nodes connected at the start,
-sorted by node id, then later ones in the order they are first sampled (sorted within a round).
+Ranks. With ``--client-ranks``, clients get ranks round-robin over a stable order: the nodes
+connected at the start, sorted by node id, then later ones in the order they are first sampled
+(sorted within a round). With ranks in the device profiles, the fleet says each node's rank
+(``coordinator.fleet.FleetModel.rank``: its profile's, a function of the seeded profile
+assignment, so nothing about it needs saving for a resume); a profile without one trains the
+global rank.
 A client of rank r is sent the first r components of the global adapter (``protocol.ranks``)
 with alpha scaled so that alpha / r is the global scale, trains them, and replies with its
 rank-r delta. In plaintext the coordinator pads the decoded delta to the global rank and adds
@@ -74,9 +78,13 @@ def with_holders(spec: AdapterSpec, global_rank: int) -> AdapterSpec:
 
 
 class UpdateWire:
-    """The run's wire settings, and each node's rank (assigned once, kept for the run)."""
+    """The run's wire settings, and each node's rank (assigned once, kept for the run).
+    ``node_rank`` is the fleet's rank of a node (``coordinator.fleet.FleetModel.rank``; None:
+    the global rank), used when the run's device profiles set ranks."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(
+        self, cfg: RunConfig, node_rank: Callable[[int], int | None] | None = None
+    ) -> None:
         self.cfg = cfg
         self.compression: CompressionConfig = cfg.compression()
         self.down: Codec | None = (
@@ -84,11 +92,18 @@ class UpdateWire:
             if cfg.compress_down != "none"
             else None
         )
-        self.ranks = cfg.client_rank_list()
+        self.ranks = cfg.client_rank_list()  # round-robin (--client-ranks)
         self.global_rank = cfg.lora_rank
-        # With --client-ranks (equal ranks included) updates carry holder weights and each
+        self.mixed = cfg.mixed_ranks
+        self.node_rank = node_rank if self.mixed and not self.ranks else None
+        if self.mixed and not self.ranks and node_rank is None:
+            raise RankError(
+                f"device-profiles: {cfg.device_profiles} sets ranks, but this run has no "
+                "simulated fleet to assign them (device profiles are for fedtune simulate)"
+            )
+        # With mixed ranks (equal ranks included) updates carry holder weights and each
         # component is divided by its own: with one rank that is FedAvg, by another route.
-        self.holders = bool(self.ranks) or cfg.rank_aggregation == "flexlora"
+        self.holders = self.mixed or cfg.rank_aggregation == "flexlora"
         self.order: dict[int, int] = {}  # node -> position in the stable order
 
     @property
@@ -119,6 +134,13 @@ class UpdateWire:
         self.order = {n: i for who, i in order.items() if (n := node(who)) is not None}
 
     def rank(self, node: int) -> int:
+        if self.node_rank is not None:
+            r = self.node_rank(node)
+            if r is None:
+                return self.global_rank
+            if not 1 <= r <= self.global_rank:
+                raise RankError(f"node {node}: rank {r} is not in 1..{self.global_rank}")
+            return r
         if not self.ranks:
             return self.global_rank
         if node not in self.order:
@@ -314,6 +336,6 @@ def wire_row(wire: RoundWire, c: Contribution) -> dict[str, Any]:
         "bytes_up_ratio": c.bytes_up / up if up else None,
         "bytes_down_ratio": c.bytes_down / down if down else None,
     }
-    if wire.run.ranks:
+    if wire.run.mixed:
         row["client_ranks"] = {str(n): wire.ranks[n] for n in sorted(wire.ranks)}
     return row

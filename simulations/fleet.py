@@ -1,7 +1,7 @@
 """Device profiles in a simulated run (``--device-profiles``): the ``coordinator.fleet.FleetModel``
 of ``fedtune simulate``, over the partition ids Flower's simulation engine gives its nodes
 (``simulations.engine.node_partitions``): profiles and availability follow the stable partition
-id, never the random node id."""
+id, never the random node id, and so does each client's LoRA rank when the profiles set ranks."""
 
 from __future__ import annotations
 
@@ -22,11 +22,15 @@ class DeviceFleet:
     nodes: NodePartitions
     names: Sequence[str]  # client name of each partition id
     unavailable: dict[int, int] = field(default_factory=dict)  # round -> clients left out
+    lora_rank: int | None = None  # the run's: the rank of a profile without one (metrics)
 
     def available(self, nodes: Sequence[int], rnd: int) -> list[int]:
         out = [n for n in nodes if self.fleet.is_available(self.nodes.partition(n), rnd)]
         self.unavailable[rnd] = len(nodes) - len(out)
         return out
+
+    def rank(self, node: int) -> int | None:
+        return self.fleet.profile(self.nodes.partition(node)).rank
 
     def round_metrics(self, rnd: int, c: Contribution) -> dict[str, Any]:
         return round_metrics(
@@ -35,6 +39,7 @@ class DeviceFleet:
             self.names,
             c,
             self.unavailable.get(rnd, 0),
+            self.lora_rank,
         )
 
 
@@ -44,13 +49,15 @@ def round_metrics(
     names: Sequence[str],
     c: Contribution,
     unavailable: int,
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """The metrics row fields of a round on ``fleet``: each sampled client's profile and the
     seconds its round would take on that device (its reported training tokens at the
     profile's tokens/s, plus the adapter down and the update up at its link speeds); the
     round's simulated wall-clock is the slowest contributing client's. Bytes per client are
     the round's bytes shared equally (every client gets the same adapter and returns the same
-    tensors)."""
+    tensors). When the profiles set ranks, each client also carries the rank it trained (a
+    profile without one: ``lora_rank``)."""
     down = c.bytes_down / len(c.nodes) if c.nodes else 0.0
     up = c.bytes_up / len(c.contributors) if c.contributors else 0.0
     contributed = set(c.contributors)
@@ -64,14 +71,15 @@ def round_metrics(
         if node in contributed and tokens is not None:
             seconds = profile.round_seconds(float(tokens), down, up)
             slowest = seconds if slowest is None else max(slowest, seconds)
-        clients.append(
-            {
-                "client": names[pid],
-                "partition_id": pid,
-                "profile": profile.name,
-                "simulated_seconds": seconds,
-            }
-        )
+        entry: dict[str, Any] = {
+            "client": names[pid],
+            "partition_id": pid,
+            "profile": profile.name,
+            "simulated_seconds": seconds,
+        }
+        if fleet.ranked:
+            entry["rank"] = profile.rank if profile.rank is not None else lora_rank
+        clients.append(entry)
     return {
         "simulated_seconds": slowest,
         "clients_unavailable": unavailable,

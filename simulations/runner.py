@@ -364,7 +364,11 @@ def simulate(
             resources.gpus,
             run_dir,
         )
-        device_fleet = DeviceFleet(fleet, nodes, [str(c["name"]) for c in index]) if fleet else None
+        device_fleet = (
+            DeviceFleet(fleet, nodes, [str(c["name"]) for c in index], lora_rank=sim.run.lora_rank)
+            if fleet
+            else None
+        )
         run_simulation(
             server_app=make_server_app(
                 flat,

@@ -100,3 +100,31 @@ def test_a_simulated_client_gets_its_profile_quantization_and_memory() -> None:
         s = ClientSettings.resolve({"partition-id": pid, "num-partitions": 50}, run)
         assert s.quantization is (profile.quantization or Quantization.NONE)
         assert s.max_memory == profile.memory
+
+
+BASE = {"share": 1, "tokens_per_second": 1, "uplink_mbps": 1, "downlink_mbps": 1}
+
+
+def test_a_profile_may_set_its_lora_rank(tmp_path: Path) -> None:
+    a, b, c = parse_profiles(
+        {"a": {**BASE, "rank": 4}, "b": BASE, "c": {**BASE, "rank": None}}, "f.yaml"
+    )
+    assert (a.rank, b.rank, c.rank) == (4, None, None)
+    assert a.to_record()["rank"] == 4 and b.to_record()["rank"] is None
+    assert Fleet(parse_profiles({"a": {**BASE, "rank": 4}}, "f"), np.zeros(1, int), 0).ranked
+    assert not Fleet((b, c), np.zeros(1, int), 0).ranked
+    # what a run saves (partitions/profiles.json) reads back as the same profiles
+    (tmp_path / "p.json").write_text(json.dumps({p.name: p.to_record() for p in (a, b, c)}))
+    assert load_profiles(tmp_path / "p.json") == (a, b, c)
+    mixed = load_profiles(ROOT / "simulations" / "profiles" / "mixed-ranks.yaml")
+    assert {p.name: p.rank for p in mixed} == {"jetson": 8, "laptop": 16, "pi4": 4}
+    assert all(p.rank is None for p in load_profiles(EXAMPLE))  # the README's edge fleet
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, 4.0, "4", True, [4]])
+def test_a_bad_rank_is_refused_naming_file_profile_and_field(bad: object) -> None:
+    with pytest.raises(ProfileError) as info:
+        parse_profiles({"pi4": {**BASE, "rank": bad}}, "fleet.yaml")
+    assert str(info.value) == (
+        f"fleet.yaml: profile 'pi4': rank must be a positive integer, got {bad!r}"
+    )
