@@ -1,6 +1,6 @@
 """Device profiles in a simulated run (``--device-profiles``): the ``coordinator.fleet.FleetModel``
 of ``fedtune simulate``, over the partition ids Flower's simulation engine gives its nodes
-(``simulations.engine.node_partitions``): profiles and availability follow the stable partition
+(``simulations.engine.NodePartitions``): profiles and availability follow the stable partition
 id, never the random node id."""
 
 from __future__ import annotations

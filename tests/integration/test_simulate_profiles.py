@@ -49,6 +49,15 @@ def test_device_profiles_shape_the_simulated_rounds(
         capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+    # The simulator knows which partition each node serves (simulations/engine.py): the
+    # coordinator names clients without asking them.
+    log = res.stdout + res.stderr
+    assert "named 8 node(s) from the simulation's partitions" in log
+    assert "their client names" not in log
+    names = {
+        s["partition_id"]: s["name"]
+        for s in json.loads((out / "partitions/index.json").read_text())
+    }
     fleet = Fleet.build(load_profiles(tmp_path / "fleet.yaml"), 8, seed=5)
     saved = json.loads((out / "config.json").read_text())
     assert saved["simulation"]["device_profiles"] == {"fast": 4, "slow": 4}
@@ -61,6 +70,7 @@ def test_device_profiles_shape_the_simulated_rounds(
         assert row["clients_unavailable"] == 8 - len(up)
         sampled = row["client_profiles"]
         assert len(sampled) == min(3, len(up))
+        assert sorted(row["clients"]) == sorted(names[c["partition_id"]] for c in sampled)
         assert {c["partition_id"] for c in sampled} <= set(up)
         for c in sampled:
             assert c["profile"] == fleet.profile(c["partition_id"]).name
