@@ -179,13 +179,7 @@ class TrainInstruction:
         )
 
     def compression(self) -> CompressionConfig:
-        return CompressionConfig(
-            codec=self.compress,
-            block_size=self.compress_block_size,
-            sketch_ratio=self.sketch_ratio,
-            sketch_rows=self.sketch_rows,
-            error_feedback=self.error_feedback,
-        )
+        return CompressionConfig.of(self)
 
     def codec(self) -> Codec:
         """This round's update codec (the sketch seeded by the coordinator's seed and round)."""
