@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.profiles import Fleet, available, load_profiles
+from tests.helpers import metric_rows
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ def test_device_profiles_shape_the_simulated_rounds(
     saved = json.loads((out / "config.json").read_text())
     assert saved["simulation"]["device_profiles"] == {"fast": 4, "slow": 4}
     assert saved["run"]["device-profiles"] == "partitions/profiles.json"  # the run's own copy
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:
         rnd = row["round"]
