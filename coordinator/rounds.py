@@ -332,8 +332,10 @@ class Pipeline:
         progress: Progress,
     ) -> tuple[Arrays | None, RoundResult]:
         """One round: (next global adapter or None if the round failed, its result)."""
+        unavailable = 0
         if self.fleet is not None:  # devices unavailable this round are not sampled
-            live = self.fleet.available(live, rnd)
+            reachable = self.fleet.available(live, rnd)
+            unavailable, live = len(live) - len(reachable), reachable
         sampled = self.privacy.sample(live, rnd)
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
@@ -352,7 +354,9 @@ class Pipeline:
         )
         if rw is not None:
             c.extra.update(wire_row(rw, c))  # bytes against fp32, ranks
-        fleet_metrics = self.fleet.round_metrics(rnd, c) if self.fleet is not None else {}
+        fleet_metrics: dict[str, Any] = {}
+        if self.fleet is not None:
+            fleet_metrics = {**self.fleet.round_metrics(rnd, c), "clients_unavailable": unavailable}
         for f in c.failures:
             log.warning(
                 "round %d: client %s dropped: %s", rnd, progress.name(f["node"]), f["reason"]
@@ -467,10 +471,15 @@ def run_federation(
     def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
         live = list(grid.get_node_ids())
         roster.learn(grid, live)
+        evaluating = roster.nodes_named(eval_names, live)
+        if fleet is not None:  # of the fixed set, only the devices up this round evaluate
+            reachable = fleet.available(evaluating, rnd)
+            unavailable, evaluating = len(evaluating) - len(reachable), reachable
         row, down, up = federated_evaluate(
-            grid, cfg, roster.nodes_named(eval_names, live), adapter, rnd, progress, clock,
-            task=client_task,
-        )  # fmt: skip
+            grid, cfg, evaluating, adapter, rnd, progress, clock, task=client_task
+        )
+        if fleet is not None:
+            row["eval_clients_unavailable"] = unavailable
         central = server.central_eval(adapter)
         row["central_eval_loss"] = central.loss if central else None
         row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task

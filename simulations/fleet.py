@@ -6,7 +6,7 @@ id, never the random node id."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from client.profiles import Fleet
@@ -21,12 +21,9 @@ class DeviceFleet:
     fleet: Fleet
     nodes: NodePartitions
     names: Sequence[str]  # client name of each partition id
-    unavailable: dict[int, int] = field(default_factory=dict)  # round -> clients left out
 
     def available(self, nodes: Sequence[int], rnd: int) -> list[int]:
-        out = [n for n in nodes if self.fleet.is_available(self.nodes.partition(n), rnd)]
-        self.unavailable[rnd] = len(nodes) - len(out)
-        return out
+        return [n for n in nodes if self.fleet.is_available(self.nodes.partition(n), rnd)]
 
     def round_metrics(self, rnd: int, c: Contribution) -> dict[str, Any]:
         return round_metrics(
@@ -34,7 +31,6 @@ class DeviceFleet:
             {n: self.nodes.partition(n) for n in c.nodes},
             self.names,
             c,
-            self.unavailable.get(rnd, 0),
         )
 
 
@@ -43,7 +39,6 @@ def round_metrics(
     partitions: dict[int, int],
     names: Sequence[str],
     c: Contribution,
-    unavailable: int,
 ) -> dict[str, Any]:
     """The metrics row fields of a round on ``fleet``: each sampled client's profile and the
     seconds its round would take on that device (its reported training tokens at the
@@ -74,7 +69,6 @@ def round_metrics(
         )
     return {
         "simulated_seconds": slowest,
-        "clients_unavailable": unavailable,
         "client_bytes_down": down,
         "client_bytes_up": up,
         "client_profiles": clients,
