@@ -331,11 +331,8 @@ class Pipeline:
         rnd: int,
         progress: Progress,
     ) -> tuple[Arrays | None, RoundResult]:
-        """One round: (next global adapter or None if the round failed, its result)."""
-        unavailable = 0
-        if self.fleet is not None:  # devices unavailable this round are not sampled
-            reachable = self.fleet.available(live, rnd)
-            unavailable, live = len(live) - len(reachable), reachable
+        """One round over ``live`` (the clients reachable this round): (next global adapter or
+        None if the round failed, its result)."""
         sampled = self.privacy.sample(live, rnd)
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
@@ -354,9 +351,7 @@ class Pipeline:
         )
         if rw is not None:
             c.extra.update(wire_row(rw, c))  # bytes against fp32, ranks
-        fleet_metrics: dict[str, Any] = {}
-        if self.fleet is not None:
-            fleet_metrics = {**self.fleet.round_metrics(rnd, c), "clients_unavailable": unavailable}
+        fleet_metrics = self.fleet.round_metrics(rnd, c) if self.fleet is not None else {}
         for f in c.failures:
             log.warning(
                 "round %d: client %s dropped: %s", rnd, progress.name(f["node"]), f["reason"]
@@ -527,6 +522,11 @@ def run_federation(
         roster.learn(grid, live)
         progress.set_names(roster.names)
         live = roster.ordered(n for n in live if n not in pipeline.transport.excluded)
+        unavailable = 0
+        if fleet is not None:  # devices down this round are not in the pool sampled from
+            reachable = fleet.available(live, rnd)
+            unavailable, live = len(live) - len(reachable), reachable
+        # The pool the cohort is drawn from: distributed DP accounts with its size.
         stop = privacy.stop_reason(len(live), rnd)
         if stop is not None:
             log.warning("stopping: %s", stop)
@@ -537,12 +537,15 @@ def run_federation(
             new, result = (
                 None,
                 RoundResult.not_started(
-                    f"only {len(live)} client node(s) connected after waiting "
+                    f"only {len(live)} client node(s) connected"
+                    f"{' and available' if fleet is not None else ''} after waiting "
                     f"{cfg.node_wait_timeout:g}s; min-clients is {cfg.min_clients}"
                 ),
             )
         else:
             new, result = pipeline.train(grid, cfg, live, adapter, rnd, progress)
+        if fleet is not None:
+            result.extra["clients_unavailable"] = unavailable
         if new is not None:
             adapter = new
         else:
