@@ -88,21 +88,28 @@ def matmul_ceiling(n: int = 1536, repeats: int = 10) -> tuple[float, float]:
     return flops / t.wall / 1e9, flops / t.cpu / 1e9 * torch.get_num_threads()
 
 
-def llama_decoder_forward_flops(config: Any, batch: int, seq: int, lora_params: int) -> float:
-    """FLOPs of one forward of the decoder layers (what activation checkpointing recomputes)."""
+def _llama_layer_flops(config: Any, batch: int, seq: int) -> tuple[int, int]:
+    """(linear, attention) FLOPs of one forward of a llama-style decoder's layers: 2 FLOPs per
+    multiply-add of every projection (q, k, v, o, gate, up, down) and of the attention products
+    (full T x T)."""
     d = config.hidden_size
     f = config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads) or heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     layers = config.num_hidden_layers
-    tokens = batch * seq
     per_layer_linear = (
         d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * f
     )
-    linear = 2 * tokens * layers * per_layer_linear
+    linear = 2 * batch * seq * layers * per_layer_linear
     attention = 2 * 2 * batch * seq * seq * heads * head_dim * layers
-    return float(linear + attention + 2 * tokens * lora_params)
+    return linear, attention
+
+
+def llama_decoder_forward_flops(config: Any, batch: int, seq: int, lora_params: int) -> float:
+    """FLOPs of one forward of the decoder layers (what activation checkpointing recomputes)."""
+    linear, attention = _llama_layer_flops(config, batch, seq)
+    return float(linear + attention + 2 * batch * seq * lora_params)
 
 
 def llama_train_flops(
@@ -115,19 +122,9 @@ def llama_train_flops(
     Backward: input gradients through every frozen matmul (same as forward) plus weight gradients
     of the LoRA matrices only; attention backward counted as 2x its forward.
     """
-    d = config.hidden_size
-    f = config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) or heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    layers = config.num_hidden_layers
+    linear, attention = _llama_layer_flops(config, batch, seq)
     tokens = batch * seq
-    per_layer_linear = (
-        d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * f
-    )
-    linear = 2 * tokens * layers * per_layer_linear
-    attention = 2 * 2 * batch * seq * seq * heads * head_dim * layers
-    head = 2 * head_tokens * d * config.vocab_size
+    head = 2 * head_tokens * config.hidden_size * config.vocab_size
     lora_fwd = (
         2 * tokens * lora_params
     )  # x @ A^T @ B^T, roughly 2 FLOPs per LoRA parameter and token

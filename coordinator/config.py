@@ -649,13 +649,7 @@ class RunConfig:
 
     def compression(self) -> CompressionConfig:
         """The ``--compress`` settings (``protocol.codecs``)."""
-        return CompressionConfig(
-            codec=self.compress,
-            block_size=self.compress_block_size,
-            sketch_ratio=self.sketch_ratio,
-            sketch_rows=self.sketch_rows,
-            error_feedback=self.error_feedback,
-        )
+        return CompressionConfig.of(self)
 
     def client_rank_list(self) -> tuple[int, ...]:
         """``--client-ranks`` as integers (empty: every client has ``lora-rank``)."""

@@ -255,6 +255,14 @@ class ClientLevelDP:
         """This round's cohort: every node with probability q, from a secret generator (or,
         with a ``seed``, one seeded by (seed, round)). ``nodes`` are in their stable order (the
         roster's: by client name)."""
+        # ``nodes`` are the clients reachable this round; with --device-profiles the unavailable
+        # ones are left out before this (coordinator/rounds.py). The ledger still records q for
+        # every release, and that stays an upper bound: a client's inclusion probability is q
+        # if it is available and 0 if not (availability is a public function of seed, round and
+        # client, not of anyone's data), and the Poisson-subsampled Gaussian with rate p <= q
+        # is a mixture (1 - p/q) Q + (p/q) P_q of the rate-q mechanism P_q and the mechanism
+        # without the client Q, so by joint convexity of the hockey-stick and Renyi (as
+        # exp((a-1) D_a)) divergences it is no less private. The denominator stays D = q * N.
         self._round = rnd
         picks = poisson_sample(
             range(len(nodes)), self.settings.sampling_rate, self._rng(SAMPLE_STREAM)

@@ -1,7 +1,7 @@
 """The seam through which a simulated fleet's devices shape rounds (``fedtune simulate
---device-profiles``; ``simulations/fleet.py`` implements it): who is reachable before a round's
-sample is drawn, which LoRA rank each device trains, and what the round would have cost on those
-devices."""
+--device-profiles``; ``simulations/fleet.py`` implements it): who is reachable in a round (the
+training sample is drawn from them, and only they of the fixed evaluation set evaluate), which
+LoRA rank each device trains, and what the round would have cost on those devices."""
 
 from __future__ import annotations
 

@@ -331,9 +331,8 @@ class Pipeline:
         rnd: int,
         progress: Progress,
     ) -> tuple[Arrays | None, RoundResult]:
-        """One round: (next global adapter or None if the round failed, its result)."""
-        if self.fleet is not None:  # devices unavailable this round are not sampled
-            live = self.fleet.available(live, rnd)
+        """One round over ``live`` (the clients reachable this round): (next global adapter or
+        None if the round failed, its result)."""
         sampled = self.privacy.sample(live, rnd)
         instr = cfg.train_instruction(rnd)
         if self.trained.names != tuple(adapter):
@@ -467,10 +466,15 @@ def run_federation(
     def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
         live = list(grid.get_node_ids())
         roster.learn(grid, live)
+        evaluating = roster.nodes_named(eval_names, live)
+        if fleet is not None:  # of the fixed set, only the devices up this round evaluate
+            reachable = fleet.available(evaluating, rnd)
+            unavailable, evaluating = len(evaluating) - len(reachable), reachable
         row, down, up = federated_evaluate(
-            grid, cfg, roster.nodes_named(eval_names, live), adapter, rnd, progress, clock,
-            task=client_task,
-        )  # fmt: skip
+            grid, cfg, evaluating, adapter, rnd, progress, clock, task=client_task
+        )
+        if fleet is not None:
+            row["eval_clients_unavailable"] = unavailable
         central = server.central_eval(adapter)
         row["central_eval_loss"] = central.loss if central else None
         row.update(server.task_eval(adapter))  # task_accuracy, ... with --eval-task
@@ -518,6 +522,11 @@ def run_federation(
         roster.learn(grid, live)
         progress.set_names(roster.names)
         live = roster.ordered(n for n in live if n not in pipeline.transport.excluded)
+        unavailable = 0
+        if fleet is not None:  # devices down this round are not in the pool sampled from
+            reachable = fleet.available(live, rnd)
+            unavailable, live = len(live) - len(reachable), reachable
+        # The pool the cohort is drawn from: distributed DP accounts with its size.
         stop = privacy.stop_reason(len(live), rnd)
         if stop is not None:
             log.warning("stopping: %s", stop)
@@ -528,12 +537,15 @@ def run_federation(
             new, result = (
                 None,
                 RoundResult.not_started(
-                    f"only {len(live)} client node(s) connected after waiting "
+                    f"only {len(live)} client node(s) connected"
+                    f"{' and available' if fleet is not None else ''} after waiting "
                     f"{cfg.node_wait_timeout:g}s; min-clients is {cfg.min_clients}"
                 ),
             )
         else:
             new, result = pipeline.train(grid, cfg, live, adapter, rnd, progress)
+        if fleet is not None:
+            result.extra["clients_unavailable"] = unavailable
         if new is not None:
             adapter = new
         else:

@@ -66,12 +66,7 @@ class AdapterSpec:
         Checks the set of names, each shape and dtype, and that every value is finite.
         """
         expected = dict(self.tensors)
-        missing = [n for n in expected if n not in arrays]
-        extra = [n for n in arrays if n not in expected]
-        if missing:
-            raise UpdateRejected(f"{what}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-        if extra:
-            raise UpdateRejected(f"{what}: {len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
+        _check_names(expected, arrays, what)
         for name, spec in expected.items():
             arr = arrays[name]
             if tuple(arr.shape) != spec.shape:
@@ -87,6 +82,19 @@ class AdapterSpec:
                 raise UpdateRejected(f"{what}: tensor {name!r} contains NaN or infinite values")
 
 
+def _check_names(expected: Mapping[str, object], got: Iterable[str], what: str) -> None:
+    """Raise ``UpdateRejected`` if ``got`` misses a name of ``expected`` or has another (a
+    name quoted at most 80 characters long: it may come from a hostile reply)."""
+    names = list(got)
+    present = set(names)
+    missing = [n for n in expected if n not in present]
+    extra = [n for n in names if n not in expected]
+    if missing:
+        raise UpdateRejected(f"{what}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra:
+        raise UpdateRejected(f"{what}: {len(extra)} unexpected tensor(s), e.g. {extra[0][:80]!r}")
+
+
 # np.save's header is 128 bytes for an adapter tensor; anything beyond the data plus this is refused
 # before decoding.
 MAX_HEADER_BYTES = 4096
@@ -97,12 +105,7 @@ def check_declared(spec: AdapterSpec, record: ArrayRecord, *, what: str) -> None
     declares the expected shape and dtype, and carries no more bytes than that needs (plus
     ``MAX_HEADER_BYTES``). Raises ``UpdateRejected`` naming the first tensor that does not."""
     expected = dict(spec.tensors)
-    missing = [n for n in expected if n not in record]
-    extra = [n for n in record if n not in expected]
-    if missing:
-        raise UpdateRejected(f"{what}: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    if extra:
-        raise UpdateRejected(f"{what}: {len(extra)} unexpected tensor(s), e.g. {extra[0][:80]!r}")
+    _check_names(expected, record, what)
     for name, t in expected.items():
         arr = record[name]
         shape = tuple(arr.shape) if isinstance(arr.shape, list | tuple) else arr.shape

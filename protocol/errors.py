@@ -1,5 +1,10 @@
 """Exceptions raised by the wire contract."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class ProtocolError(ValueError):
     """A message does not follow the fedtune wire contract (missing key, bad type, bad value)."""
@@ -15,3 +20,18 @@ class UpdateRejected(ProtocolError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@contextlib.contextmanager
+def rejections(what: str) -> Iterator[None]:
+    """Inside the block, whatever a hostile reply provokes is an ``UpdateRejected``: one raised
+    passes as it is, another ``ProtocolError`` keeps its message, any other exception becomes
+    ``WHAT: malformed (TYPE: MESSAGE)``."""
+    try:
+        yield
+    except UpdateRejected:
+        raise
+    except ProtocolError as exc:
+        raise UpdateRejected(str(exc)) from exc
+    except Exception as exc:  # whatever else a hostile reply provokes is still a rejection
+        raise UpdateRejected(f"{what}: malformed ({type(exc).__name__}: {exc})") from exc

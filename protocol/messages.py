@@ -49,7 +49,7 @@ from protocol.codecs import (
 from protocol.codecs.base import CODEC, CodecError
 from protocol.codecs.floats import Fp16Codec
 from protocol.codecs.quantized import BLOCK
-from protocol.errors import ProtocolError, UpdateRejected
+from protocol.errors import ProtocolError, UpdateRejected, rejections
 
 MetricValue = int | float | list[int] | list[float]
 
@@ -179,13 +179,7 @@ class TrainInstruction:
         )
 
     def compression(self) -> CompressionConfig:
-        return CompressionConfig(
-            codec=self.compress,
-            block_size=self.compress_block_size,
-            sketch_ratio=self.sketch_ratio,
-            sketch_rows=self.sketch_rows,
-            error_feedback=self.error_feedback,
-        )
+        return CompressionConfig.of(self)
 
     def codec(self) -> Codec:
         """This round's update codec (the sketch seeded by the coordinator's seed and round)."""
@@ -517,14 +511,8 @@ def decode_update(
     codec; None or ``none``: fp32 tensors). Raises ``UpdateRejected`` with the reason, and
     nothing else whatever the content."""
     what = "update"
-    try:
+    with rejections(what):
         return _decode_update(content, expected, rnd, what, codec)
-    except UpdateRejected:
-        raise
-    except ProtocolError as exc:
-        raise UpdateRejected(str(exc)) from exc
-    except Exception as exc:  # whatever else a hostile reply provokes is still a rejection
-        raise UpdateRejected(f"{what}: malformed ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_codec_declared(expected: AdapterSpec, record: ArrayRecord, what: str) -> None:
@@ -615,14 +603,8 @@ def decode_eval_result(content: RecordDict, *, rnd: int) -> EvalResult:
     """Decode and validate an evaluation reply to round ``rnd``. Raises ``UpdateRejected`` with
     the reason, and nothing else whatever the content."""
     what = "evaluation reply"
-    try:
+    with rejections(what):
         return _decode_eval_result(content, rnd, what)
-    except UpdateRejected:
-        raise
-    except ProtocolError as exc:
-        raise UpdateRejected(str(exc)) from exc
-    except Exception as exc:  # whatever else a hostile reply provokes is still a rejection
-        raise UpdateRejected(f"{what}: malformed ({type(exc).__name__}: {exc})") from exc
 
 
 def _decode_eval_result(content: RecordDict, rnd: int, what: str) -> EvalResult:

@@ -1,12 +1,12 @@
 """Device profiles in a simulated run (``--device-profiles``): the ``coordinator.fleet.FleetModel``
 of ``fedtune simulate``, over the partition ids Flower's simulation engine gives its nodes
-(``simulations.engine.node_partitions``): profiles and availability follow the stable partition
+(``simulations.engine.NodePartitions``): profiles and availability follow the stable partition
 id, never the random node id, and so does each client's LoRA rank when the profiles set ranks."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from client.profiles import Fleet
@@ -21,13 +21,10 @@ class DeviceFleet:
     fleet: Fleet
     nodes: NodePartitions
     names: Sequence[str]  # client name of each partition id
-    unavailable: dict[int, int] = field(default_factory=dict)  # round -> clients left out
     lora_rank: int | None = None  # the run's: the rank of a profile without one (metrics)
 
     def available(self, nodes: Sequence[int], rnd: int) -> list[int]:
-        out = [n for n in nodes if self.fleet.is_available(self.nodes.partition(n), rnd)]
-        self.unavailable[rnd] = len(nodes) - len(out)
-        return out
+        return [n for n in nodes if self.fleet.is_available(self.nodes.partition(n), rnd)]
 
     def rank(self, node: int) -> int | None:
         return self.fleet.profile(self.nodes.partition(node)).rank
@@ -38,7 +35,6 @@ class DeviceFleet:
             {n: self.nodes.partition(n) for n in c.nodes},
             self.names,
             c,
-            self.unavailable.get(rnd, 0),
             self.lora_rank,
         )
 
@@ -48,7 +44,6 @@ def round_metrics(
     partitions: dict[int, int],
     names: Sequence[str],
     c: Contribution,
-    unavailable: int,
     lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """The metrics row fields of a round on ``fleet``: each sampled client's profile and the
@@ -82,7 +77,6 @@ def round_metrics(
         clients.append(entry)
     return {
         "simulated_seconds": slowest,
-        "clients_unavailable": unavailable,
         "client_bytes_down": down,
         "client_bytes_up": up,
         "client_profiles": clients,

@@ -46,7 +46,6 @@ from coordinator.rundir import (
 from protocol.messages import LoraSpec
 from simulations.engine import fleet_engine
 from simulations.fleet import DeviceFleet
-from simulations.node_names import simulated_node_names
 from simulations.partition import PartitionSpec, partition
 from simulations.ray_local import local_ray, resolve_ray_address
 from simulations.resources import WorkerResources, worker_resources
@@ -337,8 +336,7 @@ def simulate(
     with (
         keep,
         local_ray(os.cpu_count() or 1, address=sim.run.ray_address or None) as ray_args,
-        fleet_engine() as nodes,  # node -> partition id (device profiles)
-        simulated_node_names(partition_names) as names,  # node -> client name (the roster)
+        fleet_engine() as nodes,  # node -> partition id (client names, device profiles)
     ):
         if split is not None:
             write_shards(*split, index, part_dir)
@@ -375,7 +373,7 @@ def simulate(
                 resume=sim.resume,
                 config_record=record,
                 progress=progress,
-                node_names=names,
+                node_names=nodes.names(partition_names),
                 fleet=device_fleet,
             ),
             # Each worker's torch threads: its share of the cores, not all of them.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from protocol.codecs.base import (
     Arrays,
@@ -45,6 +45,22 @@ from protocol.codecs.wire import (
 CODEC_NAMES: Final = ("none", "fp16", "int8", "int4", "sketch")
 FEEDBACK_CODECS: Final = ("fp16", "int8", "int4")
 LINEAR_CODECS: Final = ("none", "sketch")
+
+
+class CompressionFields(Protocol):
+    """The compression fields an option table or an instruction holds (``RunConfig``,
+    ``TrainInstruction``), as ``CompressionConfig.of`` reads them."""
+
+    @property
+    def compress(self) -> str: ...
+    @property
+    def compress_block_size(self) -> int: ...
+    @property
+    def sketch_ratio(self) -> float: ...
+    @property
+    def sketch_rows(self) -> int: ...
+    @property
+    def error_feedback(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,17 @@ class CompressionConfig:
                 f"error-feedback: only for {', '.join(FEEDBACK_CODECS)} (got compress "
                 f"{self.codec!r}: lossless, or a sketch whose one-client decode is too noisy)"
             )
+
+    @classmethod
+    def of(cls, fields: CompressionFields) -> CompressionConfig:
+        """The settings held in ``fields`` (``RunConfig`` or ``TrainInstruction``)."""
+        return cls(
+            codec=fields.compress,
+            block_size=fields.compress_block_size,
+            sketch_ratio=fields.sketch_ratio,
+            sketch_rows=fields.sketch_rows,
+            error_feedback=fields.error_feedback,
+        )
 
     def check_secagg(self, secagg: bool) -> None:
         """Refuse settings that cannot run under secure aggregation, with the reason."""
@@ -117,6 +144,7 @@ __all__ = [
     "Codec",
     "CodecError",
     "CompressionConfig",
+    "CompressionFields",
     "CountSketch",
     "Fp16Codec",
     "MetaValue",

@@ -13,8 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +23,22 @@ import pytest
 
 from client.processes import LoggedProcess as Proc
 from client.processes import free_port, stop_tree
+from tests.helpers import (
+    RUN_TIMEOUT,
+    START_TIMEOUT,
+    client_args,
+    coordinator_args,
+    device_keys,
+    fedtune_cmd,
+    metric_rows,
+    write_shards,
+)
 
 pytestmark = pytest.mark.integration
 
 # Seconds per phase. Far above a busy machine's client start-up (a fresh process per message); the
 # killed client in round 2 is declared unavailable by Flower's heartbeat (~45 s) long before it.
 ROUND_TIMEOUT = 300
-START_TIMEOUT = 600.0
-RUN_TIMEOUT = 1800.0
-
-
-def fedtune_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
 
 
 @dataclass
@@ -49,22 +51,6 @@ class Deployment:
     rogue_code: int
     killed_node: int
     node_ids: dict[str, int]
-
-
-def write_shards(out: Path, n: int) -> list[Path]:
-    from client.data import load_records
-
-    rows = load_records("builtin:chatterbot")
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(len(rows))
-    paths = []
-    for i in range(n):
-        path = out / f"shard-{i}.jsonl"
-        with path.open("w") as fh:
-            for j in idx[i * 60 : (i + 1) * 60]:
-                fh.write(json.dumps(rows[int(j)]) + "\n")
-        paths.append(path)
-    return paths
 
 
 def _kill_group_now(proc: Proc) -> list[psutil.Process]:
@@ -86,19 +72,8 @@ def deployment(
     root = tmp_path_factory.mktemp("deploy")
     logs = root / "logs"
     logs.mkdir()
-    keys = root / "keys"
-    devices = ["--device", "d1", "--device", "d2", "--device", "d3", "--device", "d4"]
-    res = subprocess.run(
-        fedtune_cmd("keys", "--out", str(keys), *devices),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    authorized = root / "authorized"
-    authorized.mkdir()
-    for d in ("d1", "d2", "d3"):  # d4 is never registered
-        (authorized / f"{d}.pub").write_bytes((keys / "nodes" / f"{d}.pub").read_bytes())
+    # d4 is never registered
+    keys, authorized = device_keys(root, ["d1", "d2", "d3", "d4"], ["d1", "d2", "d3"])
     shards = write_shards(root, 4)
 
     fleet = f"127.0.0.1:{free_port()}"
@@ -119,19 +94,13 @@ def deployment(
 
     def client(name: str, shard: Path) -> Proc:
         return start(
-            name, "client", "start", "--coordinator", fleet,
-            "--root-cert", str(keys / "ca.pem"), "--key", str(keys / "nodes" / f"{name}.key"),
-            "--data", str(shard), "--cache-dir", str(model_cache),
-            "--state-dir", str(root / "state" / name),
-            "--threads", "1", "--max-wait", "120",
-        )  # fmt: skip
+            name, *client_args(name, fleet, keys, shard, model_cache, root / "state" / name)
+        )
 
     try:
         coord = start(
-            "coordinator", "coordinator", "start", "--keys", str(keys),
-            "--authorized-keys", str(authorized), "--fleet-address", fleet,
-            "--control-address", control, "--state-dir", str(root / "coord"),
-        )  # fmt: skip
+            "coordinator", *coordinator_args(keys, authorized, fleet, control, root / "coord")
+        )
         # Devices start while the coordinator is still coming up: they retry with backoff.
         devices = {d: client(d, shards[i]) for i, d in enumerate(("d1", "d2", "d3"))}
         rogue = client("d4", shards[3])
@@ -187,17 +156,13 @@ def _not_zombie(pid: int) -> bool:
         return False
 
 
-def _rows(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_two_rounds_complete_and_write_the_run_directory(deployment: Deployment) -> None:
     d = deployment
     assert d.run_code == 0, "\n".join(d.run.lines[-40:])
     assert f"run directory: {d.run_dir}" in d.run.lines
     config = json.loads((d.run_dir / "config.json").read_text())["run"]
     assert config["rounds"] == 2 and config["min-clients"] == 2
-    rows = _rows(d.run_dir)
+    rows = metric_rows(d.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[0]["eval_clients_ok"] == 3 and np.isfinite(rows[0]["eval_loss"])
     r1 = rows[1]
@@ -222,7 +187,7 @@ def test_progress_is_streamed_to_the_operator(deployment: Deployment) -> None:
 
 
 def test_killed_client_does_not_stall_round_2(deployment: Deployment) -> None:
-    rows = _rows(deployment.run_dir)
+    rows = metric_rows(deployment.run_dir)
     r2 = rows[2]
     assert r2["status"] == "ok"
     assert r2["clients_sampled"] == 3 and r2["clients_ok"] == 2

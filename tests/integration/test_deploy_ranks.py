@@ -5,13 +5,11 @@ two-round run with ``--client-ranks 2,4 --lora-rank 4 --compress int8 --compress
 The devices get ranks round-robin over the node ids (sorted); each is sent its rank's slice, and
 the run's metrics name each client's rank and the bytes against fp32. Every wait is bounded and
 every process started here is stopped in the fixture's teardown (as tests/integration/
-test_deploy.py, whose helpers it uses).
+test_deploy.py; the shared helpers are in tests/helpers.py).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +19,14 @@ from safetensors.numpy import load_file
 
 from client.processes import LoggedProcess as Proc
 from client.processes import free_port, stop_tree
-from tests.integration.test_deploy import (
+from tests.helpers import (
     RUN_TIMEOUT,
     START_TIMEOUT,
+    client_args,
+    coordinator_args,
+    device_keys,
     fedtune_cmd,
+    metric_rows,
     write_shards,
 )
 
@@ -38,19 +40,8 @@ def ranked_run(
     root = tmp_path_factory.mktemp("deploy-ranks")
     logs = root / "logs"
     logs.mkdir()
-    keys = root / "keys"
-    names = ("d1", "d2", "d3")
-    res = subprocess.run(
-        fedtune_cmd("keys", "--out", str(keys), *[a for d in names for a in ("--device", d)]),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    authorized = root / "authorized"
-    authorized.mkdir()
-    for d in names:
-        (authorized / f"{d}.pub").write_bytes((keys / "nodes" / f"{d}.pub").read_bytes())
+    names = ["d1", "d2", "d3"]
+    keys, authorized = device_keys(root, names, names)
     shards = write_shards(root, 3)
     fleet = f"127.0.0.1:{free_port()}"
     control = f"127.0.0.1:{free_port()}"
@@ -63,18 +54,13 @@ def ranked_run(
 
     def client(name: str, shard: Path) -> Proc:
         return start(
-            name, "client", "start", "--coordinator", fleet,
-            "--root-cert", str(keys / "ca.pem"), "--key", str(keys / "nodes" / f"{name}.key"),
-            "--data", str(shard), "--cache-dir", str(model_cache),
-            "--state-dir", str(root / "state" / name), "--threads", "1", "--max-wait", "120",
-        )  # fmt: skip
+            name, *client_args(name, fleet, keys, shard, model_cache, root / "state" / name)
+        )
 
     try:
         coord = start(
-            "coordinator", "coordinator", "start", "--keys", str(keys),
-            "--authorized-keys", str(authorized), "--fleet-address", fleet,
-            "--control-address", control, "--state-dir", str(root / "coord"),
-        )  # fmt: skip
+            "coordinator", *coordinator_args(keys, authorized, fleet, control, root / "coord")
+        )
         devices = {d: client(d, shards[i]) for i, d in enumerate(names)}
         coord.wait_for(r"coordinator ready", START_TIMEOUT)
         node_ids = {
@@ -104,7 +90,7 @@ def test_mixed_ranks_train_and_aggregate_on_three_devices(
 ) -> None:
     run_dir, run, code, node_ids = ranked_run
     assert code == 0, "\n".join(run.lines[-40:])
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     # round-robin over the clients by device name (the key's stem), not by node id
     want = {str(node_ids[d]): (2, 4)[i % 2] for i, d in enumerate(sorted(node_ids))}

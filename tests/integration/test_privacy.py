@@ -5,8 +5,6 @@ with FFA-LoRA."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import dp_accounting as dpa
@@ -15,20 +13,9 @@ import pytest
 from dp_accounting import pld, rdp
 from safetensors.numpy import load_file
 
+from tests.helpers import fedtune, metric_rows
+
 pytestmark = pytest.mark.integration
-
-
-def fedtune(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _rows(run: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 def recompute_epsilon(run: Path) -> float:
@@ -69,7 +56,7 @@ def test_client_level_dp_reaches_the_target_epsilon(
         "--output-dir", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = _rows(out)
+    rows = metric_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["epsilon"] == 0.0
     for r in rows[1:]:
@@ -110,7 +97,7 @@ def test_sample_level_dpsgd_with_ffa_lora(
         "--output-dir", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = _rows(out)
+    rows = metric_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["clients_ok"] == 2 and r["status"] == "ok"

@@ -4,8 +4,6 @@ tiny model, then `fedtune export` and loading the result with PEFT."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from client.model import Quantization, attach_lora, load_base, resolve_model, set_adapter
+from tests.helpers import fedtune, metric_rows
 
 pytestmark = pytest.mark.integration
 
@@ -29,15 +28,6 @@ ROUND_KEYS = (
     "bytes_up",
     "seconds",
 )
-
-
-def fedtune(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +60,7 @@ def test_simulation_writes_a_valid_run_directory(run_dir: Path) -> None:
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["rounds"] == 2 and config["run"]["quantization"] == "nf4"
     assert config["simulation"]["num_clients"] == 3 and config["simulation"]["partition"] == "iid"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
         assert all(k in r for k in ROUND_KEYS)

@@ -4,14 +4,13 @@ state directory inside the run directory."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.integration.test_simulate import fedtune
+from tests.helpers import fedtune, metric_rows
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,7 @@ def test_simulate_int4_error_feedback_and_mixed_ranks(
         "--output-dir", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["status"] == "ok" and r["clients_ok"] == 3, r.get("reason")

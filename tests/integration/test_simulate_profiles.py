@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.profiles import Fleet, available, load_profiles
+from tests.helpers import metric_rows
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +50,20 @@ def test_device_profiles_shape_the_simulated_rounds(
         capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+    # The simulator knows which partition each node serves (simulations/engine.py): the
+    # coordinator names clients without asking them.
+    log = res.stdout + res.stderr
+    assert "named 8 node(s) from the simulation's partitions" in log
+    assert "their client names" not in log
+    names = {
+        s["partition_id"]: s["name"]
+        for s in json.loads((out / "partitions/index.json").read_text())
+    }
     fleet = Fleet.build(load_profiles(tmp_path / "fleet.yaml"), 8, seed=5)
     saved = json.loads((out / "config.json").read_text())
     assert saved["simulation"]["device_profiles"] == {"fast": 4, "slow": 4}
     assert saved["run"]["device-profiles"] == "partitions/profiles.json"  # the run's own copy
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:
         rnd = row["round"]
@@ -61,6 +71,7 @@ def test_device_profiles_shape_the_simulated_rounds(
         assert row["clients_unavailable"] == 8 - len(up)
         sampled = row["client_profiles"]
         assert len(sampled) == min(3, len(up))
+        assert sorted(row["clients"]) == sorted(names[c["partition_id"]] for c in sampled)
         assert {c["partition_id"] for c in sampled} <= set(up)
         for c in sampled:
             assert c["profile"] == fleet.profile(c["partition_id"]).name

@@ -119,6 +119,18 @@ def test_what_composes_is_accepted() -> None:
         assert cfg.train_instruction(1).compress == cfg.compress
 
 
+def test_the_run_and_its_instruction_read_the_same_compression_settings() -> None:
+    cfg = from_flags(
+        "--compress", "int4", "--compress-block-size", "32", "--sketch-ratio", "0.5",
+        "--sketch-rows", "3", "--error-feedback",
+    )  # fmt: skip
+    want = CompressionConfig(
+        "int4", block_size=32, sketch_ratio=0.5, sketch_rows=3, error_feedback=True
+    )
+    assert cfg.compression() == want
+    assert cfg.train_instruction(1).compression() == want
+
+
 def test_a_compressed_update_round_trips_and_a_mismatch_is_rejected_with_the_reason() -> None:
     spec = AdapterSpec.of(ADAPTER)
     int8 = CompressionConfig("int8", block_size=16).build()

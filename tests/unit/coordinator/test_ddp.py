@@ -8,6 +8,7 @@ from __future__ import annotations
 import decimal
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from coordinator.config import ConfigError, RunConfig
 from coordinator.ddp import DistributedClientDP, resolve_distributed_dp, uniform_sample
+from coordinator.pipeline import Contribution
 from coordinator.progress import Progress
 from privacy import distributed_dp as ddp
 from tests.fakegrid import run_virtual
@@ -304,3 +306,34 @@ def test_seeded_cohort_is_a_function_of_seed_round_and_order(
     draws = {tuple(DistributedClientDP(settings, seed=4).sample(list(one), r)) for r in range(9)}
     assert len(draws) > 1
     assert DistributedClientDP(settings).seed is None
+
+
+class TwoDown:
+    """A FleetModel (coordinator/fleet.py) in which two clients, a different pair each round,
+    are unreachable."""
+
+    def available(self, nodes: Sequence[int], rnd: int) -> list[int]:
+        down = {NODES[rnd % 8], NODES[(rnd + 3) % 8]}
+        return [n for n in nodes if n not in down]
+
+    def rank(self, node: int) -> int | None:
+        return None  # every device trains the run's rank
+
+    def round_metrics(self, rnd: int, c: Contribution) -> dict[str, Any]:
+        return {}
+
+
+def test_the_accountant_draws_the_cohort_from_the_available_clients(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """Cohorts come from the clients available in the round, so the sampling fraction the
+    ledger records is contributors / available clients (5/6 here), not / connected (5/8)."""
+    out = tmp_path / "run"
+    cfg = cfg_for(tiny_model_dir, model_cache, out, rounds=2)
+    rows = run_virtual(fleet().grid(), cfg, out, progress=Progress(2, live=False), fleet=TwoDown())
+    for r in rows[1:]:
+        assert r["status"] == "ok" and r["clients_sampled"] == 5
+        assert r["clients_unavailable"] == 2
+    (event,) = json.loads((out / "state.json").read_text())["privacy"]["ledger"]["events"]
+    assert (event["contributors"], event["population"], event["count"]) == (5, 6, 2)
+    assert recompute(out) == pytest.approx(rows[-1]["epsilon"], abs=1e-6)

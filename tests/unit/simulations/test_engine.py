@@ -77,3 +77,32 @@ def test_fleet_engine_records_registered_nodes_and_restores_flower() -> None:
     assert vce_api.add_messages_to_queue is original[1]
     with pytest.raises(RuntimeError, match="the simulation registered no nodes within 0s"):
         NodePartitions().partition(1, timeout=0.0)
+
+
+def test_node_ids_get_their_partition_names() -> None:
+    original = vce_api._register_nodes
+
+    def fake_register(num_nodes: int, state_factory: Any) -> dict[int, int]:
+        return {1000 + 7 * i: i for i in range(num_nodes)}  # random ids in Flower
+
+    vce_api._register_nodes = fake_register
+    try:
+        with fleet_engine() as nodes:
+            names = nodes.names({0: "ai", 1: "law", 2: "math"})
+            vce_api._register_nodes(num_nodes=3, state_factory=None)
+            assert names([1014, 1000, 99]) == {1014: "math", 1000: "ai"}  # 99: not registered
+            assert nodes.names({0: "ai"})([1007]) == {}  # a partition without a name
+    finally:
+        vce_api._register_nodes = original
+
+
+def test_a_name_lookup_waits_for_the_registration() -> None:
+    nodes = NodePartitions()
+
+    def register() -> None:
+        nodes.mapping.update({42: 0})
+        nodes.ready.set()
+
+    threading.Timer(0.05, register).start()
+    assert nodes.names({0: "ai"}, timeout=30.0)([42]) == {42: "ai"}
+    assert NodePartitions().names({0: "ai"}, timeout=0.0)([42]) == {}  # none: ask instead

@@ -1,6 +1,6 @@
 """Device profiles in the round loop (simulations/fleet.py through coordinator/rounds.py):
-unavailable clients are absent from their rounds, and each round's simulated wall-clock is the
-slowest sampled client's compute + transfer under its profile."""
+unavailable clients are absent from their rounds (training and evaluation), and each round's
+simulated wall-clock is the slowest sampled client's compute + transfer under its profile."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flwr.app import Message, MessageType
 
 from client.profiles import Fleet, available, parse_profiles
 from coordinator.config import RunConfig
+from coordinator.exchange import sample_nodes
 from coordinator.progress import Progress
 from protocol.messages import (
     ClientUpdate,
@@ -36,6 +37,7 @@ PROFILES = parse_profiles(
 )  # fmt: skip
 NUM = 24
 NODES = [2**63 + 7919 * i for i in range(NUM)]  # random-looking 64-bit ids, partition i
+EVAL_CLIENTS = 10
 
 
 def client(pid: int):  # type: ignore[no-untyped-def]
@@ -58,7 +60,7 @@ def fleet_run(tiny_model_dir: Path, model_cache: Path, tmp_path: Path):  # type:
     cfg = RunConfig.from_mapping(
         {"model": str(tiny_model_dir), "quantization": "none", "cache-dir": str(model_cache),
          "output-dir": str(tmp_path / "run"), "rounds": 4, "clients-per-round": 6,
-         "min-clients": 1, "eval-clients": 2, "lora-rank": 2, "seed": 11}
+         "min-clients": 1, "eval-clients": EVAL_CLIENTS, "lora-rank": 2, "seed": 11}
     )  # fmt: skip
     fleet = Fleet.build(PROFILES, NUM, seed=11)
     nodes = NodePartitions({n: i for i, n in enumerate(NODES)})
@@ -67,7 +69,7 @@ def fleet_run(tiny_model_dir: Path, model_cache: Path, tmp_path: Path):  # type:
     names = [f"client-{i:03d}" for i in range(NUM)]
     rows = run_virtual(
         grid, cfg, tmp_path / "run", progress=Progress(4, live=False),
-        fleet=DeviceFleet(fleet, nodes, names),
+        fleet=DeviceFleet(fleet, nodes, names), node_names=nodes.names(dict(enumerate(names))),
     )  # fmt: skip
     return grid, fleet, rows
 
@@ -113,3 +115,23 @@ def test_simulated_round_time_comes_from_the_profiles(fleet_run) -> None:  # typ
             expected.append(seconds)
         assert row["simulated_seconds"] == pytest.approx(max(expected), rel=1e-12)
         assert row["seconds"] >= 0  # the real time stays beside it
+
+
+def test_only_the_available_clients_of_the_fixed_set_evaluate(fleet_run) -> None:  # type: ignore[no-untyped-def]
+    grid, fleet, rows = fleet_run
+    pid = {n: i for i, n in enumerate(NODES)}
+    # The fixed evaluation set: drawn once from the clients in their stable order (by name,
+    # client-000 ... client-023: the partition order here).
+    fixed = {pid[n] for n in sample_nodes(NODES, EVAL_CLIENTS, 11, 0)}
+    evaluated: dict[int, set[int]] = {rnd: set() for rnd in range(5)}
+    for msg in grid.sent:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            evaluated[int(msg.metadata.group_id)].add(pid[msg.metadata.dst_node_id])
+    left_out = 0
+    for rnd, clients in evaluated.items():
+        up = {c for c in fixed if available(11, rnd, c, fleet.profile(c).availability)}
+        assert clients == up, rnd
+        assert rows[rnd]["eval_clients_unavailable"] == len(fixed - up)
+        assert rows[rnd]["eval_clients_ok"] == len(up)
+        left_out += len(fixed - up)
+    assert left_out > 0  # some member of the set was down in some round
