@@ -277,6 +277,22 @@ FEDERATED: dict[str, dict[str, Any]] = {
 }
 
 
+def config_labels(text: str) -> list[str]:
+    """``--configs`` split at commas, a label's own commas kept (``ranks 4,8,16``).
+
+    >>> config_labels("none,ranks 4,8,16,int8")
+    ['none', 'ranks 4,8,16', 'int8']
+    """
+    labels: list[str] = []
+    part = ""
+    for token in text.split(","):
+        part = f"{part},{token}" if part else token.strip()
+        if part in FEDERATED:
+            labels.append(part)
+            part = ""
+    return labels + ([part] if part else [])
+
+
 def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every configuration of ``FEDERATED`` (or ``--configs``) for every seed, as whole runs."""
     from benchmarks.privacy_utility import heldout_and_clients
@@ -286,7 +302,7 @@ def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
     from coordinator.progress import Progress
     from tests.fakegrid import FakeGrid, run_virtual
 
-    labels = [x.strip() for x in args.configs.split(",")] if args.configs else list(FEDERATED)
+    labels = config_labels(args.configs) if args.configs else list(FEDERATED)
     unknown = [x for x in labels if x not in FEDERATED]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; known: {', '.join(FEDERATED)}")

@@ -21,14 +21,18 @@ from client.model import Quantization, default_cache_dir, load_base, resolve_mod
 pytestmark = [pytest.mark.integration, pytest.mark.real_model]
 
 
-def test_two_clients_one_round_with_the_real_gguf_model(tmp_path: Path) -> None:
+def test_two_clients_one_round_with_the_real_gguf_model_under_1gb(tmp_path: Path) -> None:
+    """Two clients with a 1 GB memory budget each (issue 14: a client with max-memory 1GB
+    completes a round on the real model): each plans its step to fit, trains the default batch
+    4 x 128, and reports its plan and peak RSS."""
     out = tmp_path / "run"
     res = subprocess.run(
         [
             sys.executable, "-m", "cli.main", "simulate",
             "--data", "builtin:chatterbot", "--partition", "iid", "--num-clients", "2",
-            "--clients-per-round", "2", "--rounds", "1", "--local-steps", "2", "--seq-len", "64",
-            "--heldout-fraction", "0.02", "--quantization", "nf4", "--output-dir", str(out),
+            "--clients-per-round", "2", "--rounds", "1", "--local-steps", "2", "--seq-len", "128",
+            "--batch-size", "4", "--heldout-fraction", "0.02", "--quantization", "nf4",
+            "--client-max-memory", "1GB", "--output-dir", str(out),
         ],
         capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
@@ -40,7 +44,14 @@ def test_two_clients_one_round_with_the_real_gguf_model(tmp_path: Path) -> None:
     assert 1.0 < rows[0]["eval_loss"] < 6.0 and np.isfinite(rows[1]["eval_loss"])
     # LoRA r=8 on q,v of SmolLM2-135M: 460,800 fp32 parameters per client upload
     assert rows[1]["bytes_up"] >= 2 * 460_800 * 4
-    assert rows[1]["client_peak_rss_mb_max"] > 0
+    # The budget was kept: both clients planned under 1 GiB and their step peaked under it.
+    memory = rows[1]["client_memory"]
+    assert len(memory) == 2, memory
+    for m in memory:
+        assert m["max_memory_mb"] == 1024, m
+        assert m["estimated_mb"] <= 1024 and 0 < m["peak_rss_mb"] <= 1024, m
+        assert m["micro_batch"] * m["accumulation"] == 4, m  # the effective batch is kept
+    assert 0 < rows[1]["client_peak_rss_mb_max"] <= 1024
 
     base = load_base(resolve_model("smollm2"), Quantization.NONE, default_cache_dir())
     model = PeftModel.from_pretrained(base.model, str(out / "adapter")).eval()
