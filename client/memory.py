@@ -23,7 +23,7 @@ llama-style decoder with ``L`` layers (hidden ``D``, MLP ``F``), in fp32:
 
 The allocator hands memory back in pages and keeps some of what tensors release: the estimate is
 scaled by ``ALLOCATOR_SLACK``, a factor measured with ``benchmarks/training.py --budgets``
-(estimate against peak RSS, README "Memory").
+(estimate against peak RSS, README "Edge clients in 2 GB").
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ MIB = 2**20
 TRANSIENT_PER_TOKEN = (
     4  # x F floats: a layer's backward holds the MLP's gate/up/activation gradients at once
 )
-# Margin on the counted bytes for what the allocator keeps (README, "Memory"). Measured on
-# SmolLM2 at 128 tokens per row, step peak over the resident process against the counted bytes:
-# 0.90 for 4 rows without checkpointing, 0.71 with it, but 1.28 for micro-batches of 2 rows
-# (small tensors fragment the heap); a simulated client's plan of 1-row micro-batches reached
-# 964 MiB where 953 were estimated with a margin of 1.1.
+# Margin on the counted bytes for what the allocator keeps (README, "Edge clients in 2 GB").
+# Measured on SmolLM2 at 128 tokens per row, step peak over the resident process against the
+# counted bytes: 0.90 for 4 rows without checkpointing, 0.71 with it, but 1.28 for micro-batches
+# of 2 rows (small tensors fragment the heap); a simulated client's plan of 1-row micro-batches
+# reached 964 MiB where 953 were estimated with a margin of 1.1.
 ALLOCATOR_SLACK = 1.3
 # fp32 logits of one head chunk (client.loss): the faster size first, then the smaller one.
 HEAD_CHUNKS_MIB = (32.0, 8.0)
@@ -50,7 +50,7 @@ HALF_HEAD_SLICE_MIB = 4.0  # one upcast vocabulary slice of a half-precision hea
 # What loading and using the base model costs besides its weights, MiB: transformers' modelling
 # code and what it imports (scipy, sympy, torch.distributed, ...), bitsandbytes for NF4,
 # thread pools and kernel caches. Measured with SmolLM2-135M on torch 2.13 / transformers 5.24
-# (README, "Memory").
+# (README, "Edge clients in 2 GB").
 # Measured after two training steps: 265 (none), 267 (int8), 269 (nf4) MiB.
 LOAD_OVERHEAD_MIB = {Quantization.NONE: 270.0, Quantization.INT8: 270.0, Quantization.NF4: 270.0}
 
