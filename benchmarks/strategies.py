@@ -12,10 +12,10 @@ examples seen (rounds x clients per round x local steps x batch size).
 For each strategy: held-out loss after every round, and the share of the centralized run's loss
 gain over the base model it recovers, (base - federated) / (base - centralized). Prints a table,
 writes ``strategies.json``, ``strategies.png`` and every final adapter (``adapters/*.safetensors``)
-to ``--out``. ``--server-lr NAME=LR,LR,...`` sweeps a strategy's server learning rate (each value is
-its own run, labelled ``NAME@LR``). ``--reuse`` keeps the runs already in ``--out`` (same data and
-training settings, adapter file present) and trains only the missing ones, so a long benchmark can
-be stopped and continued. Dolly-15k: Databricks, CC BY-SA 3.0.
+to ``--out``. ``--server-lr NAME=LR,LR,...`` sets or sweeps a strategy's server learning rate
+(each value is its own run, labelled ``NAME@LR``). ``--reuse`` keeps the runs already in ``--out``
+(same data and training settings, adapter file present) and trains only the missing ones, so a
+long benchmark can be stopped and continued. Dolly-15k: Databricks, CC BY-SA 3.0.
 
     python benchmarks/strategies.py --rounds 3 --local-steps 3
     python benchmarks/strategies.py --strategies fedadam --server-lr fedadam=0.01,0.03,0.1 --reuse
@@ -133,7 +133,7 @@ def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, flo
     for name in [s for s in strategies.split(",") if s]:
         values = lrs.get(name, [0.0])
         for lr in values:
-            runs.append((f"{name}@{lr:g}" if len(values) > 1 else name, name, lr))
+            runs.append((f"{name}@{lr:g}" if name in lrs else name, name, lr))
     return runs
 
 
