@@ -214,6 +214,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results: dict[str, Any] = {"config": config | {"out": None, "reuse": None}}
+    # Runs kept from --out stay in the JSON even if this invocation does not list them.
+    results |= {k: v for k, v in old.items() if isinstance(v, dict) and "losses" in v}
 
     def write() -> None:
         (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
@@ -249,6 +251,7 @@ def main() -> None:
         if kept is not None:
             results[label], finals[label] = old[label], kept
             print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
+            write()
             continue
         cfg = RunConfig.from_mapping(
             {**cfg0.to_mapping(), "strategy": name, "server-learning-rate": lr}
