@@ -312,14 +312,14 @@ def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for seed in seeds:
         split = argparse.Namespace(
-            seed=seed,
+            seed=seed if args.split_seed is None else args.split_seed,
             heldout_per_category=args.heldout_per_category,
             natural=False,
             alpha=args.alpha,
             clients=args.clients,
         )
         held, shards = heldout_and_clients(records, split)
-        data = work / f"data-seed{seed}"
+        data = work / f"data-seed{seed}-split{split.seed}"
         data.mkdir(parents=True, exist_ok=True)
         heldout = data / "heldout.jsonl"
         heldout.write_text(
@@ -330,7 +330,7 @@ def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "".join(json.dumps(records[int(i)]) + "\n" for i in idx)
             )
         for label in labels:
-            out = work / f"{label.replace(' ', '_').replace(',', '-')}-seed{seed}"
+            out = work / f"{label.replace(' ', '_').replace(',', '-')}-seed{seed}-split{split.seed}"
             if out.exists():
                 import shutil
 
@@ -386,6 +386,7 @@ def federated(args: argparse.Namespace) -> list[dict[str, Any]]:
             result = {
                 "config": label,
                 "seed": seed,
+                "split_seed": split.seed,
                 "rounds_ok": len(trained),
                 "final_heldout_loss": rows[-1].get("central_eval_loss"),
                 "base_heldout_loss": rows[0].get("central_eval_loss"),
@@ -446,6 +447,13 @@ def main() -> None:
     f.add_argument("--quantization", default="nf4")
     f.add_argument("--clients-per-round", type=int, default=8)
     f.add_argument("--rounds", type=int, default=10)
+    f.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="one data split and held-out set for every seed (default: each seed its own), so "
+        "two seeds show the training noise alone",
+    )
     f.add_argument("--local-steps", type=int, default=3)
     f.add_argument("--batch-size", type=int, default=4)
     f.add_argument("--lr", type=float, default=2e-3)
