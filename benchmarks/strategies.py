@@ -44,6 +44,7 @@ from benchmarks._common import load_average  # noqa: E402
 from benchmarks.privacy_utility import heldout_and_clients  # noqa: E402
 from client.corrections import ProximalTerm, Scaffold  # noqa: E402
 from client.data import load_records, to_conversations, tokenize_all  # noqa: E402
+from client.durable import write_bytes_atomic  # noqa: E402
 from client.model import (  # noqa: E402
     Quantization,
     attach_lora,
@@ -150,12 +151,11 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def save_adapter(out: Path, label: str, adapter: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     (out / "adapters").mkdir(parents=True, exist_ok=True)
-    tmp = out / "adapters" / f".{label}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
-    tmp.replace(out / "adapters" / f"{label}.safetensors")
+    blob = save({k: np.ascontiguousarray(v) for k, v in adapter.items()})
+    write_bytes_atomic(out / "adapters" / f"{label}.safetensors", blob)
 
 
 def load_adapter(out: Path, label: str) -> dict[str, np.ndarray] | None:

@@ -217,16 +217,14 @@ def ensure_base(source: ModelSource, cache_dir: Path) -> Path:
     """Return an fp32 Hugging Face directory (weights + tokenizer) for ``source``."""
     if not source.is_gguf:
         return source.path
-    if cache_dir.is_dir():
-        # A cache hit: the entry is keyed by the file's content hash, and the file was checked
-        # when the entry was built; reading its layout again would cost a cold start ~0.1-0.3 s.
-        target = _entry_dir(source, cache_dir) / "base"
-        if (target / "config.json").is_file():
-            return target
-    check_model_file(source)  # before anything is written to the cache
-    target = _entry_dir(source, cache_dir) / "base"
-    if (target / "config.json").is_file():
+    # Hashing the file writes to the cache, so without one the file is checked first. A cache hit
+    # skips the check: the entry is keyed by the file's content hash, and the file was checked
+    # when the entry was built (reading its layout again cost a cold start ~0.1-0.3 s).
+    target = _entry_dir(source, cache_dir) / "base" if cache_dir.is_dir() else None
+    if target is not None and (target / "config.json").is_file():
         return target
+    check_model_file(source)  # before anything is written to the cache
+    target = target or _entry_dir(source, cache_dir) / "base"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _building(target, source) as scratch:

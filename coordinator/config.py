@@ -739,7 +739,7 @@ class RunConfig:
             "rank-aggregation",
             "flexlora is an aggregation rule of its own; it needs --aggregator mean",
         )
-        mixed = self.mixed_ranks
+        mixed = bool(ranks or profiles)  # self.mixed_ranks, from what is already parsed
         if not (mixed or flex):
             return
         what = "client-ranks" if ranks else "device-profiles" if profiles else "rank-aggregation"

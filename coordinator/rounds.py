@@ -380,6 +380,15 @@ class Pipeline:
         return new, result
 
 
+def reachable(fleet: FleetModel | None, nodes: Sequence[int], rnd: int) -> tuple[list[int], int]:
+    """The nodes of ``nodes`` reachable in round ``rnd`` (all without a simulated fleet), and
+    how many were left out."""
+    if fleet is None:
+        return list(nodes), 0
+    up = fleet.available(nodes, rnd)
+    return up, len(nodes) - len(up)
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -466,10 +475,8 @@ def run_federation(
     def evaluate_all(rnd: int) -> tuple[dict[str, Any], int, int]:
         live = list(grid.get_node_ids())
         roster.learn(grid, live)
-        evaluating = roster.nodes_named(eval_names, live)
-        if fleet is not None:  # of the fixed set, only the devices up this round evaluate
-            reachable = fleet.available(evaluating, rnd)
-            unavailable, evaluating = len(evaluating) - len(reachable), reachable
+        # Of the fixed set, only the devices up this round evaluate.
+        evaluating, unavailable = reachable(fleet, roster.nodes_named(eval_names, live), rnd)
         row, down, up = federated_evaluate(
             grid, cfg, evaluating, adapter, rnd, progress, clock, task=client_task
         )
@@ -522,10 +529,7 @@ def run_federation(
         roster.learn(grid, live)
         progress.set_names(roster.names)
         live = roster.ordered(n for n in live if n not in pipeline.transport.excluded)
-        unavailable = 0
-        if fleet is not None:  # devices down this round are not in the pool sampled from
-            reachable = fleet.available(live, rnd)
-            unavailable, live = len(live) - len(reachable), reachable
+        live, unavailable = reachable(fleet, live, rnd)  # devices down are not sampled
         # The pool the cohort is drawn from: distributed DP accounts with its size.
         stop = privacy.stop_reason(len(live), rnd)
         if stop is not None:
