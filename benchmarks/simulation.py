@@ -64,12 +64,16 @@ class Watch:
         reader = threading.Thread(target=self._read, daemon=True)
         reader.start()
         root = psutil.Process(self.proc.pid)
+        # CPU seconds of every process seen in the tree (last sample), keyed by pid.
+        self.cpu: dict[int, tuple[str, float]] = {}
         while self.proc.poll() is None:
             rss = 0
             with contextlib.suppress(psutil.Error):
                 for p in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
+                    with contextlib.suppress(psutil.Error), p.oneshot():
                         rss += p.memory_info().rss
+                        t = p.cpu_times()
+                        self.cpu[p.pid] = (_role(p), t.user + t.system)
             self.peak_rss = max(self.peak_rss, rss)
             time.sleep(0.5)
         reader.join(timeout=60)
@@ -82,8 +86,29 @@ class Watch:
             self.lines.append((time.perf_counter() - self.t0, line.rstrip()))
             self._log.write(line)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds (user + system) per kind of process over the run, largest first."""
+        out: dict[str, float] = {}
+        for role, seconds in self.cpu.values():
+            out[role] = out.get(role, 0.0) + seconds
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def first(self, text: str) -> float | None:
         return next((t for t, line in self.lines if text in line), None)
+
+
+def _role(p: Any) -> str:
+    """What a process of the simulation's tree is: the driver, a Ray worker, a Ray server."""
+    name = str(p.name())
+    if name.startswith("ray::"):
+        return "ray worker (" + name.removeprefix("ray::") + ")"
+    cmd = " ".join(p.cmdline()[:3])
+    if "cli.main" in cmd:
+        return "driver (coordinator, Flower engine)"
+    for server in ("raylet", "gcs_server", "log_monitor", "dashboard", "runtime_env", "monitor"):
+        if server in cmd:
+            return f"ray {server}"
+    return name
 
 
 def simulate_cmd(out: Path, args: list[str]) -> list[str]:
@@ -98,6 +123,8 @@ def metrics(out: Path) -> list[dict[str, Any]]:
 
 
 def throughput(a: argparse.Namespace, extra: list[str]) -> None:
+    import statistics
+
     import torch
 
     from client.app import Runtime
@@ -110,88 +137,121 @@ def throughput(a: argparse.Namespace, extra: list[str]) -> None:
     from simulations.runner import split_data, write_shards
 
     work = Path(tempfile.mkdtemp(prefix="fedtune-bench-sim-"))
-    out = work / "run"
     common = ["--model", a.model, "--data", a.data, "--partition", "iid",
               "--num-clients", str(a.num_clients), "--seed", str(a.seed)]  # fmt: skip
     run_args = [*common, "--rounds", str(a.rounds),
                 "--clients-per-round", str(a.clients_per_round),
                 "--min-clients", "1", "--eval-clients", "1", *extra]  # fmt: skip
     print(f"fedtune simulate {' '.join(run_args)}", flush=True)
-    w = Watch(simulate_cmd(out, run_args), work / "simulate.log")
-    if w.proc.returncode != 0:
-        raise SystemExit(f"fedtune simulate failed; see {work / 'simulate.log'}")
-    rows = [r for r in metrics(out) if r["round"] > 0]
-    sim_rounds = sum(int(r["clients_ok"]) for r in rows)
-    sim_seconds = sum(float(r["train_phase_seconds"]) for r in rows)
-    _phase_table(rows)
 
+    def simulate(k: int) -> tuple[Path, list[dict[str, Any]]]:
+        out = work / f"run{k}"
+        w = Watch(simulate_cmd(out, run_args), work / f"simulate{k}.log")
+        if w.proc.returncode != 0:
+            raise SystemExit(f"fedtune simulate failed; see {work / f'simulate{k}.log'}")
+        rows = [r for r in metrics(out) if r["round"] > 0]
+        print(f"\n[pair {k + 1}] simulation, seconds per client-round:")
+        _phase_table(rows)
+        print(f"CPU seconds by process over the whole simulation ({w.seconds:.0f} s wall):")
+        for role, seconds in w.cpu_by_role().items():
+            print(f"  {seconds:8.1f}  {role}")
+        return out, rows
+
+    out, rows = simulate(0)
     # The same options, shards, instruction and threads, in this process.
-    saved = json.loads((out / "config.json").read_text())
-    flat = saved["run"]
+    flat = json.loads((out / "config.json").read_text())["run"]
     cfg = RunConfig.from_mapping(flat)
     records, shards, index = split_data(a.data, PartitionSpec.parse("iid"), a.num_clients, a.seed)
     write_shards(records, shards, index, work / "partitions")
-    threads = worker_resources(_cpus(), 0, cfg.cpus_per_client).threads
+    # One process with every core: the ceiling a simulation of several one-core workers is held
+    # to as well (same threads as the simulation's worker when it has one).
+    threads = a.plain_threads or _cpus()
     torch.set_num_threads(threads)
+    workers = worker_resources(_cpus(), 0, cfg.cpus_per_client)
     source, cache = resolve_model(cfg.model), Path(flat["cache-dir"])
     run_config = {**flat, "partition-dir": str(work / "partitions")}
-    n = sim_rounds  # as many client-rounds as the simulation trained
+    pid = {str(c["name"]): int(c["partition_id"]) for c in index}
 
     def settings(i: int) -> ClientSettings:
-        node = {"partition-id": i % a.num_clients, "num-partitions": a.num_clients}
+        node = {"partition-id": i, "num-partitions": a.num_clients}
         return ClientSettings.resolve(node, run_config)
 
-    def one(runtime: Runtime, adapter: dict[str, Any], i: int) -> None:
+    def one(runtime: Runtime, adapter: dict[str, Any], rnd: int, i: int) -> None:
         data = runtime.local_data(settings(i), cfg.seq_len)
-        train_round(runtime.model, data.train, cfg.train_instruction(1), adapter,
+        train_round(runtime.model, data.train, cfg.train_instruction(rnd), adapter,
                     pad_id=runtime.pad_id, client_seed=data.seed)  # fmt: skip
+
+    def client_rounds(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        """What the simulation trained, in its order: (round, partition id). Client datasets
+        differ in length, so the loops here train exactly these clients in these rounds."""
+        trained = [(int(r["round"]), pid[name]) for r in rows for name in r["clients"]]
+        if len(trained) != sum(int(r["clients_ok"]) for r in rows):
+            raise SystemExit("metrics.jsonl: the named clients and clients_ok disagree")
+        return trained
 
     base = load_base(source, cfg.quantization, cache)
     runtime = Runtime(base, attach_lora(base.model, cfg.lora))
     adapter = get_adapter(runtime.model)
+    trained = client_rounds(rows)
     # Warm-up, as the simulation's worker had in round 0 (its evaluation): one client-round on a
     # client outside the timed ones; the process's first training step is not timed in either.
-    one(runtime, adapter, n)
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        one(runtime, adapter, i)
-        times.append(time.perf_counter() - t0)
-    plain_seconds = sum(times)
-    print(f"plain loop, seconds per client-round: {', '.join(f'{t:.2f}' for t in times)}")
+    timed_ids = {i for _, i in trained}
+    one(runtime, adapter, 1, next(i for i in range(a.num_clients) if i not in timed_ids))
+
+    # The machine's speed drifts by 10-20% over minutes: simulation and plain loop alternate,
+    # and each pair gives one ratio.
+    pairs: list[tuple[float, float, float, int]] = []  # (sim s, inside training s, plain s, n)
+    for k in range(a.repeats):
+        if k:
+            out, rows = simulate(k)
+            trained = client_rounds(rows)
+        times = []
+        for rnd, i in trained:
+            t0 = time.perf_counter()
+            one(runtime, adapter, rnd, i)
+            times.append(time.perf_counter() - t0)
+        print(f"[pair {k + 1}] plain loop, seconds per client-round: "
+              f"{', '.join(f'{t:.2f}' for t in times)}")  # fmt: skip
+        sim_s = sum(float(r["train_phase_seconds"]) for r in rows)
+        inside = sum(float(r["client_train_seconds"]) for r in rows)
+        pairs.append((sim_s, inside, sum(times), len(trained)))
     del runtime, base
 
-    flower_n = max(1, min(n, a.flowertune_clients))
+    flower_n = min(len(trained), a.flowertune_clients) if a.flowertune_clients > 0 else 0
+    flower_n = flower_n or len(trained)
     times = []
-    for i in range(flower_n):
+    for rnd, i in trained[:flower_n]:
         t0 = time.perf_counter()
         fresh = load_base(source, cfg.quantization, cache)  # model and tokenizer, every call
-        one(Runtime(fresh, attach_lora(fresh.model, cfg.lora)), adapter, i)
+        one(Runtime(fresh, attach_lora(fresh.model, cfg.lora)), adapter, rnd, i)
         del fresh
         times.append(time.perf_counter() - t0)
     flower_seconds = sum(times)
     print(f"FlowerTune-style, seconds per client-round: {', '.join(f'{t:.2f}' for t in times)}")
 
-    rate = {
-        "fedtune": sim_rounds / sim_seconds * 3600,
-        "plain": n / plain_seconds * 3600,
-        "flowertune": flower_n / flower_seconds * 3600,
-    }
     print(f"\nmodel {cfg.model} ({cfg.quantization.value}), local steps {cfg.local_steps}, "
-          f"batch {cfg.batch_size}, seq-len {cfg.seq_len}, torch threads {threads}, "
+          f"batch {cfg.batch_size}, seq-len {cfg.seq_len}; simulation: {workers.workers} "
+          f"worker(s) of {workers.threads} torch thread(s); loops here: {threads} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"{'':<12}{'client-rounds':>14}{'seconds':>10}{'per hour':>10}")
-    for name, count, secs in (
-        ("fedtune", sim_rounds, sim_seconds),
-        ("plain (a)", n, plain_seconds),
-        ("flowertune (b)", flower_n, flower_seconds),
-    ):
-        print(f"{name:<12}{count:>14}{secs:>10.1f}{count / secs * 3600:>10.0f}")
-    overhead = 1 - rate["fedtune"] / rate["plain"]
-    print(f"\noverhead vs the plain loop (a): {overhead:.1%} (target <= 5%)")
-    print(f"speed-up vs FlowerTune-style (b): {rate['fedtune'] / rate['flowertune']:.2f}x "
-          "(target >= 3x)")  # fmt: skip
-    print(f"run directory {out}")
+    print(f"{'pair':<6}{'client-rounds':>14}{'fedtune s':>10}{'plain s':>9}{'fedtune/h':>10}"
+          f"{'plain/h':>9}{'overhead':>9}{'outside training':>17}")  # fmt: skip
+    overheads, outside = [], []
+    for k, (sim_s, inside, plain_s, n) in enumerate(pairs):
+        overheads.append(1 - plain_s / sim_s)
+        outside.append(1 - inside / sim_s)
+        print(f"{k + 1:<6}{n:>14}{sim_s:>10.1f}{plain_s:>9.1f}{n / sim_s * 3600:>10.0f}"
+              f"{n / plain_s * 3600:>9.0f}{overheads[-1]:>9.1%}{outside[-1]:>17.1%}")  # fmt: skip
+    sim_s, _, _, n = pairs[-1]
+    print(f"flowertune (b): {flower_n} client-rounds in {flower_seconds:.1f} s, "
+          f"{flower_n / flower_seconds * 3600:.0f} per hour")  # fmt: skip
+    print(
+        f"\noverhead vs the plain loop (a), median of {len(pairs)} pairs: "
+        f"{statistics.median(overheads):.1%} (target <= 5%); of it, outside the clients' "
+        f"training calls (Flower, Ray, encoding, aggregation): {statistics.median(outside):.1%}"
+    )
+    speedup = (n / sim_s) / (flower_n / flower_seconds)
+    print(f"speed-up vs FlowerTune-style (b), last pair: {speedup:.2f}x (target >= 3x)")
+    print(f"run directories under {work}")
 
 
 def _phase_table(rows: list[dict[str, Any]]) -> None:
@@ -289,8 +349,12 @@ def main() -> None:
     t.add_argument("--clients-per-round", type=int, default=4)
     t.add_argument("--rounds", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--flowertune-clients", type=int, default=4,
-                   help="client-rounds timed for (b) (each reloads the model)")  # fmt: skip
+    t.add_argument("--repeats", type=int, default=3,
+                   help="(simulation, plain loop) pairs, alternated")  # fmt: skip
+    t.add_argument("--plain-threads", type=int, default=0,
+                   help="torch threads of the loops here (default: every core)")  # fmt: skip
+    t.add_argument("--flowertune-clients", type=int, default=0,
+                   help="client-rounds timed for (b), the first ones (default: all)")  # fmt: skip
     s = sub.add_parser("scale", help="the 10,000-client run")
     s.add_argument("--model", default="tiny", help="'tiny' (a 2-layer test model) or a model")
     s.add_argument("--num-clients", type=int, default=10_000)
