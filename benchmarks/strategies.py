@@ -372,16 +372,25 @@ def plot(results: dict[str, Any], args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # One line per strategy: its best server learning rate by final loss (a sweep's other
+    # rates, a diverged one included, are in the table and the JSON).
+    best: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, r in results.items():
-        if isinstance(r, dict) and "losses" in r:
-            ax.plot(range(len(r["losses"])), r["losses"], marker="o", label=name)
+        if isinstance(r, dict) and "losses" in r and name != "centralized":
+            strategy = name.split("@")[0]
+            if strategy not in best or r["losses"][-1] < best[strategy][1]["losses"][-1]:
+                best[strategy] = (name, r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in sorted(best.values(), key=lambda nr: nr[1]["losses"][-1]):
+        lr = r.get("server_learning_rate")
+        label = f"{name.split('@')[0]} (server lr {lr:g})" if lr is not None else name
+        ax.plot(range(len(r["losses"])), r["losses"], marker="o", label=label)
     ax.axhline(results["centralized"]["loss"], color="k", ls="--", label="centralized")
     ax.set_xlabel("round")
     ax.set_xticks(range(args.rounds + 1))
     ax.set_ylabel("held-out loss per response token")
     ax.set_title(f"Dolly-15k, {args.clients} clients Dirichlet({args.alpha}), "
-                 f"{args.clients_per_round}/round")  # fmt: skip
+                 f"{args.clients_per_round}/round; best server lr of each")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
