@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +19,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fedtune-cache")
+
+
+@pytest.fixture(autouse=True)
+def _fedtune_logger_restored() -> Iterator[None]:
+    """A test that runs the CLI attaches a handler on the stderr pytest captured for that test;
+    put the "fedtune" logger back afterwards, so that a later test's log line (a worker thread's
+    warning, say) is not written to a closed capture file."""
+    logger = logging.getLogger("fedtune")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
