@@ -64,7 +64,8 @@ class Watch:
         reader = threading.Thread(target=self._read, daemon=True)
         reader.start()
         root = psutil.Process(self.proc.pid)
-        # CPU seconds of every process seen in the tree (last sample), keyed by pid.
+        # CPU seconds of every process seen in the tree (last sample), keyed by pid, with its
+        # role read again at each sample (Ray renames a worker when it takes on an actor).
         self.cpu: dict[int, tuple[str, float]] = {}
         while self.proc.poll() is None:
             rss = 0
@@ -217,8 +218,8 @@ def throughput(a: argparse.Namespace, extra: list[str]) -> None:
         pairs.append((sim_s, inside, sum(times), len(trained)))
     del runtime, base
 
-    flower_n = min(len(trained), a.flowertune_clients) if a.flowertune_clients > 0 else 0
-    flower_n = flower_n or len(trained)
+    asked = a.flowertune_clients
+    flower_n = min(len(trained), asked) if asked > 0 else len(trained)
     times = []
     for rnd, i in trained[:flower_n]:
         t0 = time.perf_counter()
