@@ -465,16 +465,27 @@ def load_base(
     quant: Quantization,
     cache_dir: Path,
     device: torch.device | None = None,
+    *,
+    quantize_on_load: bool = False,
 ) -> LoadedBase:
-    """Load the frozen base model, quantized as asked, from the cache (building it if needed)."""
+    """Load the frozen base model, quantized as asked, from the cache (building it if needed).
+
+    ``quantize_on_load`` reads the full-precision base instead and quantizes it while loading,
+    as a loader without the pre-quantized cache entry does (Hugging Face's ``from_pretrained``
+    with a ``quantization_config``, FlowerTune's client). Slower, same weights; the simulation
+    benchmark uses it for its FlowerTune-style baseline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = ensure_quantized(source, quant, cache_dir)
+    on_load = quantize_on_load and quant is not Quantization.NONE
+    directory = (
+        ensure_base(source, cache_dir) if on_load else ensure_quantized(source, quant, cache_dir)
+    )
+    extra = {"quantization_config": _quantization_config(quant)} if on_load else {}
     device = device or pick_device()
     t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, device_map=str(device)
+            directory, dtype=torch.float32, device_map=str(device), **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # OSError, SafetensorError, JSON errors from a damaged entry, ...

@@ -40,6 +40,7 @@ class Exchange:
     answered: list[int] = field(default_factory=list)  # nodes whose reply was not kept
     bytes_down: int = 0
     bytes_up: int = 0
+    node_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # node: (down, up)
     seconds: float = 0.0  # wall time from push to the last reply (or the timeout)
     timeout: float = 0.0
 
@@ -84,7 +85,9 @@ def exchange(
     t0 = clock.now()
     messages = []
     for node, content in contents.items():
-        out.bytes_down += payload_bytes(content)
+        size = payload_bytes(content)
+        out.bytes_down += size
+        out.node_bytes[node] = (size, 0)
         messages.append(
             Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
         )
@@ -115,7 +118,9 @@ def exchange(
             else:
                 out.answered.append(node)
             if reply.has_content():
-                out.bytes_up += payload_bytes(reply.content)
+                size = payload_bytes(reply.content)
+                out.bytes_up += size
+                out.node_bytes[node] = (out.node_bytes.get(node, (0, 0))[0], size)
             if on_reply:
                 on_reply(node, reply)
         if pending:

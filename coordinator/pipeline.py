@@ -59,6 +59,7 @@ class Contribution:
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_down: int = 0
     bytes_up: int = 0
+    node_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # node: (down, up)
     replied: list[int] = field(default_factory=list)  # whose reply had content (bytes_up)
     phase_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific metrics
@@ -259,6 +260,7 @@ class PlainTransport:
         if capped:
             c.extra["weights_capped"] = sorted(capped)
         c.bytes_down, c.bytes_up, c.phase_seconds = ex.bytes_down, ex.bytes_up, ex.seconds
+        c.node_bytes = dict(ex.node_bytes)
         return c
 
 

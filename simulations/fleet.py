@@ -49,10 +49,11 @@ def round_metrics(
     """The metrics row fields of a round on ``fleet``: each sampled client's profile and the
     seconds its round would take on that device (its reported training tokens at the
     profile's tokens/s, plus the adapter down and the update up at its link speeds); the
-    round's simulated wall-clock is the slowest contributing client's. Bytes per client are
-    the round's bytes shared equally (every client gets the same adapter and returns the same
-    tensors). When the profiles set ranks, each client also carries the rank it trained (a
-    profile without one: ``lora_rank``)."""
+    round's simulated wall-clock is the slowest contributing client's. Each client is charged
+    the bytes of its own messages (ranks and codecs make them differ); a transport that does
+    not count them per client has its round's bytes shared equally. When the profiles set
+    ranks, each client also carries the rank it trained (a profile without one:
+    ``lora_rank``)."""
     down = c.bytes_down / len(c.nodes) if c.nodes else 0.0
     up = c.bytes_up / len(c.contributors) if c.contributors else 0.0
     contributed = set(c.contributors)
@@ -63,14 +64,17 @@ def round_metrics(
         profile = fleet.profile(pid)
         tokens = c.client_metrics.get(node, {}).get("train-tokens")
         seconds = None
+        node_down, node_up = c.node_bytes.get(node, (down, up if node in contributed else 0.0))
         if node in contributed and tokens is not None:
-            seconds = profile.round_seconds(float(tokens), down, up)
+            seconds = profile.round_seconds(float(tokens), node_down, node_up)
             slowest = seconds if slowest is None else max(slowest, seconds)
         entry: dict[str, Any] = {
             "client": names[pid],
             "partition_id": pid,
             "profile": profile.name,
             "simulated_seconds": seconds,
+            "bytes_down": node_down,
+            "bytes_up": node_up,
         }
         if fleet.ranked:
             entry["rank"] = profile.rank if profile.rank is not None else lora_rank

@@ -86,6 +86,24 @@ def _quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("quant", [Quantization.NF4, Quantization.INT8])
+def test_quantizing_on_load_gives_the_cached_weights(
+    quant: Quantization, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The FlowerTune-style load (quantize the full-precision base while loading, no quantized
+    cache entry) holds the same weights as a load from the pre-quantized cache."""
+    src = resolve_model(str(tiny_model_dir))
+    on_load = load_base(src, quant, tmp_path / "a", quantize_on_load=True)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob(quant.value))
+    cached = load_base(src, quant, tmp_path / "b")
+    a, b = _quantized_state(on_load.model), _quantized_state(cached.model)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    assert any(a[n].dtype in (torch.uint8, torch.int8) for n in a)  # quantized, not fp32
+
+
 @pytest.mark.parametrize("quant", list(Quantization))
 def test_lora_training_on_quantized_base(
     quant: Quantization,

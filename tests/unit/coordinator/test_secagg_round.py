@@ -94,6 +94,28 @@ def assert_close(
         assert np.abs(new[k] - ref[k]).max() < 1e-5
 
 
+def test_secure_round_counts_each_clients_bytes_over_its_stages() -> None:
+    """A simulated device is charged its own messages (simulations/fleet.py): the secure
+    transport adds up each node's bytes over the four stages, and they sum to the round's."""
+    fleet = fleet_of()
+    secure = SecureTransport(config(), clock=VirtualClock())
+    seen = []
+    collect = secure.collect
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.append(collect(*args, **kw))
+        return seen[-1]
+
+    secure.collect = spy  # type: ignore[method-assign]
+    _new, m, down, up = secure_round(secure, fleet, fleet.nodes, 1)
+    assert m["clients_ok"] == 10
+    (c,) = seen
+    assert sorted(c.node_bytes) == sorted(fleet.nodes)
+    assert sum(d for d, _ in c.node_bytes.values()) == c.bytes_down == down
+    assert sum(u for _, u in c.node_bytes.values()) == c.bytes_up == up
+    assert all(u >= 4 * (SPEC.numel + 1) for _, u in c.node_bytes.values())  # its masked vector
+
+
 def test_secure_round_equals_fedavg_within_quantization_error() -> None:
     fleet = fleet_of()
     _s, new, m, down, up = run(fleet, config())

@@ -12,7 +12,7 @@ from flwr.app import Message, MessageType
 
 from client.profiles import Fleet, available, parse_profiles
 from coordinator.config import RunConfig
-from coordinator.exchange import sample_nodes
+from coordinator.exchange import payload_bytes, sample_nodes
 from coordinator.progress import Progress
 from protocol.messages import (
     ClientUpdate,
@@ -49,7 +49,9 @@ def client(pid: int):  # type: ignore[no-untyped-def]
         instr, adapter = decode_train_instruction(msg.content)
         delta = {k: np.full_like(v, 1e-3) for k, v in adapter.items()}
         tokens = 100.0 * (pid + 1)  # each client reports a different amount of training
-        up = ClientUpdate(delta, 10, {"train-loss": 1.0, "train-tokens": tokens})
+        # ... and sends a reply of its own size (as ranks and codecs make them differ)
+        padding = {f"pad-{j}": 0.0 for j in range(40 * (pid % 3))}
+        up = ClientUpdate(delta, 10, {"train-loss": 1.0, "train-tokens": tokens, **padding})
         return Message(encode_update(up, rnd=instr.round), reply_to=msg)
 
     return handle
@@ -96,14 +98,23 @@ def test_unavailable_clients_are_absent_from_their_rounds(fleet_run) -> None:  #
 
 
 def test_simulated_round_time_comes_from_the_profiles(fleet_run) -> None:  # type: ignore[no-untyped-def]
-    _, fleet, rows = fleet_run
-    for row in rows[1:]:
+    grid, fleet, rows = fleet_run
+    # Each client's own bytes, replayed here: the train message it got and the reply it sent.
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}
+    for msg in grid.sent:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            pid = NODES.index(msg.metadata.dst_node_id)
+            reply = client(pid)(msg)
+            key = (int(msg.metadata.group_id), pid)
+            sizes[key] = (payload_bytes(msg.content), payload_bytes(reply.content))
+    for rnd, row in enumerate(rows[1:], start=1):
         assert row["clients_sampled"] == 6 and row["clients_ok"] == 6
-        down, up = row["client_bytes_down"], row["client_bytes_up"]
-        # Every client gets the same adapter and returns the same tensors.
-        assert down > 0 and up > 0 and 6 * (down + up) <= row["bytes_down"] + row["bytes_up"]
+        assert row["client_bytes_down"] > 0 and row["client_bytes_up"] > 0
+        assert len({sizes[rnd, c["partition_id"]][1] for c in row["client_profiles"]}) > 1
         expected = []
         for c in row["client_profiles"]:
+            down, up = sizes[rnd, c["partition_id"]]
+            assert (c["bytes_down"], c["bytes_up"]) == (down, up)
             p = fleet.profile(c["partition_id"])
             tokens = 100.0 * (c["partition_id"] + 1)  # what this client reported
             seconds = (
