@@ -123,15 +123,40 @@ class Runtime:
         return self._data[key]
 
 
+@dataclass
+class Resident:
+    """A base model loaded in this process, and the runtime using it (its current LoRA)."""
+
+    base: LoadedBase
+    runtime: Runtime | None = None
+    lora: LoraSpec | None = None
+
+
 @functools.lru_cache(maxsize=3)  # a mixed simulated fleet may use all three quantization modes
-def get_runtime(
-    model: str, quantization: Quantization, cache_dir: Path, device: str, lora: LoraSpec
-) -> Runtime:
-    """The base model with LoRA attached, loaded once per process for each configuration."""
+def load_resident(model: str, quantization: Quantization, cache_dir: Path, device: str) -> Resident:
+    """The base model, loaded once per process for each (model, quantization, device)."""
     before = current_rss_mb()
     base = load_base(resolve_model(model), quantization, cache_dir, pick_device(device))
     _LOADED[(model, quantization)] = before
-    return Runtime(base, attach_lora(base.model, lora))
+    return Resident(base)
+
+
+def get_runtime(
+    model: str, quantization: Quantization, cache_dir: Path, device: str, lora: LoraSpec
+) -> Runtime:
+    """The base model with LoRA ``lora`` attached. A client whose LoRA differs from the last
+    one's on the same base (a fleet of mixed ranks in one worker) has its LoRA attached in
+    place of the last one's, on the same base: one base per process, not one per rank. The
+    tokenized client data is kept (it does not depend on the LoRA)."""
+    resident = load_resident(model, quantization, cache_dir, device)
+    if resident.runtime is None or resident.lora != lora:
+        data: OrderedDict[tuple[str, int, int, float], LocalData] = OrderedDict()
+        if resident.runtime is not None:
+            resident.runtime.model.unload()  # the base's own layers back, in place
+            data = resident.runtime._data
+        peft_model = attach_lora(resident.base.model, lora)
+        resident.runtime, resident.lora = Runtime(resident.base, peft_model, data), lora
+    return resident.runtime
 
 
 def _prepare(

@@ -43,7 +43,7 @@ def setup(tiny_model_dir: Path, model_cache: Path, tmp_path: Path):  # type: ign
                       run_config=run_config)  # fmt: skip
     base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
     adapter = get_adapter(attach_lora(base.model, LORA, seed=5))
-    client_app.get_runtime.cache_clear()
+    client_app.load_resident.cache_clear()
     client_app._LOADED.clear()
     return context, adapter
 
@@ -69,7 +69,7 @@ def test_train_and_evaluate_handlers_load_the_model_once(setup) -> None:  # type
                       MessageType.EVALUATE), context)  # fmt: skip
     result = decode_eval_result(ev.content, rnd=2)
     assert result.num_examples == 4 and result.num_tokens > 0 and np.isfinite(result.loss)
-    info = client_app.get_runtime.cache_info()
+    info = client_app.load_resident.cache_info()
     assert info.misses == 1 and info.hits == 2, "one model load per process, reused by every call"
 
 
@@ -138,4 +138,37 @@ def test_an_impossible_budget_is_refused_before_loading(  # type: ignore[no-unty
         r"reach is ~\d+ MiB \(none, micro-batch 1, checkpointing\)$",
     ):
         app(_message(encode_train_instruction(instr, adapter), MessageType.TRAIN), context)
-    assert client_app.get_runtime.cache_info().currsize == 0, "refused before loading the model"
+    assert client_app.load_resident.cache_info().currsize == 0, "refused before loading the model"
+
+
+def test_clients_of_two_ranks_share_one_base_and_train_as_alone(  # type: ignore[no-untyped-def]
+    setup, tiny_model_dir: Path, model_cache: Path
+) -> None:
+    """A worker serving a fleet of mixed ranks loads the base once: the LoRA of the other rank
+    is attached in place of the last one. Each rank's update equals that of a process that
+    only ever served that rank."""
+    context, _ = setup
+    base = load_base(resolve_model(str(tiny_model_dir)), Quantization.NONE, model_cache)
+    wide = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    adapters = {
+        spec.rank: get_adapter(attach_lora(base.model, spec, seed=5)) for spec in (LORA, wide)
+    }
+    app = client_app.make_client_app()
+
+    def train(spec: LoraSpec) -> dict[str, np.ndarray]:
+        instr = TrainInstruction(round=1, lora=spec, local_steps=2, batch_size=4, seq_len=48)
+        content = encode_train_instruction(instr, adapters[spec.rank])
+        reply = app(_message(content, MessageType.TRAIN), context)
+        return decode_update(reply.content, AdapterSpec.of(adapters[spec.rank]), rnd=1).delta
+
+    mixed = [train(LORA), train(wide), train(LORA)]
+    assert client_app.load_resident.cache_info().misses == 1, "one base for both ranks"
+    alone = {}
+    for spec in (LORA, wide):
+        client_app.load_resident.cache_clear()
+        alone[spec.rank] = train(spec)
+    for got, rank in zip(mixed, (2, 4, 2), strict=True):
+        assert got.keys() == alone[rank].keys()
+        assert {v.shape[0] for k, v in got.items() if "lora_A" in k} == {rank}
+        for k in got:
+            np.testing.assert_array_equal(got[k], alone[rank][k])

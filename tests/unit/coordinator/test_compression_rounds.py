@@ -37,7 +37,7 @@ NODES = [2**63 + 7, 101, 5003]  # partition-0, -1, -2 (clients are ordered by na
 
 @pytest.fixture(autouse=True)
 def _fresh_client_processes() -> None:
-    client_app.get_runtime.cache_clear()
+    client_app.load_resident.cache_clear()
     client_app._LOADED.clear()
 
 
@@ -76,7 +76,7 @@ class RealFleet:
 
     def restart(self) -> None:
         """New client processes: no cached model, a new app; the state directories stay."""
-        client_app.get_runtime.cache_clear()
+        client_app.load_resident.cache_clear()
         self.app = client_app.make_client_app()
         for ctx in self.contexts.values():
             ctx.state = RecordDict()

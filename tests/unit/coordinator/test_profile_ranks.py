@@ -41,7 +41,7 @@ LINKS = {"tokens_per_second": 10, "uplink_mbps": 1, "downlink_mbps": 1}
 
 @pytest.fixture(autouse=True)
 def _fresh_client_processes() -> None:
-    client_app.get_runtime.cache_clear()
+    client_app.load_resident.cache_clear()
     client_app._LOADED.clear()
 
 

@@ -77,7 +77,7 @@ def test_client_task_rows_in_metrics_and_report(
         }
     )
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    client_app.get_runtime.cache_clear()
+    client_app.load_resident.cache_clear()
     app = client_app.make_client_app()
 
     def node(n: int, data: Path):  # type: ignore[no-untyped-def]
