@@ -7,7 +7,9 @@ own pieces in one process: ``client.train.train_round`` with the strategy's grad
 (FedProx, SCAFFOLD with per-client control variates), the wire encode/decode, the pipeline's
 running sum and ``coordinator.strategies.Strategy`` for the server step. The **centralized** run
 trains one LoRA adapter on the pooled training rows of the clients with the same total number of
-examples seen (rounds x clients per round x local steps x batch size).
+examples seen (rounds x clients per round x local steps x batch size), at each learning rate of
+``--central-lr`` (default: the clients' ``--lr``); the one with the lowest held-out loss is the
+ceiling, so tuning the clients' learning rate never compares them with an untuned ceiling.
 
 For each strategy: held-out loss after every round, and the share of the centralized run's loss
 gain over the base model it recovers, (base - federated) / (base - centralized). Prints a table,
@@ -80,7 +82,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="the clients' AdamW learning rate")
+    p.add_argument(
+        "--central-lr",
+        default="",
+        help="LR[,LR...]: the centralized run's learning rate(s) (default: --lr); with several, "
+        "each is a run and the one with the lowest held-out loss is the ceiling",
+    )
     p.add_argument("--heldout-per-category", type=int, default=8)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument(
@@ -136,6 +144,15 @@ def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, flo
         for lr in values:
             runs.append((f"{name}@{lr:g}" if name in lrs else name, name, lr))
     return runs
+
+
+def central_lrs(args: argparse.Namespace) -> list[float]:
+    """The centralized run's learning rates (``--central-lr``, default ``--lr``)."""
+    try:
+        values = [float(v) for v in args.central_lr.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--central-lr {args.central_lr!r}: expected LR[,LR...]") from None
+    return values or [args.lr]
 
 
 def previous(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,28 +237,48 @@ def main() -> None:
     def write() -> None:
         (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
 
-    central = load_adapter(args.out, "centralized") if "centralized" in old else None
-    if central is not None:
+    if "base_loss" in old:
         base_loss = float(old["base_loss"])
-        results["centralized"] = old["centralized"]
         print(f"base model loss {base_loss:.4f} (kept)", flush=True)
     else:
         base_loss = held_loss(initial)
         print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
-        # Centralized: one adapter on the pooled rows, the same examples seen as the federation.
-        pooled = [e for cid in range(args.clients) for e in data(cid)]
+    results["base_loss"] = base_loss
+    # Centralized: one adapter on the pooled rows, the same examples seen as the federation, at
+    # each --central-lr; the lowest held-out loss is the ceiling the strategies are held to.
+    central_runs: dict[str, Any] = {}
+    for entry in [old.get("centralized"), *old.get("centralized_by_lr", {}).values()]:
+        if isinstance(entry, dict):  # (a file from before --central-lr: trained at --lr)
+            central_runs.setdefault(f"{float(entry.get('lr', args.lr)):g}", entry)
+    pooled: list[Any] = []
+    for lr in central_lrs(args):
+        label = f"centralized@{lr:g}"
+        kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
+        if kept is None and lr == args.lr and "lr" not in old.get("centralized", {"lr": 0}):
+            kept = load_adapter(args.out, "centralized")  # (a file from before --central-lr)
+        if kept is not None:
+            finals[label] = kept
+            print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} (kept)", flush=True)
+            continue
+        pooled = pooled or [e for cid in range(args.clients) for e in data(cid)]
         steps = args.rounds * args.clients_per_round * args.local_steps
         t0 = time.perf_counter()
-        instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps)
+        instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
         up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
-        central = {k: initial[k] + up.delta[k] for k in initial}
-        results["centralized"] = {"loss": held_loss(central), "steps": steps,
-                                  "seconds": time.perf_counter() - t0}  # fmt: skip
-        save_adapter(args.out, "centralized", central)
-    results["base_loss"] = base_loss
+        finals[label] = {k: initial[k] + up.delta[k] for k in initial}
+        central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
+                                   "seconds": time.perf_counter() - t0}  # fmt: skip
+        save_adapter(args.out, label, finals[label])
+        print(f"{label} ({steps} steps): {central_runs[f'{lr:g}']['loss']:.4f}", flush=True)
+    tried = {k: central_runs[k] for k in (f"{lr:g}" for lr in central_lrs(args))}
+    best_lr = min(tried, key=lambda k: float(tried[k]["loss"]))
+    results["centralized"] = {**tried[best_lr], "lr": float(best_lr)}
+    results["centralized_by_lr"] = {k: {**v, "lr": float(k)} for k, v in central_runs.items()}
     central_loss = float(results["centralized"]["loss"])
-    print(f"centralized ({results['centralized']['steps']} steps): {central_loss:.4f}", flush=True)
-    finals["centralized"] = central
+    print(f"centralized, best of lr {', '.join(tried)}: lr {best_lr}, {central_loss:.4f}",
+          flush=True)  # fmt: skip
+    finals = {"base model": initial, "centralized": finals[f"centralized@{best_lr}"]}
+    save_adapter(args.out, "centralized", finals["centralized"])  # the ceiling, by its old name
     write()
 
     population = list(range(args.clients))
