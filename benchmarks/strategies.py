@@ -161,9 +161,13 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     if not args.reuse or not path.exists():
         return {}
     old: dict[str, Any] = json.loads(path.read_text())
-    if any(old.get("config", {}).get(k) != getattr(args, k) for k in SAME_RUN):
+    if any(old.get("config", {}).get(k) != getattr(args, k) for k in SAME_RUN if k != "lr"):
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
+    if old["config"].get("lr") != args.lr:  # the centralized runs (each has its lr) still count
+        print(f"--reuse: {path} was made with clients' lr {old['config'].get('lr')}; keeping "
+              "its centralized runs only", flush=True)  # fmt: skip
+        old = {k: v for k, v in old.items() if not (isinstance(v, dict) and "losses" in v)}
     return old
 
 
@@ -247,15 +251,18 @@ def main() -> None:
     # Centralized: one adapter on the pooled rows, the same examples seen as the federation, at
     # each --central-lr; the lowest held-out loss is the ceiling the strategies are held to.
     central_runs: dict[str, Any] = {}
+    old_lr = float(old.get("config", {}).get("lr", args.lr))
     for entry in [old.get("centralized"), *old.get("centralized_by_lr", {}).values()]:
-        if isinstance(entry, dict):  # (a file from before --central-lr: trained at --lr)
-            central_runs.setdefault(f"{float(entry.get('lr', args.lr)):g}", entry)
+        if isinstance(entry, dict):  # (a file from before --central-lr: trained at its --lr)
+            central_runs.setdefault(f"{float(entry.get('lr', old_lr)):g}", entry)
     pooled: list[Any] = []
     for lr in central_lrs(args):
         label = f"centralized@{lr:g}"
         kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
-        if kept is None and lr == args.lr and "lr" not in old.get("centralized", {"lr": 0}):
+        if kept is None and lr == old_lr and "lr" not in old.get("centralized", {"lr": 0}):
             kept = load_adapter(args.out, "centralized")  # (a file from before --central-lr)
+            if kept is not None:
+                save_adapter(args.out, label, kept)
         if kept is not None:
             finals[label] = kept
             print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} (kept)", flush=True)
