@@ -164,6 +164,13 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     if any(old.get("config", {}).get(k) != getattr(args, k) for k in SAME_RUN if k != "lr"):
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
+    central = old.get("centralized")
+    if isinstance(central, dict) and "lr" not in central:  # from before --central-lr: at its --lr
+        lr = float(old["config"]["lr"])
+        old["centralized_by_lr"] = {f"{lr:g}": {**central, "lr": lr}}
+        adapter = load_adapter(args.out, "centralized")
+        if adapter is not None:
+            save_adapter(args.out, f"centralized@{lr:g}", adapter)
     if old["config"].get("lr") != args.lr:  # the centralized runs (each has its lr) still count
         print(f"--reuse: {path} was made with clients' lr {old['config'].get('lr')}; keeping "
               "its centralized runs only", flush=True)  # fmt: skip
@@ -250,19 +257,12 @@ def main() -> None:
     results["base_loss"] = base_loss
     # Centralized: one adapter on the pooled rows, the same examples seen as the federation, at
     # each --central-lr; the lowest held-out loss is the ceiling the strategies are held to.
-    central_runs: dict[str, Any] = {}
-    old_lr = float(old.get("config", {}).get("lr", args.lr))
-    for entry in [old.get("centralized"), *old.get("centralized_by_lr", {}).values()]:
-        if isinstance(entry, dict):  # (a file from before --central-lr: trained at its --lr)
-            central_runs.setdefault(f"{float(entry.get('lr', old_lr)):g}", entry)
+    central_runs: dict[str, Any] = dict(old.get("centralized_by_lr", {}))
+    lrs = central_lrs(args)
     pooled: list[Any] = []
-    for lr in central_lrs(args):
+    for lr in lrs:
         label = f"centralized@{lr:g}"
         kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
-        if kept is None and lr == old_lr and "lr" not in old.get("centralized", {"lr": 0}):
-            kept = load_adapter(args.out, "centralized")  # (a file from before --central-lr)
-            if kept is not None:
-                save_adapter(args.out, label, kept)
         if kept is not None:
             finals[label] = kept
             print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} (kept)", flush=True)
@@ -277,10 +277,10 @@ def main() -> None:
                                    "seconds": time.perf_counter() - t0}  # fmt: skip
         save_adapter(args.out, label, finals[label])
         print(f"{label} ({steps} steps): {central_runs[f'{lr:g}']['loss']:.4f}", flush=True)
-    tried = {k: central_runs[k] for k in (f"{lr:g}" for lr in central_lrs(args))}
+    tried = {f"{lr:g}": central_runs[f"{lr:g}"] for lr in lrs}
     best_lr = min(tried, key=lambda k: float(tried[k]["loss"]))
-    results["centralized"] = {**tried[best_lr], "lr": float(best_lr)}
-    results["centralized_by_lr"] = {k: {**v, "lr": float(k)} for k, v in central_runs.items()}
+    results["centralized"] = tried[best_lr]
+    results["centralized_by_lr"] = central_runs
     central_loss = float(results["centralized"]["loss"])
     print(f"centralized, best of lr {', '.join(tried)}: lr {best_lr}, {central_loss:.4f}",
           flush=True)  # fmt: skip

@@ -38,11 +38,17 @@ class Exchange:
     replies: dict[int, Message] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
     answered: list[int] = field(default_factory=list)  # nodes whose reply was not kept
-    bytes_down: int = 0
-    bytes_up: int = 0
     node_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # node: (down, up)
     seconds: float = 0.0  # wall time from push to the last reply (or the timeout)
     timeout: float = 0.0
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(down for down, _ in self.node_bytes.values())
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(up for _, up in self.node_bytes.values())
 
     def collect(
         self, decode: Callable[[RecordDict], T]
@@ -85,9 +91,7 @@ def exchange(
     t0 = clock.now()
     messages = []
     for node, content in contents.items():
-        size = payload_bytes(content)
-        out.bytes_down += size
-        out.node_bytes[node] = (size, 0)
+        out.node_bytes[node] = (payload_bytes(content), 0)
         messages.append(
             Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
         )
@@ -118,9 +122,7 @@ def exchange(
             else:
                 out.answered.append(node)
             if reply.has_content():
-                size = payload_bytes(reply.content)
-                out.bytes_up += size
-                out.node_bytes[node] = (out.node_bytes.get(node, (0, 0))[0], size)
+                out.node_bytes[node] = (out.node_bytes[node][0], payload_bytes(reply.content))
             if on_reply:
                 on_reply(node, reply)
         if pending:

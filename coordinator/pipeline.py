@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from coordinator.aggregators import Accumulator, Bounds, UpdateOutOfBounds
 from coordinator.clock import SYSTEM_CLOCK, Clock
-from coordinator.exchange import exchange, reply_reason, sample_nodes
+from coordinator.exchange import Exchange, exchange, reply_reason, sample_nodes
 from coordinator.ordered_fold import OrderedFold
 from coordinator.progress import Progress
 from protocol.adapter import AdapterSpec
@@ -57,14 +57,26 @@ class Contribution:
     nodes: list[int] = field(default_factory=list)  # who was asked to train
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
-    bytes_down: int = 0
-    bytes_up: int = 0
     node_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # node: (down, up)
     replied: list[int] = field(default_factory=list)  # whose reply had content (bytes_up)
     phase_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific metrics
     release: Any = None  # distributed DP: what reached the sum (a SkellamRelease)
     error: str | None = None  # the transport could not produce a sum (the reason)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(down for down, _ in self.node_bytes.values())
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(up for _, up in self.node_bytes.values())
+
+    def count(self, ex: Exchange) -> None:
+        """Add the bytes of one exchange to each node's (a secure round has four)."""
+        for node, (down, up) in ex.node_bytes.items():
+            before = self.node_bytes.get(node, (0, 0))
+            self.node_bytes[node] = (before[0] + down, before[1] + up)
 
 
 class Wire(Protocol):
@@ -259,8 +271,8 @@ class PlainTransport:
             c.error = f"aggregation failed: {exc}"
         if capped:
             c.extra["weights_capped"] = sorted(capped)
-        c.bytes_down, c.bytes_up, c.phase_seconds = ex.bytes_down, ex.bytes_up, ex.seconds
-        c.node_bytes = dict(ex.node_bytes)
+        c.count(ex)
+        c.phase_seconds = ex.seconds
         return c
 
 

@@ -233,11 +233,7 @@ class SecureTransport:
                 on_reply=lambda n, r: progress.client_done(n, not r.has_error()),
                 clock=self.clock,
             )
-            c.bytes_down += ex.bytes_down
-            c.bytes_up += ex.bytes_up
-            for node, (down, up) in ex.node_bytes.items():
-                before = c.node_bytes.get(node, (0, 0))
-                c.node_bytes[node] = (before[0] + down, before[1] + up)
+            c.count(ex)
             phase_seconds[stage] = ex.seconds
             for node, reply in ex.replies.items():
                 if reply.has_content():

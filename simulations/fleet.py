@@ -50,8 +50,7 @@ def round_metrics(
     seconds its round would take on that device (its reported training tokens at the
     profile's tokens/s, plus the adapter down and the update up at its link speeds); the
     round's simulated wall-clock is the slowest contributing client's. Each client is charged
-    the bytes of its own messages (ranks and codecs make them differ); a transport that does
-    not count them per client has its round's bytes shared equally. When the profiles set
+    the bytes of its own messages (ranks and codecs make them differ). When the profiles set
     ranks, each client also carries the rank it trained (a profile without one:
     ``lora_rank``)."""
     down = c.bytes_down / len(c.nodes) if c.nodes else 0.0
@@ -64,7 +63,7 @@ def round_metrics(
         profile = fleet.profile(pid)
         tokens = c.client_metrics.get(node, {}).get("train-tokens")
         seconds = None
-        node_down, node_up = c.node_bytes.get(node, (down, up if node in contributed else 0.0))
+        node_down, node_up = c.node_bytes.get(node, (0, 0))  # (none: never sent to)
         if node in contributed and tokens is not None:
             seconds = profile.round_seconds(float(tokens), node_down, node_up)
             slowest = seconds if slowest is None else max(slowest, seconds)
