@@ -31,16 +31,10 @@ def payload_bytes(content: RecordDict) -> int:
     return sum(int(rec.count_bytes()) for rec in content.values())
 
 
-@dataclass
-class Exchange:
-    """Replies gathered for one batch of messages, keyed by destination node."""
+class ByteCounts:
+    """Bytes down and up of what a round sent, totalled from each node's ``(down, up)``."""
 
-    replies: dict[int, Message] = field(default_factory=dict)
-    missing: list[int] = field(default_factory=list)
-    answered: list[int] = field(default_factory=list)  # nodes whose reply was not kept
-    node_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # node: (down, up)
-    seconds: float = 0.0  # wall time from push to the last reply (or the timeout)
-    timeout: float = 0.0
+    node_bytes: dict[int, tuple[int, int]]
 
     @property
     def bytes_down(self) -> int:
@@ -49,6 +43,18 @@ class Exchange:
     @property
     def bytes_up(self) -> int:
         return sum(up for _, up in self.node_bytes.values())
+
+
+@dataclass
+class Exchange(ByteCounts):
+    """Replies gathered for one batch of messages, keyed by destination node."""
+
+    replies: dict[int, Message] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    answered: list[int] = field(default_factory=list)  # nodes whose reply was not kept
+    node_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # node: (down, up)
+    seconds: float = 0.0  # wall time from push to the last reply (or the timeout)
+    timeout: float = 0.0
 
     def collect(
         self, decode: Callable[[RecordDict], T]

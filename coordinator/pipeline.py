@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from coordinator.aggregators import Accumulator, Bounds, UpdateOutOfBounds
 from coordinator.clock import SYSTEM_CLOCK, Clock
-from coordinator.exchange import Exchange, exchange, reply_reason, sample_nodes
+from coordinator.exchange import ByteCounts, Exchange, exchange, reply_reason, sample_nodes
 from coordinator.ordered_fold import OrderedFold
 from coordinator.progress import Progress
 from protocol.adapter import AdapterSpec
@@ -46,7 +46,7 @@ class RoundFailed(RuntimeError):
 
 
 @dataclass
-class Contribution:
+class Contribution(ByteCounts):
     """What a transport delivers: sum_k w_k * u_k over the contributing clients k (float64,
     every tensor of the expected update spec, zeros if nobody contributed) and sum_k w_k."""
 
@@ -63,14 +63,6 @@ class Contribution:
     extra: dict[str, Any] = field(default_factory=dict)  # transport-specific metrics
     release: Any = None  # distributed DP: what reached the sum (a SkellamRelease)
     error: str | None = None  # the transport could not produce a sum (the reason)
-
-    @property
-    def bytes_down(self) -> int:
-        return sum(down for down, _ in self.node_bytes.values())
-
-    @property
-    def bytes_up(self) -> int:
-        return sum(up for _, up in self.node_bytes.values())
 
     def count(self, ex: Exchange) -> None:
         """Add the bytes of one exchange to each node's (a secure round has four)."""
