@@ -80,10 +80,12 @@ def paired_utilisation(
 
 
 def matmul_ceiling(n: int = 1536, repeats: int = 10) -> tuple[float, float]:
-    """Dense fp32 GEMM throughput of this process: (GFLOP/s wall, GFLOP/s per CPU-second)."""
+    """Dense fp32 GEMM throughput of this process: (GFLOP/s wall, GFLOP/s per CPU-second).
+    Always fp32, also when called inside a caller's bf16 autocast block."""
     a = torch.randn(n, n)
     b = torch.randn(n, n)
-    t = timed(lambda: torch.mm(a, b), repeats, warmup=3)
+    with torch.autocast("cpu", enabled=False):
+        t = timed(lambda: torch.mm(a, b), repeats, warmup=3)
     flops = 2 * n**3
     return flops / t.wall / 1e9, flops / t.cpu / 1e9 * torch.get_num_threads()
 

@@ -48,8 +48,10 @@ from client.corrections import ProximalTerm, Scaffold  # noqa: E402
 from client.data import load_records, to_conversations, tokenize_all  # noqa: E402
 from client.durable import write_bytes_atomic  # noqa: E402
 from client.model import (  # noqa: E402
+    ComputeDtype,
     Quantization,
     attach_lora,
+    compute_precision,
     default_cache_dir,
     get_adapter,
     load_base,
@@ -73,6 +75,13 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--quantization", default="nf4")
+    p.add_argument(
+        "--compute-dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="precision of the training steps' matrix products (held-out losses are always "
+        "computed in fp32)",
+    )
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet alpha over category")
     p.add_argument("--natural", action="store_true", help=argparse.SUPPRESS)
@@ -126,7 +135,9 @@ def parse_args() -> argparse.Namespace:
 # Settings that change what a run trains: a saved run is reused only if all of them match.
 SAME_RUN = ("data", "model", "quantization", "clients", "alpha", "natural", "clients_per_round",
             "rounds", "local_steps", "batch_size", "seq_len", "eval_seq_len", "lr",
-            "heldout_per_category", "seed")  # fmt: skip
+            "heldout_per_category", "seed", "compute_dtype")  # fmt: skip
+# Settings added later, with the value every run made before them used.
+SAME_RUN_DEFAULTS = {"compute_dtype": "fp32"}
 
 
 def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, float]]:
@@ -161,7 +172,8 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     if not args.reuse or not path.exists():
         return {}
     old: dict[str, Any] = json.loads(path.read_text())
-    if any(old.get("config", {}).get(k) != getattr(args, k) for k in SAME_RUN if k != "lr"):
+    made = {**SAME_RUN_DEFAULTS, **old.get("config", {})}
+    if any(made.get(k) != getattr(args, k) for k in SAME_RUN if k != "lr"):
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
     central = old.get("centralized")
@@ -271,7 +283,8 @@ def main() -> None:
         steps = args.rounds * args.clients_per_round * args.local_steps
         t0 = time.perf_counter()
         instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
-        up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
+        with compute_precision(ComputeDtype(args.compute_dtype)):
+            up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
         finals[label] = {k: initial[k] + up.delta[k] for k in initial}
         central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
                                    "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -321,8 +334,9 @@ def main() -> None:
                          for k, v in adapter.items()}  # fmt: skip
                     scaffold = Scaffold(c, controls.get(cid, {}))
                     corrections.append(scaffold)
-                up = train_round(model, data(cid), instr, adapter, pad_id=pad, client_seed=cid,
-                                 corrections=corrections)  # fmt: skip
+                with compute_precision(ComputeDtype(args.compute_dtype)):
+                    up = train_round(model, data(cid), instr, adapter, pad_id=pad,
+                                     client_seed=cid, corrections=corrections)  # fmt: skip
                 delta = dict(up.delta)
                 if scaffold is not None:
                     new_c = scaffold.new_client_control()

@@ -75,9 +75,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         resident_mib,
     )
     from client.model import (
+        ComputeDtype,
         Quantization,
         activation_checkpointing,
         attach_lora,
+        compute_precision,
         default_cache_dir,
         ensure_base,
         get_adapter,
@@ -154,7 +156,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         cfg, batch_size, seq_len, head_tokens=batch_size * (seq_len - 1), lora_params=lora_params
     )
     chunk_bytes = int(plan.head_chunk_mib * MIB)
-    with activation_checkpointing(model, plan.checkpointing), head_chunk(chunk_bytes):
+    precision = compute_precision(ComputeDtype(spec["compute_dtype"]))
+    with (
+        activation_checkpointing(model, plan.checkpointing),
+        head_chunk(chunk_bytes),
+        precision as computed,
+    ):
+        out["compute_dtype"] = computed.value
         u = paired_utilisation(step, flops, pairs=steps)
         step_peak = peak_rss_mb()
         realistic = None
@@ -180,12 +188,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ev_examples = [TokenizedExample(tuple(r.tolist()), tuple(r.tolist())) for r in ev.input_ids]
     reset_peak_rss()
     before = current_rss_mb()
-    with head_chunk(chunk_bytes):
+    with head_chunk(chunk_bytes), compute_precision(ComputeDtype(spec["compute_dtype"])):
         t_eval = timed(lambda: evaluate(model, ev_examples, batch_size=8, pad_id=0), 1, warmup=0)
     eval_peak = peak_rss_mb() - before
     reset_peak_rss()
     before = current_rss_mb()
-    with torch.no_grad():
+    with torch.no_grad(), compute_precision(ComputeDtype(spec["compute_dtype"])):
         batch8 = collate(ev_examples, 0, torch.device("cpu"))
         model(input_ids=batch8.input_ids, attention_mask=batch8.attention_mask).logits.sum()
     eval_full_peak = peak_rss_mb() - before
@@ -237,6 +245,12 @@ def main() -> None:
         "8 MiB head chunks); auto: with checkpointing",
     )
     p.add_argument("--micro-batch", type=int, default=0, help="rows per micro-batch (0: all)")
+    p.add_argument(
+        "--compute-dtype",
+        default="fp32,bf16",
+        help="precision(s) of the matrix products, fp32 and/or bf16 (mixed precision, as a client "
+        "with --compute-dtype bf16); budgets run in fp32",
+    )
     p.add_argument("--budgets", default="512MB,768MB,1GB,2GB", help="'' for none")
     p.add_argument("--budget-mode", default="none", help="preferred quantization under budgets")
     p.add_argument("--batch-size", type=int, default=4)
@@ -271,14 +285,18 @@ def main() -> None:
         "budget_mb": 0,
         "baseline": False,
         "threads": args.threads,
+        "compute_dtype": "fp32",
     }
     specs = []
+    dtypes = [d for d in args.compute_dtype.split(",") if d]
     for mode in modes:
         if args.baseline:
             specs.append({**common, "mode": mode, "ckpt": False, "baseline": True, "lean": False})
-        for ckpt in args.checkpointing.split(","):
-            lean = ckpt == "on" if args.lean == "auto" else args.lean == "on"
-            specs.append({**common, "mode": mode, "ckpt": ckpt == "on", "lean": lean})
+        for dtype in dtypes:
+            for ckpt in args.checkpointing.split(","):
+                lean = ckpt == "on" if args.lean == "auto" else args.lean == "on"
+                specs.append({**common, "mode": mode, "ckpt": ckpt == "on", "lean": lean,
+                              "compute_dtype": dtype})  # fmt: skip
     for budget in (b for b in args.budgets.split(",") if b):
         mb = parse_size(budget, "--budgets") / 2**20
         specs.append(
@@ -301,14 +319,14 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"{results[0]['threads']} threads; {args.steps} timed (step, GEMM) pairs; "
         "peak RSS = whole process"
     )
-    head = (f"{'mode':<6}{'ckpt':>5}{'lean':>5}{'path':>9}{'s/step':>8}{'tok/s':>7}{'GEMM':>7}"
-            f"{'MFU':>6}{'min-max':>10}{'peak RSS':>9}{'eval +MB':>9}{'(full)':>8}"
+    head = (f"{'mode':<6}{'dtype':>6}{'ckpt':>5}{'lean':>5}{'path':>9}{'s/step':>8}{'tok/s':>7}"
+            f"{'GEMM':>7}{'MFU':>6}{'min-max':>10}{'peak RSS':>9}{'eval +MB':>9}{'(full)':>8}"
             f"{'load':>6}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in runs:
         path = "plain" if r["baseline"] else "chunked"
-        print(f"{r['mode']:<6}{'on' if r['checkpointing'] else 'off':>5}"
+        print(f"{r['mode']:<6}{r['compute_dtype']:>6}{'on' if r['checkpointing'] else 'off':>5}"
               f"{'yes' if r['lean'] else 'no':>5}{path:>9}"
               f"{r['seconds_per_step']:>8.2f}{r['tokens_per_second']:>7.0f}"
               f"{r['gemm_gflops']:>7.0f}{r['mfu']:>6.0%}"
@@ -316,19 +334,19 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
               f"{r['eval_peak_over_resident_mb']:>9.0f}"
               f"{r['eval_full_logits_peak_over_resident_mb']:>8.0f}"
               f"{r['load_avg']:>6.1f}")  # fmt: skip
-    by = {(r["mode"], r["checkpointing"], r["baseline"]): r for r in runs}
-    for mode in dict.fromkeys(r["mode"] for r in runs):
-        off, on = by.get((mode, False, False)), by.get((mode, True, False))
+    by = {(r["mode"], r["compute_dtype"], r["checkpointing"], r["baseline"]): r for r in runs}
+    for mode, dtype in dict.fromkeys((r["mode"], r["compute_dtype"]) for r in runs):
+        off, on = by.get((mode, dtype, False, False)), by.get((mode, dtype, True, False))
         if off and on:
             cost = off["mfu"] / on["mfu"] - 1
             bound = off["decoder_forward_share"]
-            print(f"  {mode}: checkpointing costs {cost:+.0%} step time (paired MFU ratio); "
-                  f"one more decoder forward would be {bound:+.0%}; peak RSS "
+            print(f"  {mode} {dtype}: checkpointing costs {cost:+.0%} step time (paired MFU "
+                  f"ratio); one more decoder forward would be {bound:+.0%}; peak RSS "
                   f"x{on['peak_rss_mb'] / off['peak_rss_mb']:.2f}")  # fmt: skip
-        plain = by.get((mode, False, True))
+        plain = by.get((mode, "fp32", False, True))
         if plain and off:
             ratio = off["peak_rss_mb"] / plain["peak_rss_mb"]
-            print(f"  {mode}: vs the plain path: peak RSS x{ratio:.2f}, "
+            print(f"  {mode} {dtype}: vs the plain path: peak RSS x{ratio:.2f}, "
                   f"MFU {plain['mfu']:.0%} -> {off['mfu']:.0%}")  # fmt: skip
     budgets = [r for r in results if "budget_mb" in r]
     if budgets:

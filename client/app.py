@@ -44,10 +44,12 @@ from client.memory import (
     resident_mib,
 )
 from client.model import (
+    ComputeDtype,
     LoadedBase,
     Quantization,
     activation_checkpointing,
     attach_lora,
+    compute_precision,
     ensure_base,
     load_base,
     model_shape,
@@ -197,6 +199,7 @@ def _settings(context: Context, defaults: Mapping[str, Any]) -> ClientSettings:
 
 
 _WEIGHT_BITS = {Quantization.NONE: 32, Quantization.INT8: 8, Quantization.NF4: 4}
+_COMPUTE_BITS = {ComputeDtype.FP32: 32, ComputeDtype.BF16: 16}
 
 
 # ------------------------------------------------------------ memory plan (client/memory.py)
@@ -278,6 +281,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         if instr.sample_dp.enabled:  # DP-SGD, with this client's ledger in its state dir
             from client.dpsgd import private_round
 
+            # Opacus's per-example gradients are fp32 only: DP-SGD computes in fp32 whatever
+            # the setting (the run config refuses an explicit bf16 with --dp sample).
+            computed = ComputeDtype.FP32
             update = private_round(
                 runtime.model,
                 data.train,
@@ -292,6 +298,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             with (
                 activation_checkpointing(runtime.model, plan.checkpointing),
                 head_chunk(int(plan.head_chunk_mib * MIB)),
+                compute_precision(settings.compute_dtype, runtime.base.model.device) as computed,
             ):
                 update = train_round(
                     runtime.model,
@@ -315,6 +322,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 "client-seconds": time.perf_counter() - t0,
                 "peak-rss-mb": peak_rss_mb(),
                 "weight-bits": _WEIGHT_BITS[settings.quantization],
+                "compute-bits": _COMPUTE_BITS[computed],
                 **plan.metrics(),
             }
         )
@@ -350,7 +358,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len)
         data = runtime.local_data(settings, instr.seq_len)
         chunk = SMALL_HEAD_CHUNK_BYTES if settings.max_memory else HEAD_CHUNK_BYTES
-        with head_chunk(chunk):
+        device = runtime.base.model.device
+        with head_chunk(chunk), compute_precision(settings.compute_dtype, device):
             result = evaluate(
                 runtime.model,
                 data.heldout,

@@ -34,6 +34,17 @@ class Quantization(Choice):
     NF4 = "nf4"
 
 
+class ComputeDtype(Choice):
+    """The precision of a client's matrix products in training and evaluation. The adapters,
+    their gradients and the optimizer state stay fp32 either way; ``bf16`` runs the linear
+    layers under bfloat16 autocast (mixed precision), ``auto`` does so only where the device
+    multiplies bfloat16 natively (CPUs with AMX or AVX512-BF16, CUDA GPUs that support it)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    AUTO = "auto"
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("FEDTUNE_CACHE")
     if env:

@@ -35,6 +35,7 @@ import torch
 
 # Re-exported: these moved to the torch-free client.defaults; existing imports keep working.
 from client.defaults import DEFAULT_MODEL as DEFAULT_MODEL
+from client.defaults import ComputeDtype as ComputeDtype
 from client.defaults import Quantization as Quantization
 from client.defaults import default_cache_dir as default_cache_dir
 from client.memory import ModelShape
@@ -313,6 +314,45 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does ``device`` multiply bfloat16 matrices natively (faster than fp32)? CPUs with AMX
+    tiles or AVX512-BF16 (oneDNN's bf16 GEMMs ran 6x faster than fp32 at the model's shapes on
+    this project's Xeon), CUDA GPUs that support bf16; not CPUs without those instructions,
+    where bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return False
+
+
+def resolve_compute_dtype(requested: ComputeDtype, device: torch.device) -> ComputeDtype:
+    """``auto`` made concrete for ``device``: bf16 where it is native, fp32 elsewhere."""
+    if requested is ComputeDtype.AUTO:
+        return ComputeDtype.BF16 if native_bf16(device) else ComputeDtype.FP32
+    return requested
+
+
+@contextlib.contextmanager
+def compute_precision(
+    requested: ComputeDtype, device: torch.device | None = None
+) -> Iterator[ComputeDtype]:
+    """Within the block, forwards (and so their backwards) run their matrix products in the
+    precision ``requested`` resolves to on ``device`` (default: the CPU); yields that
+    precision. ``bf16`` is torch's bfloat16 autocast: linear layers and attention in bf16,
+    losses and norms in fp32, the trainable adapters, their gradients and the optimizer state
+    in fp32."""
+    device = device or torch.device("cpu")
+    dtype = resolve_compute_dtype(requested, device)
+    if dtype is ComputeDtype.FP32:
+        yield dtype
+        return
+    # No cast cache: autocast keeps one bf16 copy per trainable weight for the whole block, so
+    # every forward after an optimizer step would still use the adapters of the first one.
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+        yield dtype
+
+
 @dataclass
 class LoadedBase:
     model: PreTrainedModel
@@ -335,6 +375,10 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         ctx.weight = weight  # the quantized tensor: no copy, and never trained
+        if torch.is_autocast_enabled(x.device.type):  # mixed precision: multiply in its dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -371,13 +415,29 @@ def keep_nf4_trainable(model: torch.nn.Module) -> int:
     adapter helpers call it) converts a packed weight back with a lossy inverse, after which every
     forward of the frozen base is wrong: with SmolLM2, one ``state_dict()`` after an evaluation
     took the held-out loss from 3.80 to 15.85. Clients evaluate and train in one process, so the
-    repacking is switched off. Returns how many layers were switched."""
+    repacking is switched off. Each layer's forward also follows autocast
+    (``_nf4_autocast_forward``), for ``--compute-dtype bf16``. Returns how many layers were
+    switched."""
     count = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
             count += 1
+        if hasattr(module, "compute_dtype") and hasattr(module, "compute_type_is_set"):
+            module.forward = types.MethodType(_nf4_autocast_forward, module)
     return count
+
+
+def _nf4_autocast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``Linear4bit.forward`` in the autocast dtype when autocast is on (it casts
+    its input to its fixed compute dtype, fp32 here, which autocast does not reach), else in
+    fp32, returning the input's dtype as bitsandbytes does."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else torch.float32
+    self.compute_dtype, self.compute_type_is_set = dtype, True
+    out = cast(torch.Tensor, type(self).forward(self, x.to(dtype)))
+    return out if autocast else out.to(x.dtype)
 
 
 # Quantized modes hold the frozen token embedding (and the output head tied to it) in bfloat16:

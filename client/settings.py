@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.defaults import DEFAULT_MODEL, Quantization, default_cache_dir, parse_size
+from client.defaults import (
+    DEFAULT_MODEL,
+    ComputeDtype,
+    Quantization,
+    default_cache_dir,
+    parse_size,
+)
 from client.profiles import client_profile
 from client.shards import RECORDS, is_indexed
 
@@ -21,6 +27,7 @@ from client.shards import RECORDS, is_indexed
 class ClientSettings:
     model: str = DEFAULT_MODEL
     quantization: Quantization = Quantization.NF4
+    compute_dtype: ComputeDtype = ComputeDtype.FP32
     data_path: str = ""
     cache_dir: Path = Path()
     heldout_fraction: float = 0.1
@@ -108,6 +115,9 @@ class ClientSettings:
         return cls(
             model=str(get("model", DEFAULT_MODEL)),
             quantization=Quantization.parse(quantization),
+            compute_dtype=ComputeDtype.parse(
+                str(get("compute-dtype", ComputeDtype.FP32.value)), field="compute-dtype"
+            ),
             data_path=data_path,
             cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
             heldout_fraction=float(get("heldout-fraction", 0.1)),

@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.defaults import DEFAULT_MODEL, Choice, Quantization
+from client.defaults import DEFAULT_MODEL, Choice, ComputeDtype, Quantization
 from coordinator.strategies import STRATEGIES, StrategySettings
 from protocol.codecs import CodecError, CompressionConfig
 from protocol.errors import ProtocolError
@@ -69,6 +69,12 @@ class RunConfig:
     )
     quantization: Quantization = option(
         Quantization.NF4, "frozen base weights on clients: nf4 | int8 | none"
+    )
+    compute_dtype: ComputeDtype = option(
+        ComputeDtype.FP32,
+        "precision of the clients' matrix products: fp32 | bf16 (mixed precision: adapters, "
+        "gradients and optimizer state stay fp32) | auto (bf16 where the device multiplies it "
+        "natively: AMX/AVX512-BF16 CPUs, bf16-capable GPUs)",
     )
     client_quantization: str = option(
         "", "simulation: a mixed fleet, modes given to clients round-robin, e.g. nf4,int8,none"
@@ -428,6 +434,12 @@ class RunConfig:
             "strategy",
             "scaffold's control variates are built from the clients' non-private gradients, "
             "which DP-SGD (--dp sample) does not allow; use another strategy or --dp client",
+        )
+        need(
+            not (self.compute_dtype is ComputeDtype.BF16 and self.dp is DpMode.SAMPLE),
+            "compute-dtype",
+            "bf16 does not compose with --dp sample (DP-SGD's per-example gradients are fp32 "
+            "only); use fp32, or auto (DP-SGD clients then compute in fp32)",
         )
 
     def _check_robust(self, need: Any) -> None:

@@ -284,6 +284,7 @@ _MEMORY_METRICS = {
     "peak-rss-mb": "peak_rss_mb",
     "max-memory-mb": "max_memory_mb",
     "weight-bits": "weight_bits",
+    "compute-bits": "compute_bits",
     "plan-micro-batch": "micro_batch",
     "plan-accumulation": "accumulation",
     "plan-checkpointing": "checkpointing",

@@ -172,3 +172,36 @@ def test_clients_of_two_ranks_share_one_base_and_train_as_alone(  # type: ignore
         assert {v.shape[0] for k, v in got.items() if "lora_A" in k} == {rank}
         for k in got:
             np.testing.assert_array_equal(got[k], alone[rank][k])
+
+
+def test_compute_dtype_reaches_training_and_the_reply_says_which(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    """``compute-dtype bf16`` trains under bf16 autocast (another update than fp32's, close to
+    it); DP-SGD computes in fp32 whatever the setting; the reply's ``compute-bits`` says which."""
+    from protocol.messages import SampleDP
+
+    context, adapter = setup
+    app = client_app.make_client_app()
+    instr = TrainInstruction(round=1, lora=LORA, local_steps=2, batch_size=4, seq_len=48)
+    content = encode_train_instruction(instr, adapter)
+    updates = {}
+    for dtype in ("fp32", "bf16"):
+        context.run_config["compute-dtype"] = dtype
+        reply = app(_message(content, MessageType.TRAIN), context)
+        updates[dtype] = decode_update(reply.content, AdapterSpec.of(adapter), rnd=1)
+    assert updates["fp32"].metrics["compute-bits"] == 32
+    assert updates["bf16"].metrics["compute-bits"] == 16
+    flat = {d: np.concatenate([u.delta[k].ravel() for k in sorted(u.delta)])
+            for d, u in updates.items()}  # fmt: skip
+    assert not np.array_equal(flat["fp32"], flat["bf16"])
+    cos = flat["fp32"] @ flat["bf16"] / np.linalg.norm(flat["fp32"]) / np.linalg.norm(flat["bf16"])
+    assert cos > 0.9
+
+    dp = SampleDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3)
+    private = TrainInstruction(round=1, lora=LORA, local_steps=1, batch_size=4, seq_len=48,
+                               sample_dp=dp)  # fmt: skip
+    context.node_config["state-dir"] = str(Path(context.node_config["data-path"]).parent / "st")
+    reply = app(_message(encode_train_instruction(private, adapter), MessageType.TRAIN), context)
+    dp_update = decode_update(reply.content, AdapterSpec.of(adapter), rnd=1)
+    assert dp_update.metrics["compute-bits"] == 32

@@ -78,6 +78,11 @@ def test_wire_instruction_defaults_agree_with_the_options() -> None:
             {"strategy": "scaffold", "dp": "sample", "noise-multiplier": 1.0},
             "strategy: scaffold's control variates are built from the clients' non-private",
         ),
+        (
+            {"compute-dtype": "bf16", "dp": "sample", "noise-multiplier": 1.0},
+            "compute-dtype: bf16 does not compose with --dp sample",
+        ),
+        ({"compute-dtype": "fp16"}, "compute-dtype: 'fp16' is not one of fp32, bf16, auto"),
         ({"lora-rank": 0}, "lora-rank: must be >= 1"),
         ({"lora-targets": "q_proj,,v_proj"}, "lora-targets: empty module name"),
     ],
