@@ -347,6 +347,11 @@ def _add_client(sub: Any) -> None:
     )
     p.add_argument("--model", default=None, help="base model on this device (default: the run's)")
     p.add_argument("--quantization", default=None, help="nf4 | int8 | none (default: the run's)")
+    p.add_argument(
+        "--compute-dtype",
+        default=None,
+        help="fp32 | bf16 | auto: precision of training's matrix products (default: the run's)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for training (0: all)")
     p.add_argument(
         "--max-memory",
@@ -394,6 +399,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
         "insecure": args.insecure,
         "model": args.model,
         "quantization": args.quantization,
+        "compute_dtype": args.compute_dtype,
         "threads": args.threads,
         "max_memory": parse_size(args.max_memory) if args.max_memory is not None else None,
         "quantize_to_fit": args.quantize_to_fit,

@@ -84,6 +84,7 @@ class DeviceConfig:
     cache_dir: Path | None = None
     model: str = ""
     quantization: str = ""
+    compute_dtype: str = ""  # fp32 | bf16 | auto ("": the run's)
     threads: int = 0
     max_memory: int = 0  # bytes; 0 = no limit
     # May training fall back to a smaller quantization to fit max-memory? (None: the run's)
@@ -115,6 +116,13 @@ class DeviceConfig:
             from client.defaults import Quantization
 
             Quantization.parse(self.quantization)
+        if self.compute_dtype:
+            from client.defaults import ComputeDtype
+
+            try:
+                ComputeDtype.parse(self.compute_dtype, field="compute-dtype")
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------ settings
@@ -130,6 +138,7 @@ _TOML_KEYS: dict[str, tuple[str, type]] = {
     "cache-dir": ("cache_dir", Path),
     "model": ("model", str),
     "quantization": ("quantization", str),
+    "compute-dtype": ("compute_dtype", str),
     "threads": ("threads", int),
     "max-memory": ("max_memory", str),
     "quantize-to-fit": ("quantize_to_fit", bool),
@@ -252,6 +261,8 @@ def node_config(cfg: DeviceConfig, socket: Path | None) -> dict[str, Any]:
         out["model"] = cfg.model
     if cfg.quantization:
         out["quantization"] = cfg.quantization
+    if cfg.compute_dtype:
+        out["compute-dtype"] = cfg.compute_dtype
     if cfg.threads:
         out["threads"] = cfg.threads
     if cfg.max_memory:  # training plans to stay within it (client.memory)

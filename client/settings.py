@@ -27,7 +27,7 @@ from client.shards import RECORDS, is_indexed
 class ClientSettings:
     model: str = DEFAULT_MODEL
     quantization: Quantization = Quantization.NF4
-    compute_dtype: ComputeDtype = ComputeDtype.FP32
+    compute_dtype: ComputeDtype = ComputeDtype.AUTO
     data_path: str = ""
     cache_dir: Path = Path()
     heldout_fraction: float = 0.1
@@ -112,19 +112,26 @@ class ClientSettings:
             if profile.memory and "max-memory" not in node_config:
                 max_memory = profile.memory
         cache = get("cache-dir", "")
+        budget = parse_size(max_memory, "max-memory")
+        compute_dtype = ComputeDtype.parse(
+            str(get("compute-dtype", ComputeDtype.AUTO.value)), field="compute-dtype"
+        )
+        if budget and compute_dtype is ComputeDtype.AUTO:
+            # Budgets are planned with fp32 estimates, and with the lean allocator bf16 peaked
+            # higher than fp32 (README, "Mixed precision"): a budgeted device keeps fp32 unless
+            # told otherwise.
+            compute_dtype = ComputeDtype.FP32
         return cls(
             model=str(get("model", DEFAULT_MODEL)),
             quantization=Quantization.parse(quantization),
-            compute_dtype=ComputeDtype.parse(
-                str(get("compute-dtype", ComputeDtype.FP32.value)), field="compute-dtype"
-            ),
+            compute_dtype=compute_dtype,
             data_path=data_path,
             cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
             heldout_fraction=float(get("heldout-fraction", 0.1)),
             threads=int(get("threads", 0)),
             device=str(get("device", "auto")),
             state_dir=Path(state_dir).expanduser() if state_dir else default_state_dir(),
-            max_memory=parse_size(max_memory, "max-memory"),
+            max_memory=budget,
             quantize_to_fit=_flag(get("quantize-to-fit", False), "quantize-to-fit"),
             shard=shard,
             data_cache=int(get("client-data-cache", 32)),

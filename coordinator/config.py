@@ -71,7 +71,7 @@ class RunConfig:
         Quantization.NF4, "frozen base weights on clients: nf4 | int8 | none"
     )
     compute_dtype: ComputeDtype = option(
-        ComputeDtype.FP32,
+        ComputeDtype.AUTO,
         "precision of the clients' matrix products: fp32 | bf16 (mixed precision: adapters, "
         "gradients and optimizer state stay fp32) | auto (bf16 where the device multiplies it "
         "natively: AMX/AVX512-BF16 CPUs, bf16-capable GPUs)",

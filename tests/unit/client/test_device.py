@@ -62,6 +62,7 @@ def test_toml_file_then_flags(tmp_path: Path, data: Path) -> None:
         'root-cert = "keys/ca.pem"\n'
         'key = "/etc/fedtune/pi.key"\n'
         'quantization = "int8"\n'
+        'compute-dtype = "bf16"\n'
         "threads = 2\n"
         'max-memory = "3GB"\n'
         "quantize-to-fit = true\n"
@@ -74,6 +75,7 @@ def test_toml_file_then_flags(tmp_path: Path, data: Path) -> None:
         "root_cert": tmp_path / "keys" / "ca.pem",
         "key": Path("/etc/fedtune/pi.key"),
         "quantization": "int8",
+        "compute_dtype": "bf16",
         "threads": 2,
         "max_memory": 3 * 2**30,
         "quantize_to_fit": True,
@@ -114,6 +116,7 @@ def test_malformed_settings_file_names_file_and_key(
         ({"coordinator": "x:1", "data": "d", "threads": -1}, "threads: must be >= 0"),
         ({"coordinator": "x:1", "data": "d", "max_memory": 1000}, "max-memory: 1000 bytes"),
         ({"coordinator": "x:1", "data": "d", "quantization": "fp4"}, "quantization: 'fp4'"),
+        ({"coordinator": "x:1", "data": "d", "compute_dtype": "fp8"}, "compute-dtype: 'fp8'"),
         (
             {"coordinator": "x:1", "data": "d", "insecure": True, "root_cert": Path("ca.pem")},
             "--insecure and --root-cert were both given",
@@ -136,6 +139,7 @@ def test_node_config_and_supernode_command(keys: Path, data: Path, tmp_path: Pat
             cache_dir=tmp_path / "cache",
             threads=2,
             quantization="int8",
+            compute_dtype="bf16",
             max_memory=2**30,
             quantize_to_fit=True,
         )
@@ -148,6 +152,7 @@ def test_node_config_and_supernode_command(keys: Path, data: Path, tmp_path: Pat
         "worker-socket": str(sock),
         "device-name": "pi",  # what it answers the identity query with (its registered name)
         "quantization": "int8",
+        "compute-dtype": "bf16",  # a budgeted device that asks for bf16 keeps it
         "threads": 2,
         "max-memory": 2**30,  # the ClientApp plans its training within it
         "quantize-to-fit": True,

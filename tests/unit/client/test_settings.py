@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from client.model import Quantization
+from client.model import ComputeDtype, Quantization
 from client.settings import ClientSettings
 
 
@@ -73,3 +73,19 @@ def test_memory_budget_from_the_device_or_a_simulated_profile() -> None:
     # A device's own budget wins; no budget anywhere means none.
     assert ClientSettings.resolve({"partition-id": 1, "max-memory": "1GB"}, run).max_memory == 2**30
     assert ClientSettings.resolve({"data-path": "x"}, {}).max_memory == 0
+
+
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        ({}, "auto"),
+        ({"compute-dtype": "bf16"}, "bf16"),
+        ({"max-memory": "1GB"}, "fp32"),  # a budgeted device keeps fp32 unless told otherwise
+        ({"max-memory": "1GB", "compute-dtype": "bf16"}, "bf16"),
+    ],
+)
+def test_compute_dtype_auto_by_default_and_fp32_under_a_budget(
+    node: dict[str, str], expected: str
+) -> None:
+    s = ClientSettings.resolve({"data-path": "/d.jsonl", **node}, {})
+    assert s.compute_dtype is ComputeDtype(expected)

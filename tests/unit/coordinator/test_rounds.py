@@ -226,11 +226,13 @@ def test_client_memory_rows_name_each_clients_plan_and_peak() -> None:
     from coordinator.pipeline import client_memory
 
     planned = {"peak-rss-mb": 690.5, "max-memory-mb": 1024.0, "weight-bits": 4.0,
-               "compute-bits": 16.0, "plan-micro-batch": 2.0, "plan-accumulation": 2.0, "plan-checkpointing": 1.0,
-               "plan-estimated-mb": 700.0, "train-loss": 1.0}  # fmt: skip
+               "compute-bits": 16.0, "plan-micro-batch": 2.0, "plan-accumulation": 2.0,
+               "plan-checkpointing": 1.0, "plan-estimated-mb": 700.0,
+               "train-loss": 1.0}  # fmt: skip
     rows = client_memory({9: {"peak-rss-mb": 2000.0}, 4: planned})
     assert rows == [
         {"node": 4, "peak_rss_mb": 690.5, "max_memory_mb": 1024.0, "weight_bits": 4.0,
-         "compute_bits": 16.0, "micro_batch": 2.0, "accumulation": 2.0, "checkpointing": True, "estimated_mb": 700.0},
+         "compute_bits": 16.0, "micro_batch": 2.0, "accumulation": 2.0, "checkpointing": True,
+         "estimated_mb": 700.0},
         {"node": 9, "peak_rss_mb": 2000.0},
     ]  # fmt: skip
