@@ -4,8 +4,9 @@ Every configuration runs in a fresh subprocess that imports what a client import
 (``client.app``: torch, transformers, peft, flwr), so its peak RSS is the whole process's,
 imports and loading included:
 
-* for each quantization mode (``none``, ``int8``, ``nf4``), with and without activation
-  checkpointing: seconds per step, tokens/s, peak RSS, and MFU against the fp32 GEMM ceiling
+* for each quantization mode (``none``, ``int8``, ``nf4``), each precision of the matrix
+  products (``--compute-dtype``: fp32, and bf16 as a client with ``--compute-dtype bf16``
+  computes), with and without activation checkpointing: seconds per step, tokens/s, peak RSS, and MFU against the fp32 GEMM ceiling
   measured in the same process. Each timed step is followed by a short GEMM burst and MFU is the
   median over these (step, ceiling) pairs, so drift in what a shared machine gives the process
   cancels out. Checkpointing's recomputation cost is the ratio of the paired MFUs without and
@@ -22,6 +23,7 @@ imports and loading included:
   allocator's defaults), for the ratio.
 
     python benchmarks/training.py [--steps 8] [--modes none,int8,nf4] [--checkpointing off,on]
+        [--compute-dtype fp32,bf16]
         [--budgets 512MB,768MB,1GB,2GB] [--batch-size 4] [--seq-len 128] [--baseline] [--json]
 """
 

@@ -385,7 +385,8 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        dense = ctx.weight.dequantize().to(grad_out.dtype)
+        # Straight into the gradient's dtype (bf16 under autocast): no fp32 copy first.
+        dense = ctx.weight.dequantize(output_dtype=grad_out.dtype)
         return grad_out @ dense, None, None
 
 
