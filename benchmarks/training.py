@@ -6,11 +6,12 @@ imports and loading included:
 
 * for each quantization mode (``none``, ``int8``, ``nf4``), each precision of the matrix
   products (``--compute-dtype``: fp32, and bf16 as a client with ``--compute-dtype bf16``
-  computes), with and without activation checkpointing: seconds per step, tokens/s, peak RSS, and MFU against the fp32 GEMM ceiling
-  measured in the same process. Each timed step is followed by a short GEMM burst and MFU is the
-  median over these (step, ceiling) pairs, so drift in what a shared machine gives the process
-  cancels out. Checkpointing's recomputation cost is the ratio of the paired MFUs without and
-  with it, against the bound of one more forward of the decoder;
+  computes), with and without activation checkpointing: seconds per step, tokens/s, peak
+  RSS, and MFU against the fp32 GEMM ceiling measured in the same process. Each timed step is
+  followed by a short GEMM burst and MFU is the median over these (step, ceiling) pairs, so
+  drift in what a shared machine gives the process cancels out (mostly: README).
+  Checkpointing's recomputation cost is the ratio of the paired MFUs without and with it,
+  against the bound of one more forward of the decoder;
 * for each memory budget: the plan ``client.memory`` chooses (as a client with that
   ``max-memory`` would, allowed to fall back to smaller quantizations), the peak RSS it reaches
   and its tokens/s, or the refusal;

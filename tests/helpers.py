@@ -89,3 +89,19 @@ def client_args(
         "--data", str(shard), "--cache-dir", str(cache), "--state-dir", str(state),
         "--threads", "1", "--max-wait", "120",
     ]  # fmt: skip
+
+
+def lora_model_with_random_adapter(model_dir: Path, cache: Path, quant: Any, lora: Any) -> Any:
+    """(base, PEFT model in train mode) with LoRA ``lora`` set to seeded random values: B starts
+    at zero, which would leave every A gradient zero."""
+    from client.model import attach_lora, get_adapter, load_base, resolve_model, set_adapter
+
+    base = load_base(resolve_model(str(model_dir)), quant, cache)
+    model = attach_lora(base.model, lora, seed=2)
+    rng = np.random.default_rng(0)
+    set_adapter(
+        model,
+        {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in get_adapter(model).items()},
+    )
+    model.train()
+    return base, model

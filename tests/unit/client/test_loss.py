@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,15 +16,13 @@ from client.model import (
     FROZEN_EMBEDDING_DTYPE,
     Quantization,
     activation_checkpointing,
-    attach_lora,
     ensure_quantized,
-    get_adapter,
     load_base,
     resolve_model,
-    set_adapter,
 )
 from client.train import Batch, backward_mean_loss, collate, evaluate, split_batch
 from protocol.messages import LoraSpec
+from tests.helpers import lora_model_with_random_adapter
 
 LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
 
@@ -40,16 +37,7 @@ def examples(tiny_model_dir: Path) -> list:  # type: ignore[type-arg]
 
 
 def _model(tiny_model_dir: Path, cache: Path, quant: Quantization = Quantization.NONE):  # type: ignore[no-untyped-def]
-    base = load_base(resolve_model(str(tiny_model_dir)), quant, cache)
-    model = attach_lora(base.model, LORA, seed=2)
-    # B starts at zero, which would leave every A gradient zero: use a random adapter.
-    rng = np.random.default_rng(0)
-    set_adapter(
-        model,
-        {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in get_adapter(model).items()},
-    )
-    model.train()
-    return base, model
+    return lora_model_with_random_adapter(tiny_model_dir, cache, quant, LORA)
 
 
 def _reference_backward(model, batch: Batch) -> float:  # type: ignore[no-untyped-def]

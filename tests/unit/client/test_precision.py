@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,16 +14,12 @@ from client.model import (
     ComputeDtype,
     Quantization,
     activation_checkpointing,
-    attach_lora,
     compute_precision,
-    get_adapter,
-    load_base,
     resolve_compute_dtype,
-    resolve_model,
-    set_adapter,
 )
 from client.train import backward_mean_loss, collate, evaluate
 from protocol.messages import LoraSpec
+from tests.helpers import lora_model_with_random_adapter
 
 LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -64,15 +59,7 @@ def examples(tiny_model_dir: Path) -> list:  # type: ignore[type-arg]
 
 
 def _model(tiny_model_dir: Path, cache: Path, quant: Quantization):  # type: ignore[no-untyped-def]
-    base = load_base(resolve_model(str(tiny_model_dir)), quant, cache)
-    model = attach_lora(base.model, LORA, seed=2)
-    rng = np.random.default_rng(0)  # B nonzero, so that every A gets a gradient
-    set_adapter(
-        model,
-        {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in get_adapter(model).items()},
-    )
-    model.train()
-    return base, model
+    return lora_model_with_random_adapter(tiny_model_dir, cache, quant, LORA)
 
 
 def _grads(model, batch, micro_batch: int = 0) -> tuple[float, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
