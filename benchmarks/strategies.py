@@ -207,6 +207,7 @@ def load_adapter(out: Path, label: str) -> dict[str, np.ndarray] | None:
 
 def main() -> None:
     args = parse_args()
+    precision = ComputeDtype(args.compute_dtype)  # of the training steps only
     runs = plan_runs(args.strategies, args.server_lr)
     old = previous(args)
     records = load_records(args.data)
@@ -283,7 +284,7 @@ def main() -> None:
         steps = args.rounds * args.clients_per_round * args.local_steps
         t0 = time.perf_counter()
         instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
-        with compute_precision(ComputeDtype(args.compute_dtype)):
+        with compute_precision(precision):
             up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
         finals[label] = {k: initial[k] + up.delta[k] for k in initial}
         central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
@@ -334,7 +335,7 @@ def main() -> None:
                          for k, v in adapter.items()}  # fmt: skip
                     scaffold = Scaffold(c, controls.get(cid, {}))
                     corrections.append(scaffold)
-                with compute_precision(ComputeDtype(args.compute_dtype)):
+                with compute_precision(precision):
                     up = train_round(model, data(cid), instr, adapter, pad_id=pad,
                                      client_seed=cid, corrections=corrections)  # fmt: skip
                 delta = dict(up.delta)

@@ -159,11 +159,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         cfg, batch_size, seq_len, head_tokens=batch_size * (seq_len - 1), lora_params=lora_params
     )
     chunk_bytes = int(plan.head_chunk_mib * MIB)
-    precision = compute_precision(ComputeDtype(spec["compute_dtype"]))
+    requested = ComputeDtype(spec["compute_dtype"])
     with (
         activation_checkpointing(model, plan.checkpointing),
         head_chunk(chunk_bytes),
-        precision as computed,
+        compute_precision(requested) as computed,
     ):
         out["compute_dtype"] = computed.value
         u = paired_utilisation(step, flops, pairs=steps)
@@ -191,12 +191,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ev_examples = [TokenizedExample(tuple(r.tolist()), tuple(r.tolist())) for r in ev.input_ids]
     reset_peak_rss()
     before = current_rss_mb()
-    with head_chunk(chunk_bytes), compute_precision(ComputeDtype(spec["compute_dtype"])):
+    with head_chunk(chunk_bytes), compute_precision(requested):
         t_eval = timed(lambda: evaluate(model, ev_examples, batch_size=8, pad_id=0), 1, warmup=0)
     eval_peak = peak_rss_mb() - before
     reset_peak_rss()
     before = current_rss_mb()
-    with torch.no_grad(), compute_precision(ComputeDtype(spec["compute_dtype"])):
+    with torch.no_grad(), compute_precision(requested):
         batch8 = collate(ev_examples, 0, torch.device("cpu"))
         model(input_ids=batch8.input_ids, attention_mask=batch8.attention_mask).logits.sum()
     eval_full_peak = peak_rss_mb() - before

@@ -416,17 +416,21 @@ def keep_nf4_trainable(model: torch.nn.Module) -> int:
     adapter helpers call it) converts a packed weight back with a lossy inverse, after which every
     forward of the frozen base is wrong: with SmolLM2, one ``state_dict()`` after an evaluation
     took the held-out loss from 3.80 to 15.85. Clients evaluate and train in one process, so the
-    repacking is switched off. Each layer's forward also follows autocast
-    (``_nf4_autocast_forward``), for ``--compute-dtype bf16``. Returns how many layers were
-    switched."""
+    repacking is switched off. Returns how many layers were switched."""
     count = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
             count += 1
+    return count
+
+
+def nf4_follow_autocast(model: torch.nn.Module) -> None:
+    """Route every bitsandbytes ``Linear4bit`` through ``_nf4_autocast_forward``, so that
+    ``--compute-dtype bf16`` reaches the NF4 layers too."""
+    for module in model.modules():
         if hasattr(module, "compute_dtype") and hasattr(module, "compute_type_is_set"):
             module.forward = types.MethodType(_nf4_autocast_forward, module)
-    return count
 
 
 def _nf4_autocast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -557,6 +561,7 @@ def load_base(
         recompute_dequantized_weights(model)
     if quant is Quantization.NF4:
         keep_nf4_trainable(model)
+        nf4_follow_autocast(model)
     if quant is not Quantization.NONE:
         hold_embeddings_in_half(model, directory)
     model.eval()
