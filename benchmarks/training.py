@@ -88,6 +88,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         get_adapter,
         load_base,
         model_shape,
+        resolve_compute_dtype,
         resolve_model,
     )
     from client.train import Batch, backward_mean_loss, collate, evaluate, train_round
@@ -129,7 +130,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         head_chunk_mib=plan.head_chunk_mib,
     )
 
-    base = load_base(source, plan.quantization, default_cache_dir())
+    requested = ComputeDtype(spec["compute_dtype"])
+    # What a client does: an unquantized base is held in bf16 when its products run in bf16.
+    compute = resolve_compute_dtype(requested, torch.device("cpu"))
+    base = load_base(source, plan.quantization, default_cache_dir(), compute=compute)
     model = attach_lora(base.model, lora)
     model.train()
     out["load_s"] = base.load_seconds
@@ -159,7 +163,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         cfg, batch_size, seq_len, head_tokens=batch_size * (seq_len - 1), lora_params=lora_params
     )
     chunk_bytes = int(plan.head_chunk_mib * MIB)
-    requested = ComputeDtype(spec["compute_dtype"])
     with (
         activation_checkpointing(model, plan.checkpointing),
         head_chunk(chunk_bytes),

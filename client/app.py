@@ -54,6 +54,7 @@ from client.model import (
     load_base,
     model_shape,
     pick_device,
+    resolve_compute_dtype,
     resolve_model,
 )
 from client.rss import current_rss_mb, peak_rss_mb, reset_peak_rss, tune_allocator
@@ -135,22 +136,32 @@ class Resident:
 
 
 @functools.lru_cache(maxsize=3)  # a mixed simulated fleet may use all three quantization modes
-def load_resident(model: str, quantization: Quantization, cache_dir: Path, device: str) -> Resident:
-    """The base model, loaded once per process for each (model, quantization, device)."""
+def load_resident(
+    model: str, quantization: Quantization, cache_dir: Path, device: str, compute: ComputeDtype
+) -> Resident:
+    """The base model, loaded once per process for each (model, quantization, device) and the
+    precision its products run in (an unquantized base is held in bf16 for bf16 products)."""
     before = current_rss_mb()
-    base = load_base(resolve_model(model), quantization, cache_dir, pick_device(device))
+    base = load_base(
+        resolve_model(model), quantization, cache_dir, pick_device(device), compute=compute
+    )
     _LOADED[(model, quantization)] = before
     return Resident(base)
 
 
 def get_runtime(
-    model: str, quantization: Quantization, cache_dir: Path, device: str, lora: LoraSpec
+    model: str,
+    quantization: Quantization,
+    cache_dir: Path,
+    device: str,
+    lora: LoraSpec,
+    compute: ComputeDtype = ComputeDtype.FP32,
 ) -> Runtime:
     """The base model with LoRA ``lora`` attached. A client whose LoRA differs from the last
     one's on the same base (a fleet of mixed ranks in one worker) has its LoRA attached in
     place of the last one's, on the same base: one base per process, not one per rank. The
     tokenized client data is kept (it does not depend on the LoRA)."""
-    resident = load_resident(model, quantization, cache_dir, device)
+    resident = load_resident(model, quantization, cache_dir, device, compute)
     if resident.runtime is None or resident.lora != lora:
         data: OrderedDict[tuple[str, int, int, float], LocalData] = OrderedDict()
         if resident.runtime is not None:
@@ -183,8 +194,11 @@ def _prepare(
             quantizations=quantization_candidates(settings.quantization, settings.quantize_to_fit),
         )
         settings = dataclasses.replace(settings, quantization=quantization)
+    # The device's precision, also for a DP-SGD round (which computes in fp32 over the base as
+    # held: client.model._FrozenLinear converts each held weight at use).
+    compute = resolve_compute_dtype(settings.compute_dtype, pick_device(settings.device))
     runtime = get_runtime(
-        settings.model, settings.quantization, settings.cache_dir, settings.device, lora
+        settings.model, settings.quantization, settings.cache_dir, settings.device, lora, compute
     )
     return settings, runtime
 

@@ -91,12 +91,23 @@ def client_args(
     ]  # fmt: skip
 
 
-def lora_model_with_random_adapter(model_dir: Path, cache: Path, quant: Any, lora: Any) -> Any:
+def lora_model_with_random_adapter(
+    model_dir: Path, cache: Path, quant: Any, lora: Any, compute: Any = None
+) -> Any:
     """(base, PEFT model in train mode) with LoRA ``lora`` set to seeded random values: B starts
-    at zero, which would leave every A gradient zero."""
-    from client.model import attach_lora, get_adapter, load_base, resolve_model, set_adapter
+    at zero, which would leave every A gradient zero. ``compute``: ``load_base``'s (fp32)."""
+    from client.model import (
+        ComputeDtype,
+        attach_lora,
+        get_adapter,
+        load_base,
+        resolve_model,
+        set_adapter,
+    )
 
-    base = load_base(resolve_model(str(model_dir)), quant, cache)
+    base = load_base(
+        resolve_model(str(model_dir)), quant, cache, compute=compute or ComputeDtype.FP32
+    )
     model = attach_lora(base.model, lora, seed=2)
     rng = np.random.default_rng(0)
     set_adapter(

@@ -7,11 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
-from client.model import Quantization, attach_lora, get_adapter, load_base, resolve_model
+from client.model import (
+    ComputeDtype,
+    Quantization,
+    attach_lora,
+    get_adapter,
+    load_base,
+    resolve_model,
+)
 from protocol.adapter import AdapterSpec
 from protocol.messages import (
     EvalInstruction,
@@ -195,6 +203,17 @@ def test_compute_dtype_reaches_training_and_the_reply_says_which(  # type: ignor
         updates[dtype] = decode_update(reply.content, AdapterSpec.of(adapter), rnd=1)
     assert updates["fp32"].metrics["compute-bits"] == 32
     assert updates["bf16"].metrics["compute-bits"] == 16
+    # One resident base per precision: the unquantized base is held in bf16 for bf16 products.
+    assert client_app.load_resident.cache_info().misses == 2
+    held = {
+        dtype: client_app.load_resident(
+            str(context.run_config["model"]), Quantization.NONE,
+            Path(context.run_config["cache-dir"]), "auto", ComputeDtype(dtype),
+        ).base.model.model.layers[0].mlp.down_proj.weight.dtype
+        for dtype in ("fp32", "bf16")
+    }  # fmt: skip
+    assert held == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    assert client_app.load_resident.cache_info().misses == 2
     flat = {d: np.concatenate([u.delta[k].ravel() for k in sorted(u.delta)])
             for d, u in updates.items()}  # fmt: skip
     assert not np.array_equal(flat["fp32"], flat["bf16"])

@@ -58,8 +58,10 @@ def examples(tiny_model_dir: Path) -> list:  # type: ignore[type-arg]
     return tokenize_all(tok, to_conversations(rows, "builtin"), seq_len=64)
 
 
-def _model(tiny_model_dir: Path, cache: Path, quant: Quantization):  # type: ignore[no-untyped-def]
-    return lora_model_with_random_adapter(tiny_model_dir, cache, quant, LORA)
+def _model(  # type: ignore[no-untyped-def]
+    tiny_model_dir: Path, cache: Path, quant: Quantization, compute: ComputeDtype | None = None
+):
+    return lora_model_with_random_adapter(tiny_model_dir, cache, quant, LORA, compute)
 
 
 def _grads(model, batch, micro_batch: int = 0) -> tuple[float, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
@@ -169,3 +171,120 @@ def test_a_forward_sees_the_adapters_as_updated_inside_the_block(
         fresh, _ = _grads(model, batch)
     assert abs(inside - before) > 1e-3  # (0.0 with the cast cache)
     assert inside == fresh
+
+
+def _saved_weight_copies(model, batch) -> list[tuple[int, ...]]:  # type: ignore[no-untyped-def]
+    """Shapes of the tensors autograd keeps for backward that are shaped like a frozen linear
+    weight (a dense copy of one, kept from forward to backward)."""
+    shapes = {
+        tuple(m.weight.shape)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    }
+    seen: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2 and t.is_floating_point() and tuple(t.shape) in shapes:
+            seen.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backward_mean_loss(model, batch, 0)
+    model.zero_grad(set_to_none=True)
+    return seen
+
+
+def test_a_base_held_in_bf16_for_bf16_products_keeps_their_gradients_and_no_weight_copies(
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+) -> None:
+    """``load_base(compute=BF16)`` holds an unquantized base's frozen linears and its embedding
+    in bf16: the products use the same bf16 weights autocast made at every use before, and no
+    dense copy of a weight waits for backward (autocast's bf16 copies of the fp32 weights
+    did)."""
+    _, held = _model(tiny_model_dir, model_cache, Quantization.NONE, ComputeDtype.BF16)
+    base, plain = _model(tiny_model_dir, model_cache, Quantization.NONE)
+    linears = [m for m in held.modules() if type(m) is torch.nn.Linear]
+    frozen = [m.weight for m in linears if not m.weight.requires_grad]
+    assert len(frozen) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the tied head
+    assert all(w.dtype == torch.bfloat16 for w in frozen)
+    assert held.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in held.named_parameters() if "lora_" in n)
+    batch = collate(examples[:4], base.tokenizer.pad_token_id, CPU)
+    with compute_precision(ComputeDtype.BF16):
+        loss_held, g_held = _grads(held, batch)
+        loss_plain, g_plain = _grads(plain, batch)
+        assert _saved_weight_copies(held, batch) == []
+        assert _saved_weight_copies(plain, batch), "autocast keeps bf16 copies of fp32 weights"
+    flat_held = torch.cat([g.flatten() for g in g_held.values()])
+    flat_plain = torch.cat([g_plain[k].flatten() for k in g_held])
+    assert g_held.keys() == g_plain.keys() and len(g_held) == 8
+    assert float(torch.nn.functional.cosine_similarity(flat_held, flat_plain, dim=0)) > 0.999
+    assert loss_held == pytest.approx(loss_plain, rel=1e-2)
+    # Outside autocast (a DP-SGD round on a bf16 device) the held base computes in fp32.
+    with compute_precision(ComputeDtype.FP32):
+        loss32, g32 = _grads(held, batch)
+        assert _saved_weight_copies(held, batch) == []
+    loss_ref, g_ref = _grads(plain, batch)
+    flat32 = torch.cat([g32[k].flatten() for k in g_ref])
+    flat_ref = torch.cat([g.flatten() for g in g_ref.values()])
+    assert flat32.dtype == torch.float32
+    assert float(torch.nn.functional.cosine_similarity(flat32, flat_ref, dim=0)) > 0.999
+    assert loss32 == pytest.approx(loss_ref, rel=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_products_multiply_the_integers_and_scale_the_output(
+    dtype: torch.dtype, tiny_model_dir: Path, model_cache: Path
+) -> None:
+    """torchao's per-channel int8 weight as its integers (exact in bf16 and fp32) times the
+    per-row scale applied to the product: the same layer as its dequantized weight."""
+    from client.model import _dense_weight, _FrozenLinear
+
+    base, _ = _model(tiny_model_dir, model_cache, Quantization.INT8)
+    proj = base.model.model.layers[0].mlp.down_proj
+    weight = proj.weight
+    dense, scale = _dense_weight(weight, torch.float32)
+    assert scale is not None and scale.shape == (1, weight.shape[0])
+    assert torch.equal(dense, dense.round()) and float(dense.abs().max()) <= 255
+    assert torch.equal(dense * scale.T, weight.dequantize(output_dtype=torch.float32))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, weight.shape[1], generator=gen, requires_grad=True)
+    grad = torch.randn(3, 5, weight.shape[0], generator=gen)
+    ref_w = weight.dequantize(output_dtype=torch.float32)
+    ref = torch.nn.functional.linear(x.to(dtype), ref_w.to(dtype))
+    (ref_gx,) = torch.autograd.grad(ref, x, grad.to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = _FrozenLinear.apply(x, weight, None)
+    (gx,) = torch.autograd.grad(out, x, grad.to(dtype))
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((out.detach(), ref.detach()), (gx, ref_gx)):
+        rel = float((got.float() - want.float()).norm() / want.float().norm().detach())
+        assert rel < tol, rel
+
+
+def test_attention_computes_in_fp32_under_cpu_autocast(
+    tiny_model_dir: Path, model_cache: Path
+) -> None:
+    """bf16 products around it, fp32 attention: PyTorch's CPU flash attention runs its backward
+    faster in fp32 than in bf16 at a client's shapes (``client.model._attention_fp32_on_cpu``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from client.model import _attention_fp32_on_cpu
+
+    base, _ = _model(tiny_model_dir, model_cache, Quantization.NONE)
+    assert base.model.config._attn_implementation == "fedtune_sdpa"
+    attn = base.model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 6, 16, generator=gen).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = _attention_fp32_on_cpu(attn, q, k, v, None, is_causal=True)
+    ref, _ = sdpa_attention_forward(attn, q.float(), k.float(), v.float(), None, is_causal=True)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ref)
+    # Without autocast it is transformers' SDPA as it is.
+    plain, _ = _attention_fp32_on_cpu(attn, q, k, v, None, is_causal=True)
+    assert plain.dtype == torch.bfloat16
