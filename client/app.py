@@ -177,22 +177,26 @@ def _prepare(
     lora: LoraSpec,
     defaults: Mapping[str, Any],
     seq_len: int,
-    plan: MemoryPlan | None = None,
+    quantization: Quantization | None = None,
 ) -> tuple[ClientSettings, Runtime]:
-    """Settings and the runtime in the quantization of ``plan`` (or, under a memory budget, the
-    one that fits it: ``client.memory.fitting_quantization``)."""
+    """Settings and the runtime in ``quantization`` (a training plan's), or else, under a memory
+    budget, in the mode this node last trained in here (evaluation: the base its training
+    fitted, whatever the process's RSS has grown to since) or the one that fits the budget
+    (``client.memory.fitting_quantization``)."""
     settings = _settings(context, defaults)
-    if plan is not None:
-        settings = dataclasses.replace(settings, quantization=plan.quantization)
-    elif settings.max_memory:
-        shape = _shape(settings, lora)
-        quantization = fitting_quantization(
-            settings.max_memory / MIB,
-            shape,
-            seq_len=seq_len,
-            resident_mb=_residents(settings, shape),
-            quantizations=quantization_candidates(settings.quantization, settings.quantize_to_fit),
-        )
+    if quantization is None and settings.max_memory:
+        candidates = quantization_candidates(settings.quantization, settings.quantize_to_fit)
+        quantization = _TRAINED_IN.get((context.node_id, settings.model))
+        if quantization not in candidates:
+            shape = _shape(settings, lora)
+            quantization = fitting_quantization(
+                settings.max_memory / MIB,
+                shape,
+                seq_len=seq_len,
+                resident_mb=_residents(settings, shape),
+                quantizations=candidates,
+            )
+    if quantization is not None:
         settings = dataclasses.replace(settings, quantization=quantization)
     # The device's precision, also for a DP-SGD round (which computes in fp32 over the base as
     # held: client.model._FrozenLinear converts each held weight at use).
@@ -220,6 +224,8 @@ _COMPUTE_BITS = {ComputeDtype.FP32: 32, ComputeDtype.BF16: 16}
 
 # RSS of this process before each (model, quantization) base was loaded.
 _LOADED: dict[tuple[str, Quantization], float] = {}
+# The mode each (node, model) last trained in here: its evaluation under a budget uses that base.
+_TRAINED_IN: dict[tuple[int, str], Quantization] = {}
 
 
 @functools.lru_cache(maxsize=4)
@@ -276,7 +282,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         reset_peak_rss()  # this client's peak, not the process's (client.rss)
         instr, global_adapter = decode_train_instruction(msg.content)
         plan = plan_round(_settings(context, base_defaults), instr)
-        settings, runtime = _prepare(context, instr.lora, base_defaults, instr.seq_len, plan)
+        settings, runtime = _prepare(
+            context, instr.lora, base_defaults, instr.seq_len, plan.quantization
+        )
+        _TRAINED_IN[(context.node_id, settings.model)] = plan.quantization
         t_load = time.perf_counter() - t0
         data = runtime.local_data(settings, instr.seq_len)
         corrections: list[Correction] = []

@@ -53,6 +53,7 @@ def setup(tiny_model_dir: Path, model_cache: Path, tmp_path: Path):  # type: ign
     adapter = get_adapter(attach_lora(base.model, LORA, seed=5))
     client_app.load_resident.cache_clear()
     client_app._LOADED.clear()
+    client_app._TRAINED_IN.clear()
     return context, adapter
 
 
@@ -102,7 +103,7 @@ def test_a_memory_budget_plans_micro_batches_with_the_same_update(  # type: igno
 ) -> None:
     """Under a budget that the whole batch would exceed the client trains in micro-batches of
     the same effective batch: the update is the unbudgeted one, and the reply says how."""
-    from client.memory import resident_mib, step_mib
+    from client.memory import MemoryBudgetError, resident_mib, step_mib
 
     context, adapter = setup
     # Equal within fp32 rounding; bf16 products round differently for other micro-batch widths
@@ -132,6 +133,19 @@ def test_a_memory_budget_plans_micro_batches_with_the_same_update(  # type: igno
     assert m["peak-rss-mb"] > 0 and m["weight-bits"] == 32
     for k in plain.delta:
         np.testing.assert_allclose(planned.delta[k], plain.delta[k], rtol=1e-4, atol=1e-7)
+
+    # The process grew after training (allocator caches, the data): evaluation uses the base
+    # this node trained in instead of planning a training footprint again (which no longer fits).
+    monkeypatch.setattr(client_app, "current_rss_mb", lambda: 300.0 + budget)
+    evaluate = encode_eval_instruction(EvalInstruction(round=1, lora=LORA, seq_len=48), adapter)
+    reply = app(_message(evaluate, MessageType.EVALUATE), context)
+    result = decode_eval_result(reply.content, rnd=1)
+    assert result.num_tokens > 0 and np.isfinite(result.loss)
+    assert client_app.load_resident.cache_info().misses == 1, "the trained base, not another"
+    other = Context(run_id=1, node_id=8, node_config=dict(context.node_config),
+                    state=RecordDict(), run_config=context.run_config)  # fmt: skip
+    with pytest.raises(MemoryBudgetError, match="training cannot fit"):
+        app(_message(evaluate, MessageType.EVALUATE), other)  # never trained here: planned
 
 
 def test_an_impossible_budget_is_refused_before_loading(  # type: ignore[no-untyped-def]
