@@ -334,82 +334,14 @@ def _add_client(sub: Any) -> None:
         "flags win.",
     )
     p.add_argument("--config", type=Path, default=None, help="TOML file with the settings below")
-    p.add_argument("--coordinator", default=None, help="the coordinator's Fleet API HOST:PORT")
-    p.add_argument("--data", default=None, help="this device's data file or directory")
-    p.add_argument("--root-cert", type=Path, default=None, help="the deployment's ca.pem")
-    p.add_argument("--key", type=Path, default=None, help="this device's node key (NAME.key)")
-    p.add_argument(
-        "--insecure",
-        action="store_const",
-        const=True,
-        default=None,
-        help="connect WITHOUT TLS (testing only; logged loudly)",
-    )
-    p.add_argument("--model", default=None, help="base model on this device (default: the run's)")
-    p.add_argument("--quantization", default=None, help="nf4 | int8 | none (default: the run's)")
-    p.add_argument(
-        "--compute-dtype",
-        default=None,
-        help="fp32 | bf16 | auto: precision of training's matrix products (default: the run's)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for training (0: all)")
-    p.add_argument(
-        "--max-memory",
-        default=None,
-        help="memory budget of the worker, e.g. 2GB: training plans micro-batches and "
-        "checkpointing to stay within it and refuses a round that cannot (default: none)",
-    )
-    p.add_argument(
-        "--quantize-to-fit",
-        action="store_const",
-        const=True,
-        default=None,
-        help="training may fall back to a smaller quantization (none, int8, nf4) to fit",
-    )
-    p.add_argument("--cache-dir", type=Path, default=None, help="model cache directory")
-    p.add_argument("--state-dir", type=Path, default=None, help="state kept across restarts")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default auto)")
-    p.add_argument("--heldout-fraction", type=float, default=None, help="rows kept for eval")
-    p.add_argument("--runtime-port", type=int, default=None, help="local SuperNode API port")
-    p.add_argument(
-        "--max-wait",
-        type=float,
-        default=None,
-        help="give up after this many seconds without reaching the coordinator (0: never)",
-    )
-    p.add_argument(
-        "--no-worker",
-        dest="worker",
-        action="store_const",
-        const=False,
-        default=None,
-        help="no long-lived worker: each message loads the model in a fresh process",
-    )
+    from client.device import add_flags
+
+    add_flags(p)
     p.set_defaults(func=cmd_client_start, label="client start")
 
 
 def cmd_client_start(args: argparse.Namespace) -> int:
-    from client.device import build_config, parse_size, start
+    from client.device import build_config, flags_given, start
 
-    flags = {
-        "coordinator": args.coordinator,
-        "data": args.data,
-        "root_cert": args.root_cert,
-        "key": args.key,
-        "insecure": args.insecure,
-        "model": args.model,
-        "quantization": args.quantization,
-        "compute_dtype": args.compute_dtype,
-        "threads": args.threads,
-        "max_memory": parse_size(args.max_memory) if args.max_memory is not None else None,
-        "quantize_to_fit": args.quantize_to_fit,
-        "cache_dir": args.cache_dir,
-        "state_dir": args.state_dir,
-        "device": args.device,
-        "heldout_fraction": args.heldout_fraction,
-        "runtime_port": args.runtime_port,
-        "max_wait": args.max_wait,
-        "worker": args.worker,
-        "verbose": args.verbose or None,
-    }
+    flags = {**flags_given(args), "verbose": args.verbose or None}
     return start(build_config(args.config, flags))

@@ -16,6 +16,7 @@ the SuperNode's node config, where ``client.settings.ClientSettings.resolve`` re
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import re
@@ -24,10 +25,11 @@ import subprocess
 import sys
 import time
 import tomllib
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from client.probe import CertificateMismatch, Unreachable, probe
 from client.processes import (
@@ -73,28 +75,68 @@ class SettingsError(ValueError):
     """A device setting (flag or TOML) is malformed; names the setting and the file."""
 
 
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    node: bool = False,
+    flag: str = "",
+    size: bool = False,
+    toml: bool = True,
+) -> Any:
+    """A ``DeviceConfig`` field and its one description: the TOML key and the ``client start``
+    flag are the field's name with dashes (``flag`` names another, e.g. ``--no-worker``);
+    ``node``: passed on to the ClientApp under the same key (``node_config``) when set; ``size``:
+    a byte size written like ``3GB`` (``parse_size``); ``toml=False``: no TOML key, no flag."""
+    meta = {"help": help, "node": node, "flag": flag, "size": size, "toml": toml}
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
-    coordinator: str = ""
-    data: str = ""
-    root_cert: Path | None = None
-    key: Path | None = None
-    insecure: bool = False
-    state_dir: Path | None = None
-    cache_dir: Path | None = None
-    model: str = ""
-    quantization: str = ""
-    compute_dtype: str = ""  # fp32 | bf16 | auto ("": the run's)
-    threads: int = 0
-    max_memory: int = 0  # bytes; 0 = no limit
-    # May training fall back to a smaller quantization to fit max-memory? (None: the run's)
-    quantize_to_fit: bool | None = None
-    device: str = ""
-    heldout_fraction: float | None = None
-    runtime_port: int = 0  # the SuperNode's local runtime API; 0 = pick a free one
-    max_wait: float = 0.0  # seconds to keep trying to reach the coordinator; 0 = forever
-    worker: bool = True  # False: Flower's per-message processes load the model every time
-    verbose: bool = False
+    """A device's settings. One field per setting: its TOML key, its ``client start`` flag and
+    what reaches the ClientApp all derive from here (``TOML_KEYS``, ``add_flags``,
+    ``node_config``)."""
+
+    coordinator: str = _setting("", "the coordinator's Fleet API HOST:PORT")
+    data: str = _setting("", "this device's data file or directory")
+    root_cert: Path | None = _setting(None, "the deployment's ca.pem")
+    key: Path | None = _setting(None, "this device's node key (NAME.key)")
+    insecure: bool = _setting(False, "connect WITHOUT TLS (testing only; logged loudly)")
+    state_dir: Path | None = _setting(None, "state kept across restarts")
+    cache_dir: Path | None = _setting(None, "model cache directory")
+    model: str = _setting("", "base model on this device (default: the run's)", node=True)
+    quantization: str = _setting("", "nf4 | int8 | none (default: the run's)", node=True)
+    compute_dtype: str = _setting(
+        "",
+        "fp32 | bf16 | auto: precision of training's matrix products (default: the run's)",
+        node=True,
+    )
+    threads: int = _setting(0, "CPU threads for training (0: all)", node=True)
+    max_memory: int = _setting(
+        0,
+        "memory budget of the worker, e.g. 2GB: training plans micro-batches and "
+        "checkpointing to stay within it and refuses a round that cannot (default: none)",
+        node=True,
+        size=True,
+    )  # bytes; 0 = no limit
+    quantize_to_fit: bool | None = _setting(
+        None,
+        "training may fall back to a smaller quantization (none, int8, nf4) to fit",
+        node=True,
+    )  # None: the run's
+    device: str = _setting("", "auto | cpu | cuda | mps (default auto)", node=True)
+    heldout_fraction: float | None = _setting(None, "rows kept for eval", node=True)
+    runtime_port: int = _setting(0, "local SuperNode API port")  # 0 = pick a free one
+    max_wait: float = _setting(
+        0.0, "give up after this many seconds without reaching the coordinator (0: never)"
+    )
+    worker: bool = _setting(
+        True,
+        "no long-lived worker: each message loads the model in a fresh process",
+        flag="--no-worker",
+    )  # False: Flower's per-message processes load the model every time
+    verbose: bool = _setting(False, "library warnings and debug logs", toml=False)
 
     def __post_init__(self) -> None:
         if not self.coordinator:
@@ -128,26 +170,47 @@ class DeviceConfig:
 # ------------------------------------------------------------------------------ settings
 
 
-_TOML_KEYS: dict[str, tuple[str, type]] = {
-    "coordinator": ("coordinator", str),
-    "data": ("data", str),
-    "root-cert": ("root_cert", Path),
-    "key": ("key", Path),
-    "insecure": ("insecure", bool),
-    "state-dir": ("state_dir", Path),
-    "cache-dir": ("cache_dir", Path),
-    "model": ("model", str),
-    "quantization": ("quantization", str),
-    "compute-dtype": ("compute_dtype", str),
-    "threads": ("threads", int),
-    "max-memory": ("max_memory", str),
-    "quantize-to-fit": ("quantize_to_fit", bool),
-    "device": ("device", str),
-    "heldout-fraction": ("heldout_fraction", float),
-    "runtime-port": ("runtime_port", int),
-    "max-wait": ("max_wait", float),
-    "worker": ("worker", bool),
+def _kind(f: Field[Any]) -> type:
+    """The field's type without ``| None``: str, int, float, bool or Path."""
+    hint = typing.get_type_hints(DeviceConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return cast(type, args[0] if args else hint)
+
+
+def _settings() -> list[Field[Any]]:
+    return [f for f in fields(DeviceConfig) if f.metadata["toml"]]
+
+
+# TOML key -> (field name, type); the flags are the same names (``add_flags``).
+TOML_KEYS: dict[str, tuple[str, type]] = {
+    f.name.replace("_", "-"): (f.name, _kind(f)) for f in _settings()
 }
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, each defaulting to None (not given: the TOML file's, or the
+    default)."""
+    for f in _settings():
+        kind = _kind(f)
+        name = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if kind is bool:
+            const = not f.default if f.metadata["flag"] else True
+            parser.add_argument(name, dest=f.name, action="store_const", const=const,
+                                default=None, help=f.metadata["help"])  # fmt: skip
+        else:
+            typed: dict[str, Any] = {} if kind is str or f.metadata["size"] else {"type": kind}
+            parser.add_argument(name, dest=f.name, default=None, help=f.metadata["help"], **typed)
+
+
+def flags_given(args: argparse.Namespace) -> dict[str, Any]:
+    """``build_config``'s flags from parsed ``add_flags`` arguments (sizes parsed)."""
+    out: dict[str, Any] = {}
+    for f in _settings():
+        value = getattr(args, f.name)
+        if f.metadata["size"] and value is not None:
+            value = parse_size(value, f.name.replace("_", "-"))
+        out[f.name] = value
+    return out
 
 
 def parse_size(text: str | int, what: str = "max-memory") -> int:
@@ -170,19 +233,19 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config {path}: invalid TOML: {exc}") from None
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in _TOML_KEYS:
-            known = ", ".join(_TOML_KEYS)
+        if key not in TOML_KEYS:
+            known = ", ".join(TOML_KEYS)
             raise SettingsError(f"config {path}: unknown setting {key!r} (known: {known})")
-        name, kind = _TOML_KEYS[key]
+        name, kind = TOML_KEYS[key]
         if kind is Path:
             if not isinstance(value, str):
                 raise SettingsError(f"config {path}: {key}: expected a path string, got {value!r}")
             p = Path(value).expanduser()
             out[name] = p if p.is_absolute() else (path.parent / p)
-        elif key == "max-memory":
+        elif DeviceConfig.__dataclass_fields__[name].metadata["size"]:
             if isinstance(value, bool) or not isinstance(value, str | int):
-                raise SettingsError(f"config {path}: max-memory: expected a size, got {value!r}")
-            out[name] = parse_size(value)
+                raise SettingsError(f"config {path}: {key}: expected a size, got {value!r}")
+            out[name] = parse_size(value, key)
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -257,22 +320,10 @@ def node_config(cfg: DeviceConfig, socket: Path | None) -> dict[str, Any]:
         out["worker-socket"] = str(socket)
     if cfg.key is not None:  # the name the coordinator registers for this key (client/identity)
         out["device-name"] = cfg.key.stem
-    if cfg.model:
-        out["model"] = cfg.model
-    if cfg.quantization:
-        out["quantization"] = cfg.quantization
-    if cfg.compute_dtype:
-        out["compute-dtype"] = cfg.compute_dtype
-    if cfg.threads:
-        out["threads"] = cfg.threads
-    if cfg.max_memory:  # training plans to stay within it (client.memory)
-        out["max-memory"] = cfg.max_memory
-    if cfg.quantize_to_fit is not None:
-        out["quantize-to-fit"] = cfg.quantize_to_fit
-    if cfg.device:
-        out["device"] = cfg.device
-    if cfg.heldout_fraction is not None:
-        out["heldout-fraction"] = cfg.heldout_fraction
+    for f in fields(cfg):  # the device's own choices, where it made one
+        value = getattr(cfg, f.name)
+        if f.metadata["node"] and value != f.default:
+            out[f.name.replace("_", "-")] = value
     return out
 
 

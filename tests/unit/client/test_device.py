@@ -11,10 +11,13 @@ import pytest
 
 from cli.main import main
 from client.device import (
+    TOML_KEYS,
     DeviceConfig,
     SettingsError,
+    add_flags,
     build_config,
     check_inputs,
+    flags_given,
     node_config,
     parse_size,
     read_settings_file,
@@ -84,6 +87,62 @@ def test_toml_file_then_flags(tmp_path: Path, data: Path) -> None:
     cfg = build_config(conf, {"threads": 4, "quantization": None, "coordinator": None})
     assert cfg.threads == 4 and cfg.quantization == "int8"
     assert cfg.coordinator == "coord.example.org:9092"
+
+
+# Values that pass DeviceConfig's checks, for the settings whose type alone does not say one.
+_SAMPLES = {
+    "data": "/p/data.jsonl",  # (relative: relative to the TOML file)
+    "coordinator": "coord.example.org:9092",
+    "quantization": "int8",
+    "compute-dtype": "bf16",
+    "max-memory": "2GB",
+    "insecure": False,  # (with root-cert: refused)
+    "worker": False,
+}
+
+
+def test_every_device_setting_is_one_toml_key_one_flag_and_reaches_the_client(
+    tmp_path: Path,
+) -> None:
+    """DeviceConfig is the one table: each setting read from the TOML file and given as a
+    ``client start`` flag makes the same config, and the ClientApp's ones reach node_config."""
+    import argparse
+    import dataclasses
+
+    values: dict[str, object] = {}
+    for key, (_, kind) in TOML_KEYS.items():
+        default = {str: f"{key}-x", Path: f"/p/{key}", int: 3, float: 0.5, bool: True}[kind]
+        values[key] = _SAMPLES.get(key, default)
+    lines, argv = [], ["--coordinator", str(values["coordinator"])]
+    for key, value in values.items():
+        lines.append(f"{key} = {json.dumps(value) if not isinstance(value, float) else value}")
+        if key == "coordinator":
+            continue
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append("--no-worker" if key == "worker" else "")
+        else:
+            argv += [f"--{key}", str(value)]
+    conf = tmp_path / "client.toml"
+    conf.write_text("\n".join(lines) + "\n")
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    from_file = build_config(conf, {})
+    from_flags = build_config(None, flags_given(parser.parse_args([a for a in argv if a])))
+    assert from_file == from_flags
+    changed = {
+        f.name for f in dataclasses.fields(from_file) if getattr(from_file, f.name) != f.default
+    }
+    assert changed == {name for name, _ in TOML_KEYS.values()} - {"insecure"}
+    assert from_file.max_memory == 2 * 2**30
+    node = node_config(from_file, None)
+    passed = {k for k in node if k not in ("data-path", "cache-dir", "state-dir", "device-name")}
+    assert passed == {
+        "model", "quantization", "compute-dtype", "threads", "max-memory", "quantize-to-fit",
+        "device", "heldout-fraction",
+    }  # fmt: skip
+    assert node["max-memory"] == 2 * 2**30 and node["heldout-fraction"] == 0.5
 
 
 @pytest.mark.parametrize(
