@@ -155,7 +155,7 @@ def get_runtime(
     cache_dir: Path,
     device: str,
     lora: LoraSpec,
-    compute: ComputeDtype = ComputeDtype.FP32,
+    compute: ComputeDtype,
 ) -> Runtime:
     """The base model with LoRA ``lora`` attached. A client whose LoRA differs from the last
     one's on the same base (a fleet of mixed ranks in one worker) has its LoRA attached in

@@ -170,46 +170,45 @@ class DeviceConfig:
 # ------------------------------------------------------------------------------ settings
 
 
-def _kind(f: Field[Any]) -> type:
-    """The field's type without ``| None``: str, int, float, bool or Path."""
-    hint = typing.get_type_hints(DeviceConfig)[f.name]
+def _without_none(hint: Any) -> type:
+    """``Path | None`` -> ``Path``: str, int, float, bool or Path."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return cast(type, args[0] if args else hint)
 
 
-def _settings() -> list[Field[Any]]:
-    return [f for f in fields(DeviceConfig) if f.metadata["toml"]]
-
-
+# The settings a TOML file and the flags give (not ``verbose``: the CLI's own flag).
+_FIELDS: dict[str, Field[Any]] = {f.name: f for f in fields(DeviceConfig) if f.metadata["toml"]}
 # TOML key -> (field name, type); the flags are the same names (``add_flags``).
 TOML_KEYS: dict[str, tuple[str, type]] = {
-    f.name.replace("_", "-"): (f.name, _kind(f)) for f in _settings()
+    name.replace("_", "-"): (name, _without_none(hint))
+    for name, hint in typing.get_type_hints(DeviceConfig).items()
+    if name in _FIELDS
 }
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, each defaulting to None (not given: the TOML file's, or the
     default)."""
-    for f in _settings():
-        kind = _kind(f)
-        name = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+    for key, (name, kind) in TOML_KEYS.items():
+        meta = _FIELDS[name].metadata
+        flag = meta["flag"] or f"--{key}"
         if kind is bool:
-            const = not f.default if f.metadata["flag"] else True
-            parser.add_argument(name, dest=f.name, action="store_const", const=const,
-                                default=None, help=f.metadata["help"])  # fmt: skip
+            const = not _FIELDS[name].default if meta["flag"] else True
+            parser.add_argument(flag, dest=name, action="store_const", const=const,
+                                default=None, help=meta["help"])  # fmt: skip
         else:
-            typed: dict[str, Any] = {} if kind is str or f.metadata["size"] else {"type": kind}
-            parser.add_argument(name, dest=f.name, default=None, help=f.metadata["help"], **typed)
+            typed: dict[str, Any] = {} if kind is str or meta["size"] else {"type": kind}
+            parser.add_argument(flag, dest=name, default=None, help=meta["help"], **typed)
 
 
 def flags_given(args: argparse.Namespace) -> dict[str, Any]:
     """``build_config``'s flags from parsed ``add_flags`` arguments (sizes parsed)."""
     out: dict[str, Any] = {}
-    for f in _settings():
-        value = getattr(args, f.name)
-        if f.metadata["size"] and value is not None:
-            value = parse_size(value, f.name.replace("_", "-"))
-        out[f.name] = value
+    for key, (name, _) in TOML_KEYS.items():
+        value = getattr(args, name)
+        if _FIELDS[name].metadata["size"] and value is not None:
+            value = parse_size(value, key)
+        out[name] = value
     return out
 
 
@@ -242,7 +241,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
                 raise SettingsError(f"config {path}: {key}: expected a path string, got {value!r}")
             p = Path(value).expanduser()
             out[name] = p if p.is_absolute() else (path.parent / p)
-        elif DeviceConfig.__dataclass_fields__[name].metadata["size"]:
+        elif _FIELDS[name].metadata["size"]:
             if isinstance(value, bool) or not isinstance(value, str | int):
                 raise SettingsError(f"config {path}: {key}: expected a size, got {value!r}")
             out[name] = parse_size(value, key)

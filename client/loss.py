@@ -60,18 +60,18 @@ def _slice_rows(weight: torch.Tensor, slice_bytes: int = HALF_SLICE_BYTES) -> in
     return max(1, slice_bytes // (4 * int(weight.shape[1])))
 
 
-def _product_dtype(x: torch.Tensor) -> torch.dtype:
+def product_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``x``'s products run in: autocast's when it is on, else ``x``'s own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` in the products' precision (``_product_dtype``) for a weight held in
+    """``x @ weight.T`` in the products' precision (``product_dtype``) for a weight held in
     lower precision (V, D), one vocabulary slice upcast at a time (never a full-precision copy
     of the weight); one product when the weight is held in ``x``'s precision or in the
     products' (a bf16 head under bf16 autocast)."""
-    if weight.dtype in (x.dtype, _product_dtype(x)):
+    if weight.dtype in (x.dtype, product_dtype(x)):
         return x @ weight.T  # autocast, when on, converts what differs
     out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     rows = _slice_rows(weight)
@@ -83,7 +83,7 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _upcast_matmul(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``probs @ weight`` (c, V) x (V, D) in the products' precision, slice by slice unless
     the weight is held in it."""
-    if weight.dtype in (probs.dtype, _product_dtype(probs)):
+    if weight.dtype in (probs.dtype, product_dtype(probs)):
         return probs @ weight
     rows = _slice_rows(weight)
     out = probs.new_zeros((probs.shape[0], weight.shape[1]))

@@ -38,6 +38,7 @@ from client.defaults import DEFAULT_MODEL as DEFAULT_MODEL
 from client.defaults import ComputeDtype as ComputeDtype
 from client.defaults import Quantization as Quantization
 from client.defaults import default_cache_dir as default_cache_dir
+from client.loss import product_dtype, upcast_linear
 from client.memory import ModelShape
 from protocol.messages import LoraSpec
 
@@ -353,15 +354,6 @@ def compute_precision(
         yield dtype
 
 
-def frozen_weights_dtype(quant: Quantization, compute: ComputeDtype) -> torch.dtype:
-    """The dtype an unquantized base's frozen linear weights are held in for rounds computing
-    in ``compute``: bf16 for bf16 products (rounded once instead of at every use), else fp32.
-    Quantized bases keep their own formats."""
-    if quant is Quantization.NONE and compute is ComputeDtype.BF16:
-        return torch.bfloat16
-    return torch.float32
-
-
 _CPU_FP32_SDPA = "fedtune_sdpa"
 
 
@@ -420,8 +412,7 @@ class _FrozenLinear(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         ctx.weight = weight  # the stored tensor: no copy, and never trained
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = product_dtype(x)
         dense, scale = _dense_weight(weight, dtype)
         out = torch.nn.functional.linear(x.to(dtype), dense)
         if scale is not None:
@@ -558,8 +549,6 @@ def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Ten
 
 
 def _upcast_head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    from client.loss import upcast_linear
-
     return upcast_linear(x, self.weight)
 
 
@@ -637,7 +626,7 @@ def load_base(
     """Load the frozen base model, quantized as asked, from the cache (building it if needed).
 
     ``compute`` is the (resolved) precision its rounds will multiply in: with bf16, the frozen
-    weights of an unquantized base are held in bf16 (``frozen_weights_dtype``) and, on a CPU,
+    weights of an unquantized base are held in bf16 (``hold_linears_in``) and, on a CPU,
     attention computes in fp32 (``_attention_fp32_on_cpu``).
 
     ``quantize_on_load`` reads the full-precision base instead and quantizes it while loading,
@@ -667,11 +656,14 @@ def load_base(
     if quant is Quantization.NF4:
         keep_nf4_trainable(model)
         nf4_follow_autocast(model)
-    if quant is not Quantization.NONE:
+    # Quantized bases keep their own formats; an unquantized one is held in bf16 for bf16
+    # products (rounded once instead of at every use). The embedding first: hold_linears_in
+    # copies out what stays fp32.
+    held_in_bf16 = quant is Quantization.NONE and compute is ComputeDtype.BF16
+    if quant is not Quantization.NONE or held_in_bf16:
         hold_embeddings_in_half(model, directory)
-    elif frozen_weights_dtype(quant, compute) != torch.float32:
-        hold_linears_in(model, frozen_weights_dtype(quant, compute))
-        hold_embeddings_in_half(model, directory)
+    if held_in_bf16:
+        hold_linears_in(model, torch.bfloat16)
     if model.config._attn_implementation == "sdpa":
         _register_attention()
         model.set_attn_implementation(_CPU_FP32_SDPA)
