@@ -55,14 +55,17 @@ from client.model import (  # noqa: E402
     default_cache_dir,
     get_adapter,
     load_base,
+    pick_device,
+    resolve_compute_dtype,
     resolve_model,
     set_adapter,
 )
 from client.tasks import Task, TaskKind, TaskSpec, evaluate_task, load_task  # noqa: E402
-from client.train import Correction, evaluate, train_round  # noqa: E402
+from client.train import Correction, PlainSteps, evaluate, train_round  # noqa: E402
 from coordinator.aggregators import Accumulator  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.pipeline import Contribution, NoPrivacy  # noqa: E402
+from coordinator.schedules import LrSchedule, round_learning_rate  # noqa: E402
 from coordinator.strategies import STRATEGIES, Strategy  # noqa: E402
 from protocol.adapter import AdapterSpec  # noqa: E402
 from protocol.messages import decode_update, encode_update  # noqa: E402
@@ -92,6 +95,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="the clients' AdamW learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=[m.value for m in LrSchedule],
+        help="cosine: the clients' rate decays over the rounds (the run option --lr-schedule) "
+        "and the centralized run's over its steps, by the same formula",
+    )
+    p.add_argument("--min-lr", type=float, default=0.0, help="cosine: the rate it decays toward")
     p.add_argument(
         "--central-lr",
         default="",
@@ -135,9 +146,9 @@ def parse_args() -> argparse.Namespace:
 # Settings that change what a run trains: a saved run is reused only if all of them match.
 SAME_RUN = ("data", "model", "quantization", "clients", "alpha", "natural", "clients_per_round",
             "rounds", "local_steps", "batch_size", "seq_len", "eval_seq_len", "lr",
-            "heldout_per_category", "seed", "compute_dtype")  # fmt: skip
+            "heldout_per_category", "seed", "compute_dtype", "lr_schedule", "min_lr")  # fmt: skip
 # Settings added later, with the value every run made before them used.
-SAME_RUN_DEFAULTS = {"compute_dtype": "fp32"}
+SAME_RUN_DEFAULTS = {"compute_dtype": "fp32", "lr_schedule": "constant", "min_lr": 0.0}
 
 
 def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, float]]:
@@ -207,12 +218,17 @@ def load_adapter(out: Path, label: str) -> dict[str, np.ndarray] | None:
 
 def main() -> None:
     args = parse_args()
-    precision = ComputeDtype(args.compute_dtype)  # of the training steps only
+    # The training steps' precision (held-out losses are fp32); a client computing in bf16
+    # holds an unquantized base's weights in bf16, and so does this benchmark.
+    precision = resolve_compute_dtype(ComputeDtype(args.compute_dtype), pick_device())
     runs = plan_runs(args.strategies, args.server_lr)
     old = previous(args)
     records = load_records(args.data)
     base = load_base(
-        resolve_model(args.model), Quantization.parse(args.quantization), default_cache_dir()
+        resolve_model(args.model),
+        Quantization.parse(args.quantization),
+        default_cache_dir(),
+        compute=precision,
     )
     tok, pad = base.tokenizer, int(base.tokenizer.pad_token_id)
     cfg0 = RunConfig.from_mapping(
@@ -224,6 +240,8 @@ def main() -> None:
             "batch-size": args.batch_size,
             "seq-len": args.seq_len,
             "learning-rate": args.lr,
+            "lr-schedule": args.lr_schedule,
+            "min-learning-rate": args.min_lr,
             "seed": args.seed,
         }
     )
@@ -284,8 +302,10 @@ def main() -> None:
         steps = args.rounds * args.clients_per_round * args.local_steps
         t0 = time.perf_counter()
         instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
+        engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
         with compute_precision(precision):
-            up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed)
+            up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed,
+                             engine=engine)  # fmt: skip
         finals[label] = {k: initial[k] + up.delta[k] for k in initial}
         central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
                                    "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -391,6 +411,23 @@ def main() -> None:
         write()
         print_task_table(task_name, rows)
     write()
+
+
+def scheduled_steps(schedule: LrSchedule, lr: float, min_lr: float) -> Any:
+    """The centralized run's trainer: plain AdamW steps whose rate follows ``schedule`` over the
+    run's steps (the federation's clients follow it over rounds)."""
+
+    class Scheduled(PlainSteps):
+        done = 0
+
+        def step(self, params: Any, corrections: Any) -> None:
+            self.done += 1
+            rate = round_learning_rate(schedule, self.done, self.instr.local_steps, lr, min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
+            super().step(params, corrections)
+
+    return lambda optimizer, instr, _model: Scheduled(optimizer, instr)
 
 
 def read_tasks(items: list[str], seed: int, top: bool) -> dict[str, tuple[Task, bool]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.defaults import DEFAULT_MODEL, Choice, ComputeDtype, Quantization
+from coordinator.schedules import LrSchedule, round_learning_rate
 from coordinator.strategies import STRATEGIES, StrategySettings
 from protocol.codecs import CodecError, CompressionConfig
 from protocol.errors import ProtocolError
@@ -100,6 +101,12 @@ class RunConfig:
     eval_batch_size: int = option(8, "examples per evaluation batch")
     seq_len: int = option(128, "tokens per example (longer ones are truncated)")
     learning_rate: float = option(1e-3, "AdamW learning rate for the adapters", aliases=("--lr",))
+    lr_schedule: LrSchedule = option(
+        LrSchedule.CONSTANT,
+        "the clients' learning rate across rounds: constant | cosine (from --learning-rate in "
+        "round 1 toward --min-learning-rate after the last round)",
+    )
+    min_learning_rate: float = option(0.0, "cosine schedule: the rate it decays toward")
     max_grad_norm: float = option(1.0, "clip of the local gradient norm per step")
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
@@ -397,6 +404,11 @@ class RunConfig:
         self._check_compression(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
+        need(
+            0.0 <= self.min_learning_rate <= self.learning_rate,
+            "min-learning-rate",
+            f"must be in [0, learning-rate {self.learning_rate:g}], got {self.min_learning_rate:g}",
+        )
 
     def client_quantizations(self) -> list[Quantization]:
         """Every mode a client of this run may use."""
@@ -846,10 +858,16 @@ class RunConfig:
                 round=rnd,
                 lora=self.lora,
                 sample_dp=self.sample_dp(),
-                **self._wire(TrainInstruction),
+                **self._wire(TrainInstruction) | {"learning_rate": self.round_learning_rate(rnd)},
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from exc
+
+    def round_learning_rate(self, rnd: int) -> float:
+        """The clients' learning rate in round ``rnd`` (``lr-schedule``)."""
+        return round_learning_rate(
+            self.lr_schedule, rnd, self.rounds, self.learning_rate, self.min_learning_rate
+        )
 
     def sample_dp(self) -> SampleDP:
         if self.dp is not DpMode.SAMPLE:

@@ -51,6 +51,8 @@ def test_mapping_roundtrip() -> None:
         ({"local-steps": 0}, "local-steps: must be >= 1"),
         ({"learning-rate": -1}, "learning-rate: must be a positive number"),
         ({"round-timeout": 0}, "round-timeout: must be > 0"),
+        ({"lr-schedule": "linear"}, "lr-schedule: 'linear' is not one of constant, cosine"),
+        ({"min-learning-rate": 0.01}, "min-learning-rate: must be in [0, learning-rate 0.001]"),
         ({"client-quantization": "nf4,fp4"}, "client-quantization: 'fp4' is not one of"),
         ({"client-max-memory": "1GB,lots"}, "client-max-memory: expected a size such as 3GB"),
         ({"client-max-memory": "32MB"}, "client-max-memory: 32MB is below 64 MiB"),

@@ -179,6 +179,25 @@ def test_resume_continues_after_the_last_saved_round(
     np.testing.assert_allclose(saved[k], initial[k] + 3 * 5 / 3, rtol=1e-5, atol=1e-5)
 
 
+def test_each_round_sends_its_scheduled_learning_rate(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    grid = FakeGrid({n: client(i) for i, n in enumerate(NODES[:2])})
+    sched = {"clients-per-round": 2, "learning-rate": 8e-3, "lr-schedule": "cosine",
+             "min-learning-rate": 1e-3}  # fmt: skip
+    cfg = cfg_for(tiny_model_dir, model_cache, tmp_path / "run", rounds=3, **sched)
+    run_virtual(grid, cfg, tmp_path / "run", progress=Progress(3, live=False))
+    sent: dict[int, set[float]] = {}
+    for m in grid.sent:
+        if m.metadata.message_type == MessageType.TRAIN:
+            instr, _ = decode_train_instruction(m.content)
+            sent.setdefault(instr.round, set()).add(instr.learning_rate)
+    # Every client of a round gets the same rate: 8e-3, then 1e-3 + 7e-3 * (0.75, 0.25).
+    assert sorted(sent) == [1, 2, 3] and all(len(rates) == 1 for rates in sent.values())
+    got = [sent[r].pop() for r in (1, 2, 3)]
+    assert got == pytest.approx([8e-3, 1e-3 + 7e-3 * 0.75, 1e-3 + 7e-3 * 0.25], abs=1e-15)
+
+
 def test_not_enough_nodes_is_a_clear_error(
     tiny_model_dir: Path, model_cache: Path, tmp_path: Path
 ) -> None:
