@@ -327,8 +327,13 @@ def main() -> None:
     for label, name, lr in runs:
         kept = load_adapter(args.out, label) if label in old else None
         if kept is not None:
-            results[label], finals[label] = old[label], kept
-            print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
+            # Its share is of this invocation's ceiling, which a new --central-lr may have moved.
+            last = float(old[label]["losses"][-1])
+            results[label] = old[label] | {
+                "recovered": (base_loss - last) / gain if gain > 0 else None
+            }
+            finals[label] = kept
+            print(f"{label}: {last:.4f} (kept)", flush=True)
             write()
             continue
         cfg = RunConfig.from_mapping(
