@@ -324,16 +324,17 @@ def main() -> None:
 
     population = list(range(args.clients))
     gain = base_loss - central_loss
+
+    def share(losses: list[float]) -> float | None:
+        """Of this invocation's ceiling (a new --central-lr may have moved it since a kept run)."""
+        return (base_loss - float(losses[-1])) / gain if gain > 0 else None
+
     for label, name, lr in runs:
         kept = load_adapter(args.out, label) if label in old else None
         if kept is not None:
-            # Its share is of this invocation's ceiling, which a new --central-lr may have moved.
-            last = float(old[label]["losses"][-1])
-            results[label] = old[label] | {
-                "recovered": (base_loss - last) / gain if gain > 0 else None
-            }
+            results[label] = old[label] | {"recovered": share(old[label]["losses"])}
             finals[label] = kept
-            print(f"{label}: {last:.4f} (kept)", flush=True)
+            print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
             write()
             continue
         cfg = RunConfig.from_mapping(
@@ -378,7 +379,7 @@ def main() -> None:
         results[label] = {
             "strategy": name,
             "losses": losses,
-            "recovered": (base_loss - losses[-1]) / gain if gain > 0 else None,
+            "recovered": share(losses),
             "server_learning_rate": strategy.record()["server_learning_rate"],
             "seconds": time.perf_counter() - t0,
             "load_average": load_average(),

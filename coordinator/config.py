@@ -404,6 +404,7 @@ class RunConfig:
         self._check_compression(need)
         # Validate the per-round instruction fields once, up front, with their own checks.
         self.train_instruction(1)
+        # After the instruction's checks, so that a bad learning-rate is named as such.
         need(
             0.0 <= self.min_learning_rate <= self.learning_rate,
             "min-learning-rate",
@@ -853,21 +854,18 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name in names}
 
     def train_instruction(self, rnd: int) -> TrainInstruction:
+        rate = round_learning_rate(
+            self.lr_schedule, rnd, self.rounds, self.learning_rate, self.min_learning_rate
+        )
         try:
             return TrainInstruction(
                 round=rnd,
                 lora=self.lora,
                 sample_dp=self.sample_dp(),
-                **self._wire(TrainInstruction) | {"learning_rate": self.round_learning_rate(rnd)},
+                **self._wire(TrainInstruction) | {"learning_rate": rate},
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from exc
-
-    def round_learning_rate(self, rnd: int) -> float:
-        """The clients' learning rate in round ``rnd`` (``lr-schedule``)."""
-        return round_learning_rate(
-            self.lr_schedule, rnd, self.rounds, self.learning_rate, self.min_learning_rate
-        )
 
     def sample_dp(self) -> SampleDP:
         if self.dp is not DpMode.SAMPLE:
