@@ -47,43 +47,59 @@ class PairedUtilisation:
     mfu_wall: float  # median over pairs of achieved / adjacent ceiling (wall time)
     mfu_cpu: float  # the same on process CPU time
     mfu_wall_spread: tuple[float, float]  # (min, max) over pairs
+    own_gemm_wall: float  # median GEMM GFLOP/s in the products' own precision (wall)
+    mfu_own: float  # median over pairs of achieved / adjacent ceiling in that precision
 
 
 def paired_utilisation(
-    step: Callable[[], Any], flops_per_step: float, pairs: int, warmup: int = 2
+    step: Callable[[], Any],
+    flops_per_step: float,
+    pairs: int,
+    warmup: int = 2,
+    products: torch.dtype = torch.float32,
 ) -> PairedUtilisation:
     """MFU robust to other work sharing the cores: every step is followed by a short GEMM burst.
 
     On a shared 2-core machine the throughput available to the process drifts by 10-20% over a
     minute. Dividing each step's achieved FLOP/s by the ceiling measured a moment later cancels
-    most of that drift; the medians over the pairs are what is reported.
+    most of that drift; the medians over the pairs are what is reported. The ceiling is fp32 (the
+    figure the targets are stated against); where the step's products are another precision, a
+    second burst in that precision gives ``mfu_own``, the utilisation of what that precision can do.
     """
     for _ in range(warmup):
         step()
     matmul_ceiling(repeats=3)  # warm the GEMM path too
+    matmul_ceiling(repeats=3, dtype=products)
     threads = torch.get_num_threads()
-    walls, gemms, mfu_w, mfu_c = [], [], [], []
+    walls, gemms, owns, mfu_w, mfu_c, mfu_o = [], [], [], [], [], []
     for _ in range(pairs):
         t = timed(step, 1, warmup=0)
         g_wall, g_cpu = matmul_ceiling()
+        o_wall = g_wall if products == torch.float32 else matmul_ceiling(dtype=products)[0]
         walls.append(t.wall)
         gemms.append(g_wall)
+        owns.append(o_wall)
         mfu_w.append(flops_per_step / t.wall / 1e9 / g_wall)
         mfu_c.append(flops_per_step / (t.cpu / threads) / 1e9 / g_cpu)
+        mfu_o.append(flops_per_step / t.wall / 1e9 / o_wall)
     return PairedUtilisation(
         step_wall=statistics.median(walls),
         gemm_wall=statistics.median(gemms),
         mfu_wall=statistics.median(mfu_w),
         mfu_cpu=statistics.median(mfu_c),
         mfu_wall_spread=(min(mfu_w), max(mfu_w)),
+        own_gemm_wall=statistics.median(owns),
+        mfu_own=statistics.median(mfu_o),
     )
 
 
-def matmul_ceiling(n: int = 1536, repeats: int = 10) -> tuple[float, float]:
-    """Dense fp32 GEMM throughput of this process: (GFLOP/s wall, GFLOP/s per CPU-second).
-    Always fp32, also when called inside a caller's bf16 autocast block."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def matmul_ceiling(
+    n: int = 1536, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> tuple[float, float]:
+    """Dense GEMM throughput of this process in ``dtype`` (fp32 unless asked): (GFLOP/s wall,
+    GFLOP/s per CPU-second). Also in that dtype when called inside a caller's autocast block."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
     with torch.autocast("cpu", enabled=False):
         t = timed(lambda: torch.mm(a, b), repeats, warmup=3)
     flops = 2 * n**3
