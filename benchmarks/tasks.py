@@ -10,6 +10,9 @@ Writes, into ``--out``:
                         questions as distractors (``--choice-rows`` rows; chance 1/4)
     train/<category>.jsonl  every other row, for training runs that must not see the held-out
                         rows (``fedtune simulate --data OUT/train``)
+    train_label/<category>.jsonl  the same rows as label-task examples: the instruction asked
+                        in the label task's own prompt, the category's label as the response,
+                        so that training targets what the label task scores
     README.md           provenance and licence
 
 Rows are drawn with ``--seed``; exact duplicates of a held-out row are removed from train/ too.
@@ -36,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.data import load_records  # noqa: E402
+from client.tasks import DEFAULT_TEMPLATES, TaskKind  # noqa: E402
 
 # Dolly's category ids as label words a model can read.
 LABELS = {
@@ -60,6 +64,8 @@ Built by `benchmarks/tasks.py` (fedtune) from {source} with seed {seed}.
   questions, `answer` the index of the right one.
 - `train/`: the {train_rows} remaining rows by category (held-out rows and their exact
   duplicates removed).
+- `train_label/`: the same rows as label-task examples (the instruction in the label task's
+  prompt, the category's label as the response).
 
 ## Licence and attribution
 
@@ -132,6 +138,25 @@ def build(
     return label_rows, choice_rows_out, dict(train)
 
 
+def label_training_rows(train: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Training rows as label-task examples: the instruction in the prompt ``fedtune eval``
+    scores a label task with (its default template, the file's sorted label set) and the
+    category's label as the response, so a model trained on them learns what the task asks."""
+    labels = ", ".join(sorted(LABELS.values()))
+    template = DEFAULT_TEMPLATES[TaskKind.LABEL]
+    return {
+        cat: [
+            {
+                "instruction": template.format(text=str(r["instruction"]).strip(), labels=labels),
+                "response": LABELS[cat],
+                "category": cat,
+            }
+            for r in rows
+        ]
+        for cat, rows in train.items()
+    }
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for r in rows:
@@ -153,8 +178,11 @@ def main() -> int:
     _write_jsonl(args.out / "dolly_label.jsonl", labels)
     _write_jsonl(args.out / "dolly_choice.jsonl", choices)
     (args.out / "train").mkdir(exist_ok=True)
+    (args.out / "train_label").mkdir(exist_ok=True)
     for cat, rows in sorted(train.items()):
         _write_jsonl(args.out / "train" / f"{cat}.jsonl", rows)
+    for cat, rows in sorted(label_training_rows(train).items()):
+        _write_jsonl(args.out / "train_label" / f"{cat}.jsonl", rows)
     n_train = sum(len(v) for v in train.values())
     (args.out / "README.md").write_text(
         ATTRIBUTION.format(
@@ -170,6 +198,7 @@ def main() -> int:
     print(f"{args.out / 'dolly_label.jsonl'}: {len(labels)} rows")
     print(f"{args.out / 'dolly_choice.jsonl'}: {len(choices)} rows")
     print(f"{args.out / 'train'}: {n_train} rows in {len(train)} category files")
+    print(f"{args.out / 'train_label'}: the same rows as label-task examples")
     return 0
 
 

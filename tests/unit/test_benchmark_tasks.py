@@ -6,7 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.tasks import LABELS, build
+from benchmarks.tasks import LABELS, build, label_training_rows
+from client.data import to_messages
 from client.tasks import TaskSpec, load_task
 
 
@@ -44,3 +45,26 @@ def test_heldout_rows_are_not_trained_on_and_load_as_tasks(tmp_path: Path) -> No
     path.write_text("".join(json.dumps(r) + "\n" for r in choices))
     task = load_task(path, TaskSpec(kind="choice"))
     assert [it.answer for it in task.items] == [c["answer"] for c in choices]  # type: ignore[union-attr]
+
+
+def test_label_training_rows_ask_what_the_label_task_scores(tmp_path: Path) -> None:
+    labels, _, train = build(records(), per_category=3, choice_rows=5, seed=0)
+    as_labels = label_training_rows(train)
+    assert {c: len(v) for c, v in as_labels.items()} == {c: len(v) for c, v in train.items()}
+    path = tmp_path / "label.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in labels))
+    task = load_task(path, TaskSpec(kind="label"))
+    # A held-out row scored by the task and a training row of the same text and category: the
+    # same user prompt, and the training reply is the label the task counts as right.
+    item = task.items[0]
+    row = labels[0]
+    cat = next(c for c, v in LABELS.items() if v == row["label"])
+    twin = label_training_rows({cat: [{"instruction": row["text"], "response": "x"}]})[cat][0]
+    user, reply = to_messages(twin, "twin")
+    assert user["content"] == item.prompt
+    assert reply["content"] == item.choices[item.answer] == row["label"]  # type: ignore[union-attr]
+    # Every training row names its own category's label, and no held-out text is trained on.
+    for c, rows in as_labels.items():
+        assert {r["response"] for r in rows} == {LABELS[c]}
+    held = {r["text"] for r in labels}
+    assert not any(h in r["instruction"] for rows in as_labels.values() for r in rows for h in held)
