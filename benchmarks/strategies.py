@@ -123,6 +123,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="keep the runs already in --out whose settings match and whose adapter is saved",
     )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="KEY=VALUE: a run option for every strategy run, as `fedtune simulate` spells it "
+        "(e.g. proximal-mu=0.1, server-momentum=0.5)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--task",
@@ -146,9 +153,11 @@ def parse_args() -> argparse.Namespace:
 # Settings that change what a run trains: a saved run is reused only if all of them match.
 SAME_RUN = ("data", "model", "quantization", "clients", "alpha", "natural", "clients_per_round",
             "rounds", "local_steps", "batch_size", "seq_len", "eval_seq_len", "lr",
-            "heldout_per_category", "seed", "compute_dtype", "lr_schedule", "min_lr")  # fmt: skip
+            "heldout_per_category", "seed", "compute_dtype", "lr_schedule", "min_lr",
+            "option")  # fmt: skip
 # Settings added later, with the value every run made before them used.
-SAME_RUN_DEFAULTS = {"compute_dtype": "fp32", "lr_schedule": "constant", "min_lr": 0.0}
+SAME_RUN_DEFAULTS = {"compute_dtype": "fp32", "lr_schedule": "constant", "min_lr": 0.0,
+                     "option": []}  # fmt: skip
 
 
 def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, float]]:
@@ -166,6 +175,18 @@ def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, flo
         for lr in values:
             runs.append((f"{name}@{lr:g}" if name in lrs else name, name, lr))
     return runs
+
+
+def run_options(items: list[str]) -> dict[str, str]:
+    """``--option KEY=VALUE`` pairs; ``RunConfig`` checks and converts the values."""
+    known = RunConfig.from_mapping({}).to_mapping()
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in known:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE with KEY a run option")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def central_lrs(args: argparse.Namespace) -> list[float]:
@@ -243,6 +264,7 @@ def main() -> None:
             "lr-schedule": args.lr_schedule,
             "min-learning-rate": args.min_lr,
             "seed": args.seed,
+            **run_options(args.option),
         }
     )
     model = attach_lora(base.model, cfg0.lora, seed=args.seed)
