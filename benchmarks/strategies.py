@@ -179,7 +179,7 @@ def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, flo
 
 def run_options(items: list[str]) -> dict[str, str]:
     """``--option KEY=VALUE`` pairs; ``RunConfig`` checks and converts the values."""
-    known = RunConfig.from_mapping({}).to_mapping()
+    known = RunConfig.keys()
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")

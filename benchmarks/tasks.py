@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.data import load_records  # noqa: E402
-from client.tasks import DEFAULT_TEMPLATES, TaskKind  # noqa: E402
+from client.tasks import ChoiceItem, TaskSpec, parse_item  # noqa: E402
 
 # Dolly's category ids as label words a model can read.
 LABELS = {
@@ -140,21 +140,17 @@ def build(
 
 def label_training_rows(train: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """Training rows as label-task examples: the instruction in the prompt ``fedtune eval``
-    scores a label task with (its default template, the file's sorted label set) and the
-    category's label as the response, so a model trained on them learns what the task asks."""
-    labels = ", ".join(sorted(LABELS.values()))
-    template = DEFAULT_TEMPLATES[TaskKind.LABEL]
-    return {
-        cat: [
-            {
-                "instruction": template.format(text=str(r["instruction"]).strip(), labels=labels),
-                "response": LABELS[cat],
-                "category": cat,
-            }
-            for r in rows
-        ]
-        for cat, rows in train.items()
-    }
+    scores a label task with (``client.tasks.parse_item``: its default template, the file's
+    sorted label set) and the category's label as the response, so a model trained on them
+    learns what the task asks."""
+    spec, labels = TaskSpec(kind="label"), tuple(sorted(LABELS.values()))
+
+    def example(row: dict[str, Any], cat: str) -> dict[str, Any]:
+        item = parse_item({"text": row["instruction"], "label": LABELS[cat]}, 1, spec, labels, cat)
+        assert isinstance(item, ChoiceItem)
+        return {"instruction": item.prompt, "response": item.choices[item.answer], "category": cat}
+
+    return {cat: [example(r, cat) for r in rows] for cat, rows in train.items()}
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
