@@ -66,12 +66,12 @@ from coordinator.aggregators import Accumulator  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.pipeline import Contribution, NoPrivacy  # noqa: E402
 from coordinator.schedules import LrSchedule, round_learning_rate  # noqa: E402
-from coordinator.strategies import STRATEGIES, Strategy  # noqa: E402
+from coordinator.strategies import STRATEGIES, Strategy, StrategySettings  # noqa: E402
 from protocol.adapter import AdapterSpec  # noqa: E402
 from protocol.messages import decode_update, encode_update  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--data", default=str(ROOT.parent / "shared" / "data" / "dolly15k" / "by_category")
@@ -147,7 +147,7 @@ def parse_args() -> argparse.Namespace:
         "fedavg and the strategy with the lowest final held-out loss",
     )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 # Settings that change what a run trains: a saved run is reused only if all of them match.
@@ -158,6 +158,16 @@ SAME_RUN = ("data", "model", "quantization", "clients", "alpha", "natural", "cli
 # Settings added later, with the value every run made before them used.
 SAME_RUN_DEFAULTS = {"compute_dtype": "fp32", "lr_schedule": "constant", "min_lr": 0.0,
                      "option": []}  # fmt: skip
+# Run options only the federated runs read (the server optimizer's, FedProx's mu): like the
+# clients' --lr, a change to them keeps the centralized runs and retrains the strategy runs.
+STRATEGY_ONLY = frozenset(
+    f.name.replace("_", "-") for f in dataclasses.fields(StrategySettings) if f.name != "name"
+)
+
+
+def central_options(items: list[str]) -> list[str]:
+    """The ``--option`` items a centralized run depends on (all but ``STRATEGY_ONLY``'s)."""
+    return [i for i in items if i.partition("=")[0].strip() not in STRATEGY_ONLY]
 
 
 def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, float]]:
@@ -205,7 +215,12 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     old: dict[str, Any] = json.loads(path.read_text())
     made = {**SAME_RUN_DEFAULTS, **old.get("config", {})}
-    if any(made.get(k) != getattr(args, k) for k in SAME_RUN if k != "lr"):
+    differs = [k for k in SAME_RUN if k != "lr" and made.get(k) != getattr(args, k)]
+    if differs == ["option"] and central_options(made["option"]) == central_options(args.option):
+        print(f"--reuse: {path} was made with strategy options {made['option']}; keeping its "
+              "centralized runs only", flush=True)  # fmt: skip
+        return centralized_only(old)
+    if differs:
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
     central = old.get("centralized")
@@ -218,8 +233,13 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     if old["config"].get("lr") != args.lr:  # the centralized runs (each has its lr) still count
         print(f"--reuse: {path} was made with clients' lr {old['config'].get('lr')}; keeping "
               "its centralized runs only", flush=True)  # fmt: skip
-        old = {k: v for k, v in old.items() if not (isinstance(v, dict) and "losses" in v)}
+        old = centralized_only(old)
     return old
+
+
+def centralized_only(old: dict[str, Any]) -> dict[str, Any]:
+    """A previous result without its strategy runs (its centralized runs each have their lr)."""
+    return {k: v for k, v in old.items() if not (isinstance(v, dict) and "losses" in v)}
 
 
 def save_adapter(out: Path, label: str, adapter: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,47 @@
+"""benchmarks/strategies.py --reuse: which saved runs a changed invocation may keep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.strategies import parse_args, previous
+
+
+def saved(out: Path, *argv: str) -> dict[str, Any]:
+    """What a finished invocation with ``argv`` leaves in ``out/strategies.json``."""
+    args = parse_args(["--out", str(out), *argv])
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {
+        "config": config | {"out": None, "reuse": None},
+        "base_loss": 2.8,
+        "centralized_by_lr": {"0.002": {"loss": 2.5, "steps": 8, "lr": 0.002}},
+        "fedavg": {"strategy": "fedavg", "losses": [2.8, 2.6]},
+    }
+    (out / "strategies.json").write_text(json.dumps(result))
+    return result
+
+
+def again(out: Path, *argv: str) -> dict[str, Any]:
+    return previous(parse_args(["--out", str(out), "--reuse", *argv]))
+
+
+def test_strategy_options_keep_only_the_centralized_runs(tmp_path: Path) -> None:
+    first = saved(tmp_path, "--option", "proximal-mu=0.1")
+    assert again(tmp_path, "--option", "proximal-mu=0.1") == first  # nothing changed
+    for argv in (
+        ["--option", "server-momentum=0.5"],  # a server option only federated runs read
+        [],  # the option dropped
+        ["--lr", "0.004", "--option", "proximal-mu=0.1"],  # the clients' lr
+    ):
+        kept = again(tmp_path, *argv)
+        assert kept["centralized_by_lr"] == first["centralized_by_lr"], argv
+        assert "fedavg" not in kept, argv
+
+
+def test_options_the_centralized_run_reads_retrain_everything(tmp_path: Path) -> None:
+    saved(tmp_path, "--option", "server-momentum=0.5")
+    assert again(tmp_path, "--option", "server-momentum=0.5", "--option", "lora-rank=4") == {}
+    assert again(tmp_path, "--option", "server-momentum=0.5", "--local-steps", "2") == {}
+    assert previous(parse_args(["--out", str(tmp_path), "--option", "server-momentum=0.5"])) == {}
