@@ -216,11 +216,10 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     old: dict[str, Any] = json.loads(path.read_text())
     made = {**SAME_RUN_DEFAULTS, **old.get("config", {})}
     differs = [k for k in SAME_RUN if k != "lr" and made.get(k) != getattr(args, k)]
-    if differs == ["option"] and central_options(made["option"]) == central_options(args.option):
-        print(f"--reuse: {path} was made with strategy options {made['option']}; keeping its "
-              "centralized runs only", flush=True)  # fmt: skip
-        return centralized_only(old)
-    if differs:
+    strategy_options = differs == ["option"] and central_options(made["option"]) == (
+        central_options(args.option)
+    )
+    if differs and not strategy_options:
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
     central = old.get("centralized")
@@ -230,9 +229,10 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
         adapter = load_adapter(args.out, "centralized")
         if adapter is not None:
             save_adapter(args.out, f"centralized@{lr:g}", adapter)
-    if old["config"].get("lr") != args.lr:  # the centralized runs (each has its lr) still count
-        print(f"--reuse: {path} was made with clients' lr {old['config'].get('lr')}; keeping "
-              "its centralized runs only", flush=True)  # fmt: skip
+    # The centralized runs (each has its lr) still count for other clients' or server settings.
+    if old["config"].get("lr") != args.lr or strategy_options:
+        print(f"--reuse: {path} was made with clients' lr {old['config'].get('lr')} and options "
+              f"{made['option']}; keeping its centralized runs only", flush=True)  # fmt: skip
         old = centralized_only(old)
     return old
 

@@ -45,3 +45,14 @@ def test_options_the_centralized_run_reads_retrain_everything(tmp_path: Path) ->
     assert again(tmp_path, "--option", "server-momentum=0.5", "--option", "lora-rank=4") == {}
     assert again(tmp_path, "--option", "server-momentum=0.5", "--local-steps", "2") == {}
     assert previous(parse_args(["--out", str(tmp_path), "--option", "server-momentum=0.5"])) == {}
+
+
+def test_a_file_from_before_central_lr_keeps_its_centralized_run(tmp_path: Path) -> None:
+    old = saved(tmp_path)
+    del old["centralized_by_lr"]
+    old["centralized"] = {"loss": 2.5, "steps": 8}  # no lr: trained at the clients' --lr
+    (tmp_path / "strategies.json").write_text(json.dumps(old))
+    kept = again(tmp_path, "--option", "server-momentum=0.5")
+    lr = f"{old['config']['lr']:g}"
+    assert kept["centralized_by_lr"] == {lr: {"loss": 2.5, "steps": 8, "lr": old["config"]["lr"]}}
+    assert "fedavg" not in kept
