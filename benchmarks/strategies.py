@@ -165,9 +165,22 @@ STRATEGY_ONLY = frozenset(
 )
 
 
-def central_options(items: list[str]) -> list[str]:
-    """The ``--option`` items a centralized run depends on (all but ``STRATEGY_ONLY``'s)."""
-    return [i for i in items if i.partition("=")[0].strip() not in STRATEGY_ONLY]
+def option_key(item: str) -> str:
+    """The KEY of an ``--option KEY=VALUE`` item."""
+    return item.partition("=")[0].strip()
+
+
+def central_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What a centralized run depends on: ``SAME_RUN`` but the clients' lr, and the options but
+    ``STRATEGY_ONLY``'s."""
+    out = {k: config.get(k) for k in SAME_RUN if k not in ("lr", "option")}
+    return out | {"option": [i for i in config["option"] if option_key(i) not in STRATEGY_ONLY]}
+
+
+def saved_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``args`` as ``strategies.json`` records them (what ``--reuse`` compares)."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return config | {"out": None, "reuse": None}
 
 
 def plan_runs(strategies: str, server_lr: list[str]) -> list[tuple[str, str, float]]:
@@ -192,10 +205,10 @@ def run_options(items: list[str]) -> dict[str, str]:
     known = RunConfig.keys()
     out: dict[str, str] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in known:
+        key = option_key(item)
+        if "=" not in item or key not in known:
             raise SystemExit(f"--option {item!r}: expected KEY=VALUE with KEY a run option")
-        out[key.strip()] = value.strip()
+        out[key] = item.partition("=")[2].strip()
     return out
 
 
@@ -215,11 +228,8 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     old: dict[str, Any] = json.loads(path.read_text())
     made = {**SAME_RUN_DEFAULTS, **old.get("config", {})}
-    differs = [k for k in SAME_RUN if k != "lr" and made.get(k) != getattr(args, k)]
-    strategy_options = differs == ["option"] and central_options(made["option"]) == (
-        central_options(args.option)
-    )
-    if differs and not strategy_options:
+    now = saved_config(args)
+    if central_settings(made) != central_settings(now):
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
     central = old.get("centralized")
@@ -230,7 +240,7 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
         if adapter is not None:
             save_adapter(args.out, f"centralized@{lr:g}", adapter)
     # The centralized runs (each has its lr) still count for other clients' or server settings.
-    if old["config"].get("lr") != args.lr or strategy_options:
+    if any(made.get(k) != now[k] for k in ("lr", "option")):
         print(f"--reuse: {path} was made with clients' lr {old['config'].get('lr')} and options "
               f"{made['option']}; keeping its centralized runs only", flush=True)  # fmt: skip
         old = centralized_only(old)
@@ -313,8 +323,7 @@ def main() -> None:
     }
     finals: dict[str, dict[str, np.ndarray]] = {"base model": initial}
     args.out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results: dict[str, Any] = {"config": config | {"out": None, "reuse": None}}
+    results: dict[str, Any] = {"config": saved_config(args)}
     # Runs kept from --out stay in the JSON even if this invocation does not list them.
     results |= {k: v for k, v in old.items() if isinstance(v, dict) and "losses" in v}
 

@@ -6,15 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.strategies import parse_args, previous
+from benchmarks.strategies import parse_args, previous, saved_config
 
 
 def saved(out: Path, *argv: str) -> dict[str, Any]:
     """What a finished invocation with ``argv`` leaves in ``out/strategies.json``."""
-    args = parse_args(["--out", str(out), *argv])
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {
-        "config": config | {"out": None, "reuse": None},
+        "config": saved_config(parse_args(["--out", str(out), *argv])),
         "base_loss": 2.8,
         "centralized_by_lr": {"0.002": {"loss": 2.5, "steps": 8, "lr": 0.002}},
         "fedavg": {"strategy": "fedavg", "losses": [2.8, 2.6]},
