@@ -51,7 +51,7 @@ from coordinator.aggregation import fedavg_aggregator  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.dp import ClientLevelDP, resolve_client_dp  # noqa: E402
 from coordinator.rounds import sample_nodes  # noqa: E402
-from protocol.adapter import AdapterSpec  # noqa: E402
+from protocol.adapter import AdapterSpec, trained_tensors  # noqa: E402
 from protocol.messages import SampleDP, decode_update, encode_update  # noqa: E402
 from simulations.partition import PartitionSpec, partition  # noqa: E402
 
@@ -167,8 +167,8 @@ def run_utility(
         cfg = RunConfig.from_mapping(values)
         adapter = dict(initial)  # every setting starts from the same LoRA initialisation
         spec = AdapterSpec.of(adapter)
-        keys = tuple(k for k in spec.names if ".lora_B." in k) if ffa else spec.names
-        expected = spec.subset(keys)
+        expected = trained_tensors(spec, ffa)
+        keys = expected.names
         dp = ClientLevelDP(resolve_client_dp(cfg, args.clients), keys) if eps else None
         t0 = time.perf_counter()
         norms: list[float] = []

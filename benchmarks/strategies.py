@@ -67,7 +67,7 @@ from coordinator.config import RunConfig  # noqa: E402
 from coordinator.pipeline import Contribution, NoPrivacy  # noqa: E402
 from coordinator.schedules import LrSchedule, round_learning_rate  # noqa: E402
 from coordinator.strategies import STRATEGIES, Strategy, StrategySettings  # noqa: E402
-from protocol.adapter import AdapterSpec  # noqa: E402
+from protocol.adapter import AdapterSpec, trained_tensors  # noqa: E402
 from protocol.messages import decode_update, encode_update  # noqa: E402
 
 
@@ -158,11 +158,12 @@ SAME_RUN = ("data", "model", "quantization", "clients", "alpha", "natural", "cli
 # Settings added later, with the value every run made before them used.
 SAME_RUN_DEFAULTS = {"compute_dtype": "fp32", "lr_schedule": "constant", "min_lr": 0.0,
                      "option": []}  # fmt: skip
-# Run options only the federated runs read (the server optimizer's, FedProx's mu): like the
-# clients' --lr, a change to them keeps the centralized runs and retrains the strategy runs.
+# Run options only the federated runs read (the server optimizer's, FedProx's mu, FFA-LoRA: the
+# ceiling stays a centralized run of the whole adapter): like the clients' --lr, a change to them
+# keeps the centralized runs and retrains the strategy runs.
 STRATEGY_ONLY = frozenset(
     f.name.replace("_", "-") for f in dataclasses.fields(StrategySettings) if f.name != "name"
-)
+) | {"ffa-lora"}
 
 
 def option_key(item: str) -> str:
@@ -392,6 +393,7 @@ def main() -> None:
             {**cfg0.to_mapping(), "strategy": name, "server-learning-rate": lr}
         )
         strategy = Strategy.create(cfg.strategy_settings(), args.clients, args.clients_per_round)
+        trained = trained_tensors(spec, cfg.ffa_lora)
         privacy = NoPrivacy(args.clients_per_round, args.seed)
         controls: dict[int, dict[str, np.ndarray]] = {}
         adapter = dict(initial)
@@ -399,7 +401,9 @@ def main() -> None:
         t0 = time.perf_counter()
         for rnd in range(1, args.rounds + 1):
             instr = strategy.instruction(cfg.train_instruction(rnd))
-            expected = strategy.update_spec(spec)
+            if trained != spec:
+                instr = dataclasses.replace(instr, trainable_keys=trained.names)
+            expected = strategy.update_spec(trained)
             acc = Accumulator(expected)
             cohort = privacy.sample(population, rnd)
             for cid in cohort:
@@ -409,7 +413,7 @@ def main() -> None:
                 scaffold = None
                 if strategy.scaffold:
                     c = {k: strategy.control.get(k, np.zeros(v.shape)).astype(np.float32)
-                         for k, v in adapter.items()}  # fmt: skip
+                         for k, v in adapter.items() if k in trained.names}  # fmt: skip
                     scaffold = Scaffold(c, controls.get(cid, {}))
                     corrections.append(scaffold)
                 with compute_precision(precision):

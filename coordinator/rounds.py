@@ -58,7 +58,7 @@ from coordinator.roster import Roster
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from coordinator.update_wire import RANK_ORDER, UpdateWire, wire_row
-from protocol.adapter import AdapterSpec
+from protocol.adapter import AdapterSpec, trained_tensors
 from protocol.codecs import CompressionConfig
 from protocol.errors import ProtocolError, UpdateRejected
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
@@ -417,8 +417,7 @@ def run_federation(
         rundir.truncate_metrics(int(state["round"]))
         log.info("resuming %s after round %d", run_dir, start - 1)
     spec = AdapterSpec.of(adapter)
-    # FFA-LoRA (Sun et al. 2024): A stays at the shared initialisation; only B is trained and sent.
-    trained = spec.subset(k for k in spec.names if ".lora_B." in k) if cfg.ffa_lora else spec
+    trained = trained_tensors(spec, cfg.ffa_lora)
 
     nodes = wait_for_nodes(grid, cfg.min_clients, cfg.node_wait_timeout, clock=clock)
     wire = UpdateWire(cfg, fleet.rank if fleet is not None else None)  # profile ranks

@@ -82,6 +82,12 @@ class AdapterSpec:
                 raise UpdateRejected(f"{what}: tensor {name!r} contains NaN or infinite values")
 
 
+def trained_tensors(spec: AdapterSpec, ffa_lora: bool) -> AdapterSpec:
+    """The adapter tensors clients train and send: all of them, or with FFA-LoRA (Sun et al.
+    2024: A stays at the shared initialisation) only the B matrices."""
+    return spec.subset(n for n in spec.names if ".lora_B." in n) if ffa_lora else spec
+
+
 def _check_names(expected: Mapping[str, object], got: Iterable[str], what: str) -> None:
     """Raise ``UpdateRejected`` if ``got`` misses a name of ``expected`` or has another (a
     name quoted at most 80 characters long: it may come from a hostile reply)."""

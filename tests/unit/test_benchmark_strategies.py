@@ -30,6 +30,7 @@ def test_strategy_options_keep_only_the_centralized_runs(tmp_path: Path) -> None
     assert again(tmp_path, "--option", "proximal-mu=0.1") == first  # nothing changed
     for argv in (
         ["--option", "server-momentum=0.5"],  # a server option only federated runs read
+        ["--option", "ffa-lora=true"],  # the ceiling stays a centralized run of the whole adapter
         [],  # the option dropped
         ["--lr", "0.004", "--option", "proximal-mu=0.1"],  # the clients' lr
     ):

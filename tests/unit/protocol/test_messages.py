@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol import keys
-from protocol.adapter import AdapterSpec, arrays_from_record, arrays_to_record
+from protocol.adapter import AdapterSpec, arrays_from_record, arrays_to_record, trained_tensors
 from protocol.errors import ProtocolError, UpdateRejected
 from protocol.messages import (
     ClientUpdate,
@@ -111,6 +111,21 @@ def test_update_roundtrip_is_exact() -> None:
 def test_adapter_record_preserves_order() -> None:
     a = adapter()
     assert list(arrays_from_record(arrays_to_record(a), what="x")) == list(a)
+
+
+def test_ffa_lora_trains_only_the_b_matrices() -> None:
+    spec = AdapterSpec.of(
+        {
+            "l.0.q_proj.lora_A.weight": np.zeros((2, 6), np.float32),
+            "l.0.q_proj.lora_B.weight": np.zeros((6, 2), np.float32),
+            "l.0.v_proj.lora_A.weight": np.zeros((2, 6), np.float32),
+            "l.0.v_proj.lora_B.weight": np.zeros((4, 2), np.float32),
+        }
+    )
+    assert trained_tensors(spec, False) == spec
+    ffa = trained_tensors(spec, True)
+    assert ffa.names == ("l.0.q_proj.lora_B.weight", "l.0.v_proj.lora_B.weight")
+    assert ffa.numel == 6 * 2 + 4 * 2
 
 
 # ------------------------------------------------------------------------------ rejections
