@@ -206,10 +206,10 @@ def run_options(items: list[str]) -> dict[str, str]:
     known = RunConfig.keys()
     out: dict[str, str] = {}
     for item in items:
-        key = option_key(item)
-        if "=" not in item or key not in known:
+        key, (_, sep, value) = option_key(item), item.partition("=")
+        if not sep or key not in known:
             raise SystemExit(f"--option {item!r}: expected KEY=VALUE with KEY a run option")
-        out[key] = item.partition("=")[2].strip()
+        out[key] = value.strip()
     return out
 
 
@@ -394,6 +394,7 @@ def main() -> None:
         )
         strategy = Strategy.create(cfg.strategy_settings(), args.clients, args.clients_per_round)
         trained = trained_tensors(spec, cfg.ffa_lora)
+        trainable_keys = trained.names if trained != spec else ()  # () is all of them
         privacy = NoPrivacy(args.clients_per_round, args.seed)
         controls: dict[int, dict[str, np.ndarray]] = {}
         adapter = dict(initial)
@@ -401,8 +402,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for rnd in range(1, args.rounds + 1):
             instr = strategy.instruction(cfg.train_instruction(rnd))
-            if trained != spec:
-                instr = dataclasses.replace(instr, trainable_keys=trained.names)
+            instr = dataclasses.replace(instr, trainable_keys=trainable_keys)
             expected = strategy.update_spec(trained)
             acc = Accumulator(expected)
             cohort = privacy.sample(population, rnd)
@@ -412,8 +412,8 @@ def main() -> None:
                     corrections.append(ProximalTerm(instr.proximal_mu, adapter))
                 scaffold = None
                 if strategy.scaffold:
-                    c = {k: strategy.control.get(k, np.zeros(v.shape)).astype(np.float32)
-                         for k, v in adapter.items() if k in trained.names}  # fmt: skip
+                    c = {k: strategy.control.get(k, np.zeros(adapter[k].shape)).astype(np.float32)
+                         for k in trained.names}  # fmt: skip
                     scaffold = Scaffold(c, controls.get(cid, {}))
                     corrections.append(scaffold)
                 with compute_precision(precision):
