@@ -51,7 +51,7 @@ from coordinator.aggregation import fedavg_aggregator  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.dp import ClientLevelDP, resolve_client_dp  # noqa: E402
 from coordinator.rounds import sample_nodes  # noqa: E402
-from protocol.adapter import AdapterSpec, trained_tensors  # noqa: E402
+from protocol.adapter import AdapterSpec, instruction_keys, trained_tensors  # noqa: E402
 from protocol.messages import SampleDP, decode_update, encode_update  # noqa: E402
 from simulations.partition import PartitionSpec, partition  # noqa: E402
 
@@ -180,7 +180,7 @@ def run_utility(
                 else sample_nodes(nodes, cfg.clients_per_round, cfg.seed, rnd)
             )
             instr = dataclasses.replace(
-                cfg.train_instruction(rnd), trainable_keys=keys if ffa else ()
+                cfg.train_instruction(rnd), trainable_keys=instruction_keys(expected, spec.names)
             )
             updates = []
             for cid in cohort:

@@ -67,7 +67,7 @@ from coordinator.config import RunConfig  # noqa: E402
 from coordinator.pipeline import Contribution, NoPrivacy  # noqa: E402
 from coordinator.schedules import LrSchedule, round_learning_rate  # noqa: E402
 from coordinator.strategies import STRATEGIES, Strategy, StrategySettings  # noqa: E402
-from protocol.adapter import AdapterSpec, trained_tensors  # noqa: E402
+from protocol.adapter import AdapterSpec, instruction_keys, trained_tensors  # noqa: E402
 from protocol.messages import decode_update, encode_update  # noqa: E402
 
 
@@ -206,7 +206,8 @@ def run_options(items: list[str]) -> dict[str, str]:
     known = RunConfig.keys()
     out: dict[str, str] = {}
     for item in items:
-        key, (_, sep, value) = option_key(item), item.partition("=")
+        key = option_key(item)
+        _, sep, value = item.partition("=")
         if not sep or key not in known:
             raise SystemExit(f"--option {item!r}: expected KEY=VALUE with KEY a run option")
         out[key] = value.strip()
@@ -394,7 +395,8 @@ def main() -> None:
         )
         strategy = Strategy.create(cfg.strategy_settings(), args.clients, args.clients_per_round)
         trained = trained_tensors(spec, cfg.ffa_lora)
-        trainable_keys = trained.names if trained != spec else ()  # () is all of them
+        trainable_keys = instruction_keys(trained, spec.names)
+        expected = strategy.update_spec(trained)
         privacy = NoPrivacy(args.clients_per_round, args.seed)
         controls: dict[int, dict[str, np.ndarray]] = {}
         adapter = dict(initial)
@@ -403,7 +405,6 @@ def main() -> None:
         for rnd in range(1, args.rounds + 1):
             instr = strategy.instruction(cfg.train_instruction(rnd))
             instr = dataclasses.replace(instr, trainable_keys=trainable_keys)
-            expected = strategy.update_spec(trained)
             acc = Accumulator(expected)
             cohort = privacy.sample(population, rnd)
             for cid in cohort:

@@ -58,7 +58,7 @@ from coordinator.roster import Roster
 from coordinator.rundir import RunDirectory
 from coordinator.strategies import Strategy
 from coordinator.update_wire import RANK_ORDER, UpdateWire, wire_row
-from protocol.adapter import AdapterSpec, trained_tensors
+from protocol.adapter import AdapterSpec, instruction_keys, trained_tensors
 from protocol.codecs import CompressionConfig
 from protocol.errors import ProtocolError, UpdateRejected
 from protocol.messages import EvalResult, decode_eval_result, encode_eval_instruction
@@ -334,9 +334,9 @@ class Pipeline:
         """One round over ``live`` (the clients reachable this round): (next global adapter or
         None if the round failed, its result)."""
         sampled = self.privacy.sample(live, rnd)
-        instr = cfg.train_instruction(rnd)
-        if self.trained.names != tuple(adapter):
-            instr = dataclasses.replace(instr, trainable_keys=self.trained.names)
+        instr = dataclasses.replace(
+            cfg.train_instruction(rnd), trainable_keys=instruction_keys(self.trained, adapter)
+        )
         expected = self.strategy.update_spec(self.trained)
         rw = wire = None
         if self.wire is not None:

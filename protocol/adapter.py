@@ -88,6 +88,13 @@ def trained_tensors(spec: AdapterSpec, ffa_lora: bool) -> AdapterSpec:
     return spec.subset(n for n in spec.names if ".lora_B." in n) if ffa_lora else spec
 
 
+def instruction_keys(trained: AdapterSpec, names: Iterable[str]) -> tuple[str, ...]:
+    """A train instruction's ``trainable_keys`` when clients train ``trained`` out of the
+    adapter's ``names``: () (the wire default: all of them) when it is all of them, so that a
+    run training the whole adapter sends the instructions it always sent."""
+    return () if set(trained.names) == set(names) else trained.names
+
+
 def _check_names(expected: Mapping[str, object], got: Iterable[str], what: str) -> None:
     """Raise ``UpdateRejected`` if ``got`` misses a name of ``expected`` or has another (a
     name quoted at most 80 characters long: it may come from a hostile reply)."""

@@ -7,7 +7,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol import keys
-from protocol.adapter import AdapterSpec, arrays_from_record, arrays_to_record, trained_tensors
+from protocol.adapter import (
+    AdapterSpec,
+    arrays_from_record,
+    arrays_to_record,
+    instruction_keys,
+    trained_tensors,
+)
 from protocol.errors import ProtocolError, UpdateRejected
 from protocol.messages import (
     ClientUpdate,
@@ -126,6 +132,10 @@ def test_ffa_lora_trains_only_the_b_matrices() -> None:
     ffa = trained_tensors(spec, True)
     assert ffa.names == ("l.0.q_proj.lora_B.weight", "l.0.v_proj.lora_B.weight")
     assert ffa.numel == 6 * 2 + 4 * 2
+    # The instruction names the trained tensors only when they are not all of them.
+    assert instruction_keys(spec, spec.names) == ()
+    assert instruction_keys(spec, reversed(spec.names)) == ()
+    assert instruction_keys(ffa, spec.names) == ffa.names
 
 
 # ------------------------------------------------------------------------------ rejections
