@@ -3,9 +3,14 @@
 Baseline: transformers parsing the GGUF file (tokenizer + dequantized model), what a client does
 without fedtune's cache. fedtune: ``load_base`` from the cache (pre-quantized safetensors) plus
 LoRA attached. Each measurement runs in its own fresh subprocess; library imports are timed
-separately, because a deployed Flower 1.39 client pays them in every per-message process.
+separately, because a deployed Flower 1.39 client pays them in every per-message process. Each
+also reports the load's peak resident memory above what the process held before it.
 
-    python benchmarks/cold_start.py [--quantization nf4] [--repeats 3]
+``--quantization none --compute-dtype bf16`` (an unquantized base held in bf16 for bf16
+products) adds a second baseline: the base loaded in fp32 and its frozen weights then converted
+in memory, against ``load_base`` converting them from the checkpoint file.
+
+    python benchmarks/cold_start.py [--quantization nf4] [--compute-dtype fp32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -22,26 +27,46 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def child(kind: str, quantization: str) -> dict[str, float]:
+def child(kind: str, quantization: str, compute_dtype: str) -> dict[str, float]:
     t0 = time.perf_counter()
-    import torch  # noqa: F401
+    import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
     from peft import LoraConfig  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from client.model import Quantization, attach_lora, default_cache_dir, load_base, resolve_model
+    from client.model import (
+        ComputeDtype,
+        Quantization,
+        attach_lora,
+        default_cache_dir,
+        ensure_quantized,
+        hold_embeddings_in_half,
+        hold_linears_in,
+        load_base,
+        resolve_model,
+    )
+    from client.rss import current_rss_mb, peak_rss_mb, reset_peak_rss
     from protocol.messages import LoraSpec
 
     imports = time.perf_counter() - t0
     source = resolve_model("smollm2")
+    quant, compute = Quantization(quantization), ComputeDtype(compute_dtype)
+    reset_peak_rss()
+    before = current_rss_mb()
     t1 = time.perf_counter()
     if kind == "gguf":
         AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
         AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name)
-    else:
-        base = load_base(source, Quantization(quantization), default_cache_dir())
+    elif kind == "in-memory":  # load_base's bf16 hold as it was: fp32 loaded, converted in memory
+        base = load_base(source, quant, default_cache_dir())
+        hold_embeddings_in_half(base.model, ensure_quantized(source, quant, default_cache_dir()))
+        hold_linears_in(base.model, torch.bfloat16)
         attach_lora(base.model, LoraSpec())
-    return {"imports": imports, "load": time.perf_counter() - t1}
+    else:
+        base = load_base(source, quant, default_cache_dir(), compute=compute)
+        attach_lora(base.model, LoraSpec())
+    load = time.perf_counter() - t1
+    return {"imports": imports, "load": load, "load_peak_mb": peak_rss_mb() - before}
 
 
 def main() -> None:
@@ -49,11 +74,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quantization", default="nf4")
+    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.quantization)))
+        print(json.dumps(child(args.child, args.quantization, args.compute_dtype)))
         return
 
     from client.model import Quantization, default_cache_dir, prepare, resolve_model
@@ -64,6 +90,7 @@ def main() -> None:
         runs = []
         for _ in range(args.repeats):
             cmd = [sys.executable, __file__, "--child", kind, "--quantization", args.quantization]
+            cmd += ["--compute-dtype", args.compute_dtype]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -71,21 +98,28 @@ def main() -> None:
             runs.append(row)
         return runs
 
-    gguf = measure("gguf")
-    cache = measure("cache")
+    held_in_bf16 = args.quantization == "none" and args.compute_dtype == "bf16"
+    rows = {"transformers GGUF parse (baseline)": measure("gguf")}
+    if held_in_bf16:
+        rows["fp32 cache, converted in memory"] = measure("in-memory")
+    label = f"fedtune cache ({args.quantization}, {args.compute_dtype}) + LoRA"
+    rows[label] = cache = measure("cache")
 
-    def med(rows: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
 
     print(f"\ncold start of the real base model, median of {args.repeats} fresh processes")
-    print(f"{'':<34}{'imports s':>10}{'load s':>9}{'process s':>11}")
-    print(f"{'transformers GGUF parse (baseline)':<34}{med(gguf, 'imports'):>10.2f}"
-          f"{med(gguf, 'load'):>9.2f}{med(gguf, 'process'):>11.2f}")  # fmt: skip
-    label = f"fedtune cache ({args.quantization}) + LoRA"
-    print(f"{label:<34}{med(cache, 'imports'):>10.2f}"
-          f"{med(cache, 'load'):>9.2f}{med(cache, 'process'):>11.2f}")  # fmt: skip
+    print(f"{'':<38}{'imports s':>10}{'load s':>9}{'process s':>11}{'load peak MB':>14}")
+    for name, runs in rows.items():
+        print(f"{name:<38}{med(runs, 'imports'):>10.2f}{med(runs, 'load'):>9.2f}"
+              f"{med(runs, 'process'):>11.2f}{med(runs, 'load_peak_mb'):>14.0f}")  # fmt: skip
+    gguf = rows["transformers GGUF parse (baseline)"]
     print(f"\nload speed-up vs GGUF parse: x{med(gguf, 'load') / med(cache, 'load'):.1f}; "
           f"whole process: x{med(gguf, 'process') / med(cache, 'process'):.1f}")  # fmt: skip
+    if held_in_bf16:
+        memory = rows["fp32 cache, converted in memory"]
+        ratio = med(cache, "load_peak_mb") / med(memory, "load_peak_mb")
+        print(f"load peak vs converting in memory: x{ratio:.2f}")
 
 
 if __name__ == "__main__":

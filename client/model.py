@@ -395,6 +395,10 @@ class LoadedBase:
     load_seconds: float
 
 
+# Frozen weights are converted from the checkpoint at most this many bytes of it at a time.
+_CONVERT_SLICE_BYTES = 8 * 2**20
+
+
 class _FrozenLinear(torch.autograd.Function):
     """``x @ W.T + b`` for a frozen weight held in a storage format: a torchao quantized tensor
     (int8) or a plain tensor in a lower precision than the products may run in (an unquantized
@@ -468,27 +472,73 @@ def recompute_dequantized_weights(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
 
 
-def hold_linears_in(model: PreTrainedModel, dtype: torch.dtype) -> int:
+def checkpoint_index(directory: Path) -> dict[str, Path]:
+    """Which safetensors file of a checkpoint directory holds each tensor (headers only)."""
+    from safetensors import safe_open
+
+    index: dict[str, Path] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        if f.name.startswith("half-"):
+            continue
+        with safe_open(str(f), framework="pt") as fh:
+            index.update(dict.fromkeys(fh.keys(), f))
+    return index
+
+
+def _convert_from_checkpoint(
+    source: Path, key: str, current: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Tensor ``key`` of the safetensors file ``source`` in ``dtype``, read a slice of rows at
+    a time from short-lived maps of the file: ``current`` (the same tensor as the model loaded
+    it, a view of a long-lived map) is never read, so its full-precision pages never become
+    resident. Falls back to converting ``current`` when the file's tensor has another shape."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as fh:
+        shape = tuple(fh.get_slice(key).get_shape())
+    if shape != tuple(current.shape) or current.dim() == 0:
+        return current.detach().to(dtype)
+    out = torch.empty(current.shape, dtype=dtype)
+    row_bytes = current.element_size() * max(1, current[0].numel())
+    rows = max(1, _CONVERT_SLICE_BYTES // row_bytes)
+    for start in range(0, current.shape[0], rows):
+        with safe_open(str(source), framework="pt") as fh:
+            out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
+    return out
+
+
+def hold_linears_in(
+    model: PreTrainedModel, dtype: torch.dtype, directory: Path | None = None
+) -> int:
     """Hold the frozen weights of the plain linear layers (not the output head) in ``dtype``,
     routed through ``_FrozenLinear``: for an unquantized base whose products run in bf16,
     autocast would otherwise convert every fp32 weight at every use, forward and backward (a
-    quarter of a bf16 training step's time on the development machine). Returns how many."""
+    quarter of a bf16 training step's time on the development machine). With the checkpoint
+    ``directory`` the model was loaded from, each weight is converted from the file
+    (``_convert_from_checkpoint``), so the fp32 weights never become resident: loading
+    SmolLM2 this way peaked at 1048 MB resident when they were converted in memory. Returns
+    how many."""
     head = model.get_output_embeddings()
+    index = checkpoint_index(directory) if directory is not None else {}
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if (
             type(module) is torch.nn.Linear
             and module is not head
             and not module.weight.requires_grad
             and module.weight.dtype != dtype
         ):
-            held = module.weight.detach().to(dtype)
-            module.weight = torch.nn.Parameter(held, requires_grad=False)
+            key = f"{name}.weight"
+            held = (
+                _convert_from_checkpoint(index[key], key, module.weight, dtype)
+                if key in index
+                else module.weight.detach().to(dtype)
+            )
+            module.weight = torch.nn.Parameter(held.to(module.weight.device), requires_grad=False)
             module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
             count += 1
-    # The weights kept as they were (norms) are views of the loaded file's memory mapping, which
-    # keeps every page of the converted fp32 weights resident too (RSS 800 MB instead of 390 MB
-    # for SmolLM2): copy them out, and the mapping goes with the last view.
+    # The weights kept as they were (norms) are views of the loaded file's memory mapping: copy
+    # them out, and the mapping goes with the last view.
     with torch.no_grad():
         for param in model.parameters():
             if param.dtype != dtype:
@@ -540,7 +590,6 @@ def _nf4_autocast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 # SmolLM2's 49,152 x 576 table is 108 MiB in fp32, as much as all its NF4 decoder layers twice
 # over. Lookups and the head compute in fp32 from it (``client.loss.upcast_linear``).
 FROZEN_EMBEDDING_DTYPE = torch.bfloat16
-_EMBEDDING_SLICE_BYTES = 8 * 2**20
 
 
 def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -556,13 +605,9 @@ def _read_converted(
     directory: Path, key: str, current: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """``current`` (a tensor loaded from ``directory``, still backed by the file's memory map)
-    in ``dtype``.
-
-    The first time, it is converted a slice at a time from short-lived maps of the checkpoint,
-    so the fp32 table never becomes resident, and saved beside it (``half-<key>.safetensors``);
-    later loads read that copy (54 MiB for SmolLM2, instead of converting 108 MiB). Where no
-    checkpoint file holds ``key`` it is converted in memory."""
-    from safetensors import safe_open
+    in ``dtype``, converted from the checkpoint (``_convert_from_checkpoint``) the first time and
+    saved beside it (``half-<key>.safetensors``); later loads read that copy (54 MiB for
+    SmolLM2's table, instead of converting 108 MiB)."""
     from safetensors.torch import load_file, save_file
 
     sidecar = directory / f"half-{key}.safetensors"
@@ -571,19 +616,10 @@ def _read_converted(
             stored = load_file(str(sidecar))[key]
             if stored.shape == current.shape and stored.dtype == dtype:
                 return stored.to(current.device)
-    source = None
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            if key in fh.keys():  # noqa: SIM118  (safe_open has no __contains__)
-                source = f
-                break
+    source = checkpoint_index(directory).get(key)
     if source is None:
         return current.detach().to(dtype)
-    out = torch.empty(current.shape, dtype=dtype)
-    rows = max(1, _EMBEDDING_SLICE_BYTES // (current.element_size() * current.shape[-1]))
-    for start in range(0, current.shape[0], rows):
-        with safe_open(str(source), framework="pt") as fh:
-            out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
+    out = _convert_from_checkpoint(source, key, current, dtype)
     with contextlib.suppress(OSError):  # a read-only cache: convert again next time
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".half-", suffix=".tmp")
         os.close(fd)
@@ -663,7 +699,7 @@ def load_base(
     if quant is not Quantization.NONE or held_in_bf16:
         hold_embeddings_in_half(model, directory)
     if held_in_bf16:
-        hold_linears_in(model, torch.bfloat16)
+        hold_linears_in(model, torch.bfloat16, directory)
     if model.config._attn_implementation == "sdpa":
         _register_attention()
         model.set_attn_implementation(_CPU_FP32_SDPA)

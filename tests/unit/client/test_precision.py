@@ -15,7 +15,10 @@ from client.model import (
     Quantization,
     activation_checkpointing,
     compute_precision,
+    ensure_quantized,
+    load_base,
     resolve_compute_dtype,
+    resolve_model,
 )
 from client.train import backward_mean_loss, collate, evaluate
 from protocol.messages import LoraSpec
@@ -232,6 +235,52 @@ def test_a_base_held_in_bf16_for_bf16_products_keeps_their_gradients_and_no_weig
     assert flat32.dtype == torch.float32
     assert float(torch.nn.functional.cosine_similarity(flat32, flat_ref, dim=0)) > 0.999
     assert loss32 == pytest.approx(loss_ref, rel=1e-2)
+
+
+def test_a_base_held_in_bf16_converts_its_weights_from_the_checkpoint(
+    tiny_model_dir: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bf16 hold converts each frozen linear from the checkpoint file, never from the fp32
+    tensor the model loaded (a view of the file's map, whose pages converting it would make
+    resident: SmolLM2's load peaked at 1048 MB that way): the values are the fp32 weights
+    rounded to bf16, and the conversion works from a meta tensor, which has no data to read."""
+    import client.model as cm
+
+    source = resolve_model(str(tiny_model_dir))
+    fp32 = dict(load_base(source, Quantization.NONE, model_cache).model.named_parameters())
+    converted: list[str] = []
+    real = cm._convert_from_checkpoint
+
+    def spy(path: Path, key: str, current: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        converted.append(key)
+        return real(path, key, current, dtype)
+
+    monkeypatch.setattr(cm, "_convert_from_checkpoint", spy)
+    held = load_base(source, Quantization.NONE, model_cache, compute=ComputeDtype.BF16).model
+    monkeypatch.setattr(cm, "_convert_from_checkpoint", real)
+    # The decoder's linears; the embedding too unless an earlier load kept its bf16 copy.
+    linears = [k for k in converted if k != "model.embed_tokens.weight"]
+    assert len(linears) == 2 * 7 and all(k.startswith("model.layers.") for k in linears)
+    halves = 0
+    for name, param in held.named_parameters():
+        if param.dtype == torch.bfloat16:
+            halves += 1
+            assert torch.equal(param, fp32[name].to(torch.bfloat16)), name
+        else:  # norms stay as loaded
+            assert torch.equal(param, fp32[name]), name
+    assert halves == 2 * 7 + 1  # the decoder's linears and the embedding (tied to the head)
+    index = cm.checkpoint_index(ensure_quantized(source, Quantization.NONE, model_cache))
+    key = "model.layers.1.mlp.down_proj.weight"
+    exact = fp32[key].to(torch.bfloat16)
+    meta = torch.empty(exact.shape, device="meta")
+    assert torch.equal(cm._convert_from_checkpoint(index[key], key, meta, torch.bfloat16), exact)
+    monkeypatch.setattr(cm, "_CONVERT_SLICE_BYTES", 3 * 4 * exact.shape[1])  # 3 rows a read
+    assert exact.shape[0] % 3 != 0
+    assert torch.equal(cm._convert_from_checkpoint(index[key], key, meta, torch.bfloat16), exact)
+    # A tensor the file holds in another shape is converted from memory.
+    other = torch.arange(6.0).reshape(2, 3)
+    got = cm._convert_from_checkpoint(index[key], key, other, torch.bfloat16)
+    assert torch.equal(got, other.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
