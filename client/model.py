@@ -490,8 +490,9 @@ def _convert_from_checkpoint(
 ) -> torch.Tensor:
     """Tensor ``key`` of the safetensors file ``source`` in ``dtype``, read a slice of rows at
     a time from short-lived maps of the file: ``current`` (the same tensor as the model loaded
-    it, a view of a long-lived map) is never read, so its full-precision pages never become
-    resident. Falls back to converting ``current`` when the file's tensor has another shape."""
+    it, a view of a long-lived map) is not read but for its first row, so its full-precision
+    pages never become resident. Falls back to converting ``current`` when the file's tensor has
+    another shape or another first row (a checkpoint whose tensors the loader transformed)."""
     from safetensors import safe_open
 
     with safe_open(str(source), framework="pt") as fh:
@@ -504,6 +505,8 @@ def _convert_from_checkpoint(
     for start in range(0, current.shape[0], rows):
         with safe_open(str(source), framework="pt") as fh:
             out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
+    if not current.is_meta and not torch.equal(out[0], current[0].detach().to(dtype)):
+        return current.detach().to(dtype)
     return out
 
 
@@ -515,9 +518,8 @@ def hold_linears_in(
     autocast would otherwise convert every fp32 weight at every use, forward and backward (a
     quarter of a bf16 training step's time on the development machine). With the checkpoint
     ``directory`` the model was loaded from, each weight is converted from the file
-    (``_convert_from_checkpoint``), so the fp32 weights never become resident: loading
-    SmolLM2 this way peaked at 1048 MB resident when they were converted in memory. Returns
-    how many."""
+    (``_convert_from_checkpoint``), so the fp32 weights never become resident (converted in
+    memory instead, SmolLM2's load peaked at 1048 MB resident). Returns how many."""
     head = model.get_output_embeddings()
     index = checkpoint_index(directory) if directory is not None else {}
     count = 0

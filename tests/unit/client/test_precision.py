@@ -277,10 +277,10 @@ def test_a_base_held_in_bf16_converts_its_weights_from_the_checkpoint(
     monkeypatch.setattr(cm, "_CONVERT_SLICE_BYTES", 3 * 4 * exact.shape[1])  # 3 rows a read
     assert exact.shape[0] % 3 != 0
     assert torch.equal(cm._convert_from_checkpoint(index[key], key, meta, torch.bfloat16), exact)
-    # A tensor the file holds in another shape is converted from memory.
-    other = torch.arange(6.0).reshape(2, 3)
-    got = cm._convert_from_checkpoint(index[key], key, other, torch.bfloat16)
-    assert torch.equal(got, other.to(torch.bfloat16))
+    # A tensor the file holds in another shape, or with other values, is converted from memory.
+    for other in (torch.arange(6.0).reshape(2, 3), fp32[key].detach() + 1):
+        got = cm._convert_from_checkpoint(index[key], key, other, torch.bfloat16)
+        assert torch.equal(got, other.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
