@@ -169,6 +169,7 @@ def run_utility(
         spec = AdapterSpec.of(adapter)
         expected = trained_tensors(spec, ffa)
         keys = expected.names
+        trainable_keys = instruction_keys(expected, spec.names)
         dp = ClientLevelDP(resolve_client_dp(cfg, args.clients), keys) if eps else None
         t0 = time.perf_counter()
         norms: list[float] = []
@@ -179,9 +180,7 @@ def run_utility(
                 if dp
                 else sample_nodes(nodes, cfg.clients_per_round, cfg.seed, rnd)
             )
-            instr = dataclasses.replace(
-                cfg.train_instruction(rnd), trainable_keys=instruction_keys(expected, spec.names)
-            )
+            instr = dataclasses.replace(cfg.train_instruction(rnd), trainable_keys=trainable_keys)
             updates = []
             for cid in cohort:
                 up = train_round(

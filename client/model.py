@@ -486,15 +486,18 @@ def checkpoint_index(directory: Path) -> dict[str, Path]:
 
 
 def _convert_from_checkpoint(
-    source: Path, key: str, current: torch.Tensor, dtype: torch.dtype
+    source: Path | None, key: str, current: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Tensor ``key`` of the safetensors file ``source`` in ``dtype``, read a slice of rows at
     a time from short-lived maps of the file: ``current`` (the same tensor as the model loaded
     it, a view of a long-lived map) is not read but for its first row, so its full-precision
     pages never become resident. Falls back to converting ``current`` when the file's tensor has
-    another shape or another first row (a checkpoint whose tensors the loader transformed)."""
+    another shape or another first row (a checkpoint whose tensors the loader transformed), and
+    when no file holds it (``source`` None)."""
     from safetensors import safe_open
 
+    if source is None:
+        return current.detach().to(dtype)
     with safe_open(str(source), framework="pt") as fh:
         shape = tuple(fh.get_slice(key).get_shape())
     if shape != tuple(current.shape) or current.dim() == 0:
@@ -531,11 +534,7 @@ def hold_linears_in(
             and module.weight.dtype != dtype
         ):
             key = f"{name}.weight"
-            held = (
-                _convert_from_checkpoint(index[key], key, module.weight, dtype)
-                if key in index
-                else module.weight.detach().to(dtype)
-            )
+            held = _convert_from_checkpoint(index.get(key), key, module.weight, dtype)
             module.weight = torch.nn.Parameter(held.to(module.weight.device), requires_grad=False)
             module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
             count += 1
