@@ -17,7 +17,10 @@ writes ``strategies.json``, ``strategies.png`` and every final adapter (``adapte
 to ``--out``. ``--server-lr NAME=LR,LR,...`` sets or sweeps a strategy's server learning rate
 (each value is its own run, labelled ``NAME@LR``). ``--reuse`` keeps the runs already in ``--out``
 (same data and training settings, adapter file present) and trains only the missing ones, so a
-long benchmark can be stopped and continued. Dolly-15k: Databricks, CC BY-SA 3.0.
+long benchmark can be stopped and continued. ``--ceiling-from DIR`` takes the centralized runs
+from another ``--out`` instead (one trained at the same time in a second process with
+``--strategies ''``), so the ceiling and the federation use two cores. Dolly-15k: Databricks,
+CC BY-SA 3.0.
 
     python benchmarks/strategies.py --rounds 3 --local-steps 3
     python benchmarks/strategies.py --strategies fedadam --server-lr fedadam=0.01,0.03,0.1 --reuse
@@ -129,6 +132,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="KEY=VALUE: a run option for every strategy run, as `fedtune simulate` spells it "
         "(e.g. proximal-mu=0.1, server-momentum=0.5)",
+    )
+    p.add_argument(
+        "--ceiling-from",
+        type=Path,
+        default=None,
+        help="DIR: take the centralized run at each --central-lr from DIR (the --out of a run "
+        "of this benchmark with the same data and centralized settings, e.g. `--strategies ''` "
+        "in a second process at the same time) instead of training it here",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -249,6 +260,35 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     return old
 
 
+def ceiling_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The centralized runs (by lr) that ``--ceiling-from`` names, checked: made with the same
+    centralized settings as this invocation, one per ``--central-lr``, each adapter saved."""
+    src: Path = args.ceiling_from
+    path = src / "strategies.json"
+    if not path.is_file():
+        raise SystemExit(f"--ceiling-from {src}: no strategies.json there (has its run finished? "
+                         "the runs trained here are saved: rerun with --reuse)")  # fmt: skip
+    try:
+        made: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--ceiling-from {path}: not JSON ({e})") from None
+    config = {**SAME_RUN_DEFAULTS, **made.get("config", {})}
+    ours, theirs = central_settings(saved_config(args)), central_settings(config)
+    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    if differ:
+        raise SystemExit(f"--ceiling-from {path}: made with other centralized settings "
+                         f"({', '.join(f'{k}={theirs.get(k)!r}' for k in differ)})")  # fmt: skip
+    runs: dict[str, Any] = made.get("centralized_by_lr", {})
+    for lr in central_lrs(args):
+        key = f"{lr:g}"
+        if key not in runs:
+            raise SystemExit(f"--ceiling-from {path}: no centralized run at lr {key}")
+        if not (src / "adapters" / f"centralized@{key}.safetensors").is_file():
+            raise SystemExit(f"--ceiling-from {src}: adapters/centralized@{key}.safetensors "
+                             "is missing")  # fmt: skip
+    return {f"{lr:g}": runs[f"{lr:g}"] for lr in central_lrs(args)}
+
+
 def centralized_only(old: dict[str, Any]) -> dict[str, Any]:
     """A previous result without its strategy runs (its centralized runs each have their lr)."""
     return {k: v for k, v in old.items() if not (isinstance(v, dict) and "losses" in v)}
@@ -276,6 +316,8 @@ def main() -> None:
     precision = resolve_compute_dtype(ComputeDtype(args.compute_dtype), pick_device())
     runs = plan_runs(args.strategies, args.server_lr)
     old = previous(args)
+    if args.ceiling_from is not None and (args.ceiling_from / "strategies.json").exists():
+        ceiling_from(args)  # a finished ceiling made with other settings fails now, not at the end
     records = load_records(args.data)
     base = load_base(
         resolve_model(args.model),
@@ -330,7 +372,9 @@ def main() -> None:
     results |= {k: v for k, v in old.items() if isinstance(v, dict) and "losses" in v}
 
     def write() -> None:
-        (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
+        # Atomic: a --ceiling-from reader in another process never sees half a file.
+        text = json.dumps(results, indent=2, default=str)
+        write_bytes_atomic(args.out / "strategies.json", text.encode())
 
     if "base_loss" in old:
         base_loss = float(old["base_loss"])
@@ -339,53 +383,12 @@ def main() -> None:
         base_loss = held_loss(initial)
         print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
     results["base_loss"] = base_loss
-    # Centralized: one adapter on the pooled rows, the same examples seen as the federation, at
-    # each --central-lr; the lowest held-out loss is the ceiling the strategies are held to.
-    central_runs: dict[str, Any] = dict(old.get("centralized_by_lr", {}))
-    lrs = central_lrs(args)
-    pooled: list[Any] = []
-    for lr in lrs:
-        label = f"centralized@{lr:g}"
-        kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
-        if kept is not None:
-            finals[label] = kept
-            print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} (kept)", flush=True)
-            continue
-        pooled = pooled or [e for cid in range(args.clients) for e in data(cid)]
-        steps = args.rounds * args.clients_per_round * args.local_steps
-        t0 = time.perf_counter()
-        instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
-        engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
-        with compute_precision(precision):
-            up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed,
-                             engine=engine)  # fmt: skip
-        finals[label] = {k: initial[k] + up.delta[k] for k in initial}
-        central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
-                                   "seconds": time.perf_counter() - t0}  # fmt: skip
-        save_adapter(args.out, label, finals[label])
-        print(f"{label} ({steps} steps): {central_runs[f'{lr:g}']['loss']:.4f}", flush=True)
-    tried = {f"{lr:g}": central_runs[f"{lr:g}"] for lr in lrs}
-    best_lr = min(tried, key=lambda k: float(tried[k]["loss"]))
-    results["centralized"] = tried[best_lr]
-    results["centralized_by_lr"] = central_runs
-    central_loss = float(results["centralized"]["loss"])
-    print(f"centralized, best of lr {', '.join(tried)}: lr {best_lr}, {central_loss:.4f}",
-          flush=True)  # fmt: skip
-    finals = {"base model": initial, "centralized": finals[f"centralized@{best_lr}"]}
-    save_adapter(args.out, "centralized", finals["centralized"])  # the ceiling, by its old name
-    write()
 
     population = list(range(args.clients))
-    gain = base_loss - central_loss
-
-    def share(losses: list[float]) -> float | None:
-        """Of this invocation's ceiling (a new --central-lr may have moved it since a kept run)."""
-        return (base_loss - float(losses[-1])) / gain if gain > 0 else None
-
     for label, name, lr in runs:
         kept = load_adapter(args.out, label) if label in old else None
         if kept is not None:
-            results[label] = old[label] | {"recovered": share(old[label]["losses"])}
+            results[label] = old[label]
             finals[label] = kept
             print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
             write()
@@ -435,7 +438,6 @@ def main() -> None:
         results[label] = {
             "strategy": name,
             "losses": losses,
-            "recovered": share(losses),
             "server_learning_rate": strategy.record()["server_learning_rate"],
             "seconds": time.perf_counter() - t0,
             "load_average": load_average(),
@@ -443,6 +445,57 @@ def main() -> None:
         finals[label] = adapter
         save_adapter(args.out, label, adapter)
         write()
+
+    # Centralized: one adapter on the pooled rows, the same examples seen as the federation, at
+    # each --central-lr; the lowest held-out loss is the ceiling the strategies are held to. After
+    # the strategies, so that a ceiling --ceiling-from names may still be training meanwhile.
+    ceiling = ceiling_from(args) if args.ceiling_from is not None else {}
+    central_runs: dict[str, Any] = dict(old.get("centralized_by_lr", {}))
+    lrs = central_lrs(args)
+    pooled: list[Any] = []
+    for lr in lrs:
+        label = f"centralized@{lr:g}"
+        how = "kept"
+        kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
+        if args.ceiling_from is not None:
+            how = f"from {args.ceiling_from}"
+            central_runs[f"{lr:g}"] = ceiling[f"{lr:g}"]
+            kept = load_adapter(args.ceiling_from, label)
+            assert kept is not None  # ceiling_from checked the file
+            save_adapter(args.out, label, kept)  # --out holds every adapter its JSON names
+        if kept is not None:
+            finals[label] = kept
+            print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} ({how})", flush=True)
+            continue
+        pooled = pooled or [e for cid in range(args.clients) for e in data(cid)]
+        steps = args.rounds * args.clients_per_round * args.local_steps
+        t0 = time.perf_counter()
+        instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
+        engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
+        with compute_precision(precision):
+            up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed,
+                             engine=engine)  # fmt: skip
+        finals[label] = {k: initial[k] + up.delta[k] for k in initial}
+        central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
+                                   "seconds": time.perf_counter() - t0}  # fmt: skip
+        save_adapter(args.out, label, finals[label])
+        print(f"{label} ({steps} steps): {central_runs[f'{lr:g}']['loss']:.4f}", flush=True)
+    tried = {f"{lr:g}": central_runs[f"{lr:g}"] for lr in lrs}
+    best_lr = min(tried, key=lambda k: float(tried[k]["loss"]))
+    results["centralized"] = tried[best_lr]
+    results["centralized_by_lr"] = central_runs
+    central_loss = float(results["centralized"]["loss"])
+    print(f"centralized, best of lr {', '.join(tried)}: lr {best_lr}, {central_loss:.4f}",
+          flush=True)  # fmt: skip
+    finals["centralized"] = finals[f"centralized@{best_lr}"]
+    finals = {k: v for k, v in finals.items() if not k.startswith("centralized@")}
+    save_adapter(args.out, "centralized", finals["centralized"])  # the ceiling, by its old name
+    # Every run's share is of this invocation's ceiling (a new --central-lr may have moved it
+    # since a kept run was trained).
+    gain = base_loss - central_loss
+    for run in (r for r in results.values() if isinstance(r, dict) and "losses" in r):
+        run["recovered"] = (base_loss - float(run["losses"][-1])) / gain if gain > 0 else None
+    write()
 
     labels = [label for label, _, _ in runs]
     print("\n| strategy | server lr | held-out loss by round | recovered of centralized gain |")
