@@ -455,14 +455,15 @@ def main() -> None:
     pooled: list[Any] = []
     for lr in lrs:
         label = f"centralized@{lr:g}"
-        how = "kept"
-        kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
         if args.ceiling_from is not None:
             how = f"from {args.ceiling_from}"
             central_runs[f"{lr:g}"] = ceiling[f"{lr:g}"]
             kept = load_adapter(args.ceiling_from, label)
             assert kept is not None  # ceiling_from checked the file
             save_adapter(args.out, label, kept)  # --out holds every adapter its JSON names
+        else:
+            how = "kept"
+            kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
         if kept is not None:
             finals[label] = kept
             print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} ({how})", flush=True)
