@@ -189,6 +189,18 @@ def central_settings(config: dict[str, Any]) -> dict[str, Any]:
     return out | {"option": [i for i in config["option"] if option_key(i) not in STRATEGY_ONLY]}
 
 
+def made_with(result: dict[str, Any]) -> dict[str, Any]:
+    """The settings a saved ``strategies.json`` was made with (later settings at their old
+    values)."""
+    return {**SAME_RUN_DEFAULTS, **result.get("config", {})}
+
+
+def central_differences(made: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The centralized settings in which ``made`` differs from this invocation's."""
+    ours, theirs = central_settings(saved_config(args)), central_settings(made)
+    return sorted(k for k in ours if ours[k] != theirs.get(k))
+
+
 def saved_config(args: argparse.Namespace) -> dict[str, Any]:
     """``args`` as ``strategies.json`` records them (what ``--reuse`` compares)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -240,9 +252,9 @@ def previous(args: argparse.Namespace) -> dict[str, Any]:
     if not args.reuse or not path.exists():
         return {}
     old: dict[str, Any] = json.loads(path.read_text())
-    made = {**SAME_RUN_DEFAULTS, **old.get("config", {})}
+    made = made_with(old)
     now = saved_config(args)
-    if central_settings(made) != central_settings(now):
+    if central_differences(made, args):
         print(f"--reuse: {path} was made with other settings; training everything", flush=True)
         return {}
     central = old.get("centralized")
@@ -272,21 +284,21 @@ def ceiling_from(args: argparse.Namespace) -> dict[str, Any]:
         made: dict[str, Any] = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SystemExit(f"--ceiling-from {path}: not JSON ({e})") from None
-    config = {**SAME_RUN_DEFAULTS, **made.get("config", {})}
-    ours, theirs = central_settings(saved_config(args)), central_settings(config)
-    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    config = made_with(made)
+    differ = central_differences(config, args)
     if differ:
+        theirs = central_settings(config)
         raise SystemExit(f"--ceiling-from {path}: made with other centralized settings "
                          f"({', '.join(f'{k}={theirs.get(k)!r}' for k in differ)})")  # fmt: skip
     runs: dict[str, Any] = made.get("centralized_by_lr", {})
-    for lr in central_lrs(args):
-        key = f"{lr:g}"
+    keys = [f"{lr:g}" for lr in central_lrs(args)]
+    for key in keys:
         if key not in runs:
             raise SystemExit(f"--ceiling-from {path}: no centralized run at lr {key}")
         if not (src / "adapters" / f"centralized@{key}.safetensors").is_file():
             raise SystemExit(f"--ceiling-from {src}: adapters/centralized@{key}.safetensors "
                              "is missing")  # fmt: skip
-    return {f"{lr:g}": runs[f"{lr:g}"] for lr in central_lrs(args)}
+    return {key: runs[key] for key in keys}
 
 
 def centralized_only(old: dict[str, Any]) -> dict[str, Any]:
@@ -454,19 +466,20 @@ def main() -> None:
     lrs = central_lrs(args)
     pooled: list[Any] = []
     for lr in lrs:
-        label = f"centralized@{lr:g}"
+        key = f"{lr:g}"
+        label = f"centralized@{key}"
         if args.ceiling_from is not None:
             how = f"from {args.ceiling_from}"
-            central_runs[f"{lr:g}"] = ceiling[f"{lr:g}"]
+            central_runs[key] = ceiling[key]
             kept = load_adapter(args.ceiling_from, label)
             assert kept is not None  # ceiling_from checked the file
             save_adapter(args.out, label, kept)  # --out holds every adapter its JSON names
         else:
             how = "kept"
-            kept = load_adapter(args.out, label) if f"{lr:g}" in central_runs else None
+            kept = load_adapter(args.out, label) if key in central_runs else None
         if kept is not None:
             finals[label] = kept
-            print(f"{label}: {float(central_runs[f'{lr:g}']['loss']):.4f} ({how})", flush=True)
+            print(f"{label}: {float(central_runs[key]['loss']):.4f} ({how})", flush=True)
             continue
         pooled = pooled or [e for cid in range(args.clients) for e in data(cid)]
         steps = args.rounds * args.clients_per_round * args.local_steps
@@ -477,10 +490,10 @@ def main() -> None:
             up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed,
                              engine=engine)  # fmt: skip
         finals[label] = {k: initial[k] + up.delta[k] for k in initial}
-        central_runs[f"{lr:g}"] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
-                                   "seconds": time.perf_counter() - t0}  # fmt: skip
+        central_runs[key] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
+                             "seconds": time.perf_counter() - t0}  # fmt: skip
         save_adapter(args.out, label, finals[label])
-        print(f"{label} ({steps} steps): {central_runs[f'{lr:g}']['loss']:.4f}", flush=True)
+        print(f"{label} ({steps} steps): {central_runs[key]['loss']:.4f}", flush=True)
     tried = {f"{lr:g}": central_runs[f"{lr:g}"] for lr in lrs}
     best_lr = min(tried, key=lambda k: float(tried[k]["loss"]))
     results["centralized"] = tried[best_lr]

@@ -496,21 +496,22 @@ def _convert_from_checkpoint(
     when no file holds it (``source`` None)."""
     from safetensors import safe_open
 
-    if source is None:
-        return current.detach().to(dtype)
-    with safe_open(str(source), framework="pt") as fh:
-        shape = tuple(fh.get_slice(key).get_shape())
-    if shape != tuple(current.shape) or current.dim() == 0:
-        return current.detach().to(dtype)
-    out = torch.empty(current.shape, dtype=dtype)
-    row_bytes = current.element_size() * max(1, current[0].numel())
-    rows = max(1, _CONVERT_SLICE_BYTES // row_bytes)
-    for start in range(0, current.shape[0], rows):
+    if source is not None and current.dim() > 0:
         with safe_open(str(source), framework="pt") as fh:
-            out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
-    if not current.is_meta and not torch.equal(out[0], current[0].detach().to(dtype)):
-        return current.detach().to(dtype)
-    return out
+            part = fh.get_slice(key)
+            same = tuple(part.get_shape()) == tuple(current.shape) and (
+                current.is_meta
+                or torch.equal(part[0:1].to(dtype)[0], current[0].detach().to(dtype))
+            )
+        if same:
+            out = torch.empty(current.shape, dtype=dtype)
+            row_bytes = current.element_size() * max(1, current[0].numel())
+            rows = max(1, _CONVERT_SLICE_BYTES // row_bytes)
+            for start in range(0, current.shape[0], rows):
+                with safe_open(str(source), framework="pt") as fh:
+                    out[start : start + rows] = fh.get_slice(key)[start : start + rows].to(dtype)
+            return out
+    return current.detach().to(dtype)
 
 
 def hold_linears_in(
