@@ -100,9 +100,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     lora = LoraSpec(rank=8, alpha=16.0, dropout=spec["lora_dropout"], target_modules=LORA_TARGETS)
     source = resolve_model(spec["model"])
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "imports_mb": imports_mb}
+    requested = ComputeDtype(spec["compute_dtype"])
+    # What a client does: an unquantized base is held in bf16 when its products run in bf16.
+    compute = resolve_compute_dtype(requested, torch.device("cpu"))
     if spec["budget_mb"]:
         shape = model_shape(ensure_base(source, default_cache_dir()), lora)
-        resident = {q: resident_mib(shape, q, current_rss_mb()) for q in Quantization}
+        half = compute is ComputeDtype.BF16  # the unquantized base held in bf16
+        resident = {q: resident_mib(shape, q, current_rss_mb(), half) for q in Quantization}
         out["budget_mb"] = spec["budget_mb"]
         try:
             plan = client_plan(
@@ -113,6 +117,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 batch_size=batch_size,
                 seq_len=seq_len,
                 resident_mb=resident,
+                bf16_base=half,
             )
         except MemoryBudgetError as exc:
             return {**out, "refused": str(exc), "load_avg": load_average()}
@@ -132,9 +137,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         head_chunk_mib=plan.head_chunk_mib,
     )
 
-    requested = ComputeDtype(spec["compute_dtype"])
-    # What a client does: an unquantized base is held in bf16 when its products run in bf16.
-    compute = resolve_compute_dtype(requested, torch.device("cpu"))
     base = load_base(source, plan.quantization, default_cache_dir(), compute=compute)
     model = attach_lora(base.model, lora)
     model.train()
@@ -260,9 +262,15 @@ def main() -> None:
         "--compute-dtype",
         default="fp32,bf16",
         help="precision(s) of the matrix products, fp32 and/or bf16 (mixed precision, as a client "
-        "with --compute-dtype bf16); budgets run in fp32",
+        "with --compute-dtype bf16)",
     )
     p.add_argument("--budgets", default="512MB,768MB,1GB,2GB", help="'' for none")
+    p.add_argument(
+        "--budget-compute-dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="precision of the budgeted runs (bf16 holds an unquantized base in bf16)",
+    )
     p.add_argument("--budget-mode", default="none", help="preferred quantization under budgets")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -311,8 +319,9 @@ def main() -> None:
     for budget in (b for b in args.budgets.split(",") if b):
         mb = parse_size(budget, "--budgets") / 2**20
         specs.append(
-            {**common, "mode": args.budget_mode, "ckpt": False, "budget_mb": mb, "lean": True}
-        )
+            {**common, "mode": args.budget_mode, "ckpt": False, "budget_mb": mb, "lean": True,
+             "compute_dtype": args.budget_compute_dtype}
+        )  # fmt: skip
 
     results = []
     for spec in specs:
@@ -362,7 +371,8 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                   f"MFU {plain['mfu']:.0%} -> {off['mfu']:.0%}")  # fmt: skip
     budgets = [r for r in results if "budget_mb" in r]
     if budgets:
-        print(f"\nmemory budgets (preferred mode {args.budget_mode}, quantize-to-fit):")
+        print(f"\nmemory budgets (preferred mode {args.budget_mode}, quantize-to-fit, "
+              f"{args.budget_compute_dtype} products):")  # fmt: skip
         for r in budgets:
             if "refused" in r:
                 print(f"  {r['budget_mb']:>6.0f} MiB: refused: {r['refused']}")

@@ -195,12 +195,13 @@ def _prepare(
                 seq_len=seq_len,
                 resident_mb=_residents(settings, shape),
                 quantizations=candidates,
+                bf16_base=_bf16_base(settings),
             )
     if quantization is not None:
         settings = dataclasses.replace(settings, quantization=quantization)
     # The device's precision, also for a DP-SGD round (which computes in fp32 over the base as
     # held: client.model._FrozenLinear converts each held weight at use).
-    compute = resolve_compute_dtype(settings.compute_dtype, pick_device(settings.device))
+    compute = _compute(settings)
     runtime = get_runtime(
         settings.model, settings.quantization, settings.cache_dir, settings.device, lora, compute
     )
@@ -237,17 +238,33 @@ def _shape(settings: ClientSettings, lora: LoraSpec) -> ModelShape:
     return _model_shape(settings.model, settings.cache_dir, lora)
 
 
+def _compute(settings: ClientSettings) -> ComputeDtype:
+    return resolve_compute_dtype(settings.compute_dtype, pick_device(settings.device))
+
+
+def _bf16_base(settings: ClientSettings) -> bool:
+    """Is an unquantized base held in bf16 here (``client.model.load_base``)?"""
+    return _compute(settings) is ComputeDtype.BF16
+
+
+def _weight_bits(settings: ClientSettings) -> int:
+    """Bits per frozen linear weight as held (an unquantized base in bf16: 16)."""
+    bits = _WEIGHT_BITS[settings.quantization]
+    return 16 if bits == 32 and _bf16_base(settings) else bits
+
+
 def _residents(settings: ClientSettings, shape: ModelShape) -> dict[Quantization, float]:
     """Each candidate mode's memory with its base loaded and used: estimated from the RSS before
     it was loaded (or from now, if it is not loaded yet), never below the RSS now."""
     now = current_rss_mb()
+    half = _bf16_base(settings)
     out = {}
     for q in quantization_candidates(settings.quantization, settings.quantize_to_fit):
         before = _LOADED.get((settings.model, q))
         out[q] = (
-            resident_mib(shape, q, now)
+            resident_mib(shape, q, now, half)
             if before is None
-            else max(now, resident_mib(shape, q, before))
+            else max(now, resident_mib(shape, q, before, half))
         )
     return out
 
@@ -267,6 +284,7 @@ def plan_round(settings: ClientSettings, instr: TrainInstruction) -> MemoryPlan:
         seq_len=instr.seq_len,
         resident_mb=_residents(settings, shape),
         dp_sgd=instr.sample_dp.enabled,
+        bf16_base=_bf16_base(settings),
     )
 
 
@@ -344,7 +362,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 "load-seconds": t_load,
                 "client-seconds": time.perf_counter() - t0,
                 "peak-rss-mb": peak_rss_mb(),
-                "weight-bits": _WEIGHT_BITS[settings.quantization],
+                "weight-bits": _weight_bits(settings),
                 "compute-bits": _COMPUTE_BITS[computed],
                 **plan.metrics(),
             }

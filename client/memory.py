@@ -69,15 +69,17 @@ class ModelShape:
     heads: int
     vocab: int
     linear_params: int  # weights of the decoder's linear layers (what quantization compresses)
-    embedding_params: int  # the token embedding, and an untied output head
+    embedding_params: int  # the token embedding (and a head tied to it)
     other_params: int  # norms and biases (kept in fp32)
     adapter_values: int  # trainable LoRA values
+    head_params: int = 0  # an untied output head (kept in fp32 in every mode)
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "intermediate", "heads", "vocab"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model shape {name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("linear_params", "embedding_params", "other_params", "adapter_values"):
+        counts = ("linear_params", "embedding_params", "other_params", "adapter_values")
+        for name in (*counts, "head_params"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model shape {name}: must be >= 0, got {getattr(self, name)}")
 
@@ -89,12 +91,22 @@ _LINEAR_BYTES = {Quantization.NONE: 4.0, Quantization.INT8: 1.0, Quantization.NF
 _EMBEDDING_BYTES = {Quantization.NONE: 4.0, Quantization.INT8: 2.0, Quantization.NF4: 2.0}
 
 
-def weights_mib(shape: ModelShape, quantization: Quantization) -> float:
+def _weight_bytes(quantization: Quantization, bf16_base: bool) -> tuple[float, float]:
+    """Bytes per (linear, embedding) weight. ``bf16_base``: a client whose products run in bf16
+    holds an unquantized base's linear layers and embedding in bf16 (``client.model.load_base``);
+    the quantized modes are held the same either way."""
+    if bf16_base and quantization is Quantization.NONE:
+        return 2.0, 2.0
+    return _LINEAR_BYTES[quantization], _EMBEDDING_BYTES[quantization]
+
+
+def weights_mib(shape: ModelShape, quantization: Quantization, bf16_base: bool = False) -> float:
     """Memory of the frozen base model's weights in ``quantization``, MiB."""
+    linear, embedding = _weight_bytes(quantization, bf16_base)
     return (
-        shape.linear_params * _LINEAR_BYTES[quantization]
-        + shape.embedding_params * _EMBEDDING_BYTES[quantization]
-        + shape.other_params * 4.0
+        shape.linear_params * linear
+        + shape.embedding_params * embedding
+        + (shape.head_params + shape.other_params) * 4.0
     ) / MIB
 
 
@@ -164,25 +176,31 @@ def step_mib(
     checkpointing: bool,
     quantization: Quantization = Quantization.NONE,
     head_chunk_mib: float = HEAD_CHUNKS_MIB[0],
+    bf16_base: bool = False,
 ) -> float:
     """Estimated memory (MiB) a training step adds to the loaded model, allocator slack
-    included."""
+    included. Activations are counted in fp32 also for bf16 products (autocast keeps some of
+    them in bf16: an over-estimate, README "Edge clients in 2 GB")."""
     tok = micro_batch * seq_len
     kept = saved_activation_floats(shape, micro_batch, seq_len, checkpointing)
     transient = tok * TRANSIENT_PER_TOKEN * shape.intermediate
     head_grad = tok * shape.hidden
     optimizer = 3 * shape.adapter_values
     floats = kept + transient + head_grad + optimizer
-    half = _EMBEDDING_BYTES[quantization] < 4
+    # A head tied to a half-precision embedding upcasts one vocabulary slice per chunk.
+    half = _weight_bytes(quantization, bf16_base)[1] < 4 and not shape.head_params
     head_mib = head_chunk_mib + (HALF_HEAD_SLICE_MIB if half else 0.0)
     return ALLOCATOR_SLACK * (4 * floats / MIB + head_mib)
 
 
-def resident_mib(shape: ModelShape, quantization: Quantization, process_mb: float) -> float:
+def resident_mib(
+    shape: ModelShape, quantization: Quantization, process_mb: float, bf16_base: bool = False
+) -> float:
     """Estimated memory of a process now holding ``process_mb`` once it has loaded and used the
     base model in ``quantization``: its weights plus what loading and running one costs besides
     (``LOAD_OVERHEAD_MIB``: the modelling code and its imports, thread pools, kernel caches)."""
-    return process_mb + LOAD_OVERHEAD_MIB[quantization] + weights_mib(shape, quantization)
+    weights = weights_mib(shape, quantization, bf16_base)
+    return process_mb + LOAD_OVERHEAD_MIB[quantization] + weights
 
 
 def micro_batch_sizes(batch_size: int) -> list[int]:
@@ -200,11 +218,13 @@ def plan_memory(
     quantizations: Sequence[Quantization],
     allow_checkpointing: bool = True,
     allow_micro_batches: bool = True,
+    bf16_base: bool = False,
 ) -> MemoryPlan:
     """The fastest way to train that fits ``budget_mb`` (MiB; 0: no budget).
 
     ``quantizations`` are the modes the client may use, preferred first; ``resident_mb`` is the
     process's memory with that mode's model loaded and used, before a step (``resident_mib``).
+    ``bf16_base``: the products run in bf16, so an unquantized base is held in bf16.
     The first mode in which some plan fits is used; within it, no checkpointing comes before
     checkpointing (recomputation costs one more forward of the decoder, while micro-batches of
     a 4 x 128 batch run about as fast as the whole batch on a CPU), and larger micro-batches
@@ -218,7 +238,7 @@ def plan_memory(
     ckpts = (False, True) if allow_checkpointing else (False,)
 
     def plan(q: Quantization, mb: int, ckpt: bool, chunk: float) -> MemoryPlan:
-        est = resident_mb[q] + step_mib(shape, mb, seq_len, ckpt, q, chunk)
+        est = resident_mb[q] + step_mib(shape, mb, seq_len, ckpt, q, chunk, bf16_base)
         return MemoryPlan(q, mb, math.ceil(batch_size / mb), ckpt, est, budget_mb, chunk)
 
     if budget_mb <= 0:
@@ -248,6 +268,7 @@ def fitting_quantization(
     seq_len: int,
     resident_mb: Mapping[Quantization, float],
     quantizations: Sequence[Quantization],
+    bf16_base: bool = False,
 ) -> Quantization:
     """The first of ``quantizations`` whose smallest training footprint (one row per
     micro-batch, checkpointing) fits ``budget_mb``: the model a client trains and evaluates."""
@@ -258,6 +279,7 @@ def fitting_quantization(
         seq_len=seq_len,
         resident_mb=resident_mb,
         quantizations=quantizations,
+        bf16_base=bf16_base,
     )
     return plan.quantization
 
@@ -288,6 +310,7 @@ def client_plan(
     seq_len: int,
     resident_mb: Mapping[Quantization, float],
     dp_sgd: bool = False,
+    bf16_base: bool = False,
 ) -> MemoryPlan:
     """A client's plan for a training round. The quantization is the one its evaluation uses
     too (``fitting_quantization``: fixed by the budget and sequence length, not the batch);
@@ -299,7 +322,12 @@ def client_plan(
     if len(modes) > 1:
         modes = [
             fitting_quantization(
-                budget_mb, shape, seq_len=seq_len, resident_mb=resident_mb, quantizations=modes
+                budget_mb,
+                shape,
+                seq_len=seq_len,
+                resident_mb=resident_mb,
+                quantizations=modes,
+                bf16_base=bf16_base,
             )
         ]
     return plan_memory(
@@ -311,4 +339,5 @@ def client_plan(
         quantizations=modes,
         allow_checkpointing=not dp_sgd,
         allow_micro_batches=not dp_sgd,
+        bf16_base=bf16_base,
     )

@@ -472,14 +472,22 @@ def recompute_dequantized_weights(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
 
 
+_SIDECAR_PREFIX = "half-"  # a converted copy of one tensor beside the checkpoint (_read_converted)
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, without the converted copies saved
+    beside them."""
+    files = sorted(directory.glob("*.safetensors"))
+    return [f for f in files if not f.name.startswith(_SIDECAR_PREFIX)]
+
+
 def checkpoint_index(directory: Path) -> dict[str, Path]:
     """Which safetensors file of a checkpoint directory holds each tensor (headers only)."""
     from safetensors import safe_open
 
     index: dict[str, Path] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        if f.name.startswith("half-"):
-            continue
+    for f in checkpoint_files(directory):
         with safe_open(str(f), framework="pt") as fh:
             index.update(dict.fromkeys(fh.keys(), f))
     return index
@@ -612,7 +620,7 @@ def _read_converted(
     SmolLM2's table, instead of converting 108 MiB)."""
     from safetensors.torch import load_file, save_file
 
-    sidecar = directory / f"half-{key}.safetensors"
+    sidecar = directory / f"{_SIDECAR_PREFIX}{key}.safetensors"
     if sidecar.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
             stored = load_file(str(sidecar))[key]
@@ -759,15 +767,20 @@ def model_shape(base_dir: Path, spec: LoraSpec) -> ModelShape:
         raise ModelError(
             f"model {base_dir}: config.json lacks what the memory plan needs: {exc}"
         ) from exc
-    linear = embedding = other = adapter = 0
-    for f in sorted(base_dir.glob("*.safetensors")):
+    linear = embedding = head = other = adapter = 0
+    for f in checkpoint_files(base_dir):
         with safe_open(str(f), framework="np") as fh:
             for key in fh.keys():  # noqa: SIM118
                 shape = fh.get_slice(key).get_shape()
                 numel = int(np.prod(shape)) if shape else 1
                 module = key.rsplit(".", 1)[0]
                 if len(shape) == 2 and int(shape[0]) == vocab:
-                    embedding += numel  # token embedding or an untied output head
+                    # The token embedding, then an untied output head (same shape: which is
+                    # which does not matter); a tied head is not in the checkpoint.
+                    if embedding:
+                        head += numel
+                    else:
+                        embedding = numel
                 elif len(shape) == 2:
                     linear += numel
                     if any(module == t or module.endswith("." + t) for t in spec.target_modules):
@@ -784,6 +797,7 @@ def model_shape(base_dir: Path, spec: LoraSpec) -> ModelShape:
         embedding_params=embedding,
         other_params=other,
         adapter_values=adapter,
+        head_params=head,
     )
 
 

@@ -117,9 +117,9 @@ class ClientSettings:
             str(get("compute-dtype", ComputeDtype.AUTO.value)), field="compute-dtype"
         )
         if budget and compute_dtype is ComputeDtype.AUTO:
-            # Budgets are planned with fp32 estimates, and with the lean allocator bf16 peaked
-            # higher than fp32 (README, "Mixed precision"): a budgeted device keeps fp32 unless
-            # told otherwise.
+            # With the lean allocator and a quantized base, bf16 peaked higher than fp32 (README,
+            # "Mixed precision"), while the planner counts activations in fp32 either way: a
+            # budgeted device keeps fp32 unless told otherwise.
             compute_dtype = ComputeDtype.FP32
         return cls(
             model=str(get("model", DEFAULT_MODEL)),

@@ -23,7 +23,9 @@ _CORPUS = [
 ] * 20
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, vocab_size: int = 384) -> Path:
+def build_tiny_model(
+    directory: Path, *, seed: int = 0, vocab_size: int = 384, tied: bool = True
+) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -56,7 +58,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0, vocab_size: int = 384) -
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -148,6 +148,32 @@ def test_a_memory_budget_plans_micro_batches_with_the_same_update(  # type: igno
         app(_message(evaluate, MessageType.EVALUATE), other)  # never trained here: planned
 
 
+def test_a_budget_with_bf16_products_is_planned_for_the_base_held_in_bf16(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With bf16 products the unquantized base is held in bf16: the plan's estimate counts its
+    weights at two bytes (an fp32 count would over-estimate by half the model)."""
+    from client.memory import resident_mib, step_mib
+
+    context, adapter = setup
+    monkeypatch.setattr(client_app, "current_rss_mb", lambda: 300.0)
+    context.node_config["max-memory"] = 64 * 2**30  # room for the whole batch
+    shape = client_app._shape(client_app._settings(context, {}), LORA)
+    app = client_app.make_client_app()
+    instr = TrainInstruction(round=1, lora=LORA, local_steps=1, batch_size=4, seq_len=48)
+    content = encode_train_instruction(instr, adapter)
+    for dtype, half in (("fp32", False), ("bf16", True)):
+        context.run_config["compute-dtype"] = dtype
+        client_app._LOADED.clear()
+        reply = app(_message(content, MessageType.TRAIN), context)
+        m = decode_update(reply.content, AdapterSpec.of(adapter), rnd=1).metrics
+        expected = resident_mib(shape, Quantization.NONE, 300.0, half) + step_mib(
+            shape, 4, 48, False, bf16_base=half
+        )
+        assert m["plan-estimated-mb"] == pytest.approx(expected), dtype
+        assert m["weight-bits"] == (16 if half else 32)
+
+
 def test_an_impossible_budget_is_refused_before_loading(  # type: ignore[no-untyped-def]
     setup,
 ) -> None:
@@ -217,6 +243,9 @@ def test_compute_dtype_reaches_training_and_the_reply_says_which(  # type: ignor
         updates[dtype] = decode_update(reply.content, AdapterSpec.of(adapter), rnd=1)
     assert updates["fp32"].metrics["compute-bits"] == 32
     assert updates["bf16"].metrics["compute-bits"] == 16
+    # ... and weight-bits says how the frozen base was held (bf16 for bf16 products).
+    assert updates["fp32"].metrics["weight-bits"] == 32
+    assert updates["bf16"].metrics["weight-bits"] == 16
     # One resident base per precision: the unquantized base is held in bf16 for bf16 products.
     assert client_app.load_resident.cache_info().misses == 2
     held = {
@@ -241,3 +270,4 @@ def test_compute_dtype_reaches_training_and_the_reply_says_which(  # type: ignor
     reply = app(_message(encode_train_instruction(private, adapter), MessageType.TRAIN), context)
     dp_update = decode_update(reply.content, AdapterSpec.of(adapter), rnd=1)
     assert dp_update.metrics["compute-bits"] == 32
+    assert dp_update.metrics["weight-bits"] == 16  # over the base as held

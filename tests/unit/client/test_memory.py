@@ -28,6 +28,7 @@ from client.memory import (
     weights_mib,
 )
 from client.model import (
+    ComputeDtype,
     Quantization,
     activation_checkpointing,
     attach_lora,
@@ -38,6 +39,7 @@ from client.model import (
 )
 from client.train import backward_mean_loss, collate
 from protocol.messages import LoraSpec
+from tests.tiny_model import build_tiny_model
 
 NONE, INT8, NF4 = Quantization.NONE, Quantization.INT8, Quantization.NF4
 LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
@@ -84,6 +86,18 @@ def test_step_estimate_is_the_documented_arithmetic() -> None:
     )
     assert micro_batch_sizes(4) == [4, 2, 1]
     assert micro_batch_sizes(8) == [8, 4, 3, 2, 1]
+    # With bf16 products an unquantized base is held in bf16 (linears and embedding), and its
+    # head computes from a half-precision weight; the quantized modes are held the same.
+    assert weights_mib(s, NONE, True) == pytest.approx(
+        (2 * (106_168_320 + 28_311_552) + 4 * 35_136) / MIB
+    )
+    assert step_mib(s, 2, 128, True, NONE, bf16_base=True) == pytest.approx(expected)
+    assert resident_mib(s, NONE, 250.0, True) == pytest.approx(
+        250.0 + LOAD_OVERHEAD_MIB[NONE] + weights_mib(s, NONE, True)
+    )
+    for q in (INT8, NF4):
+        assert weights_mib(s, q, True) == weights_mib(s, q)
+        assert step_mib(s, 2, 128, True, q, bf16_base=True) == step_mib(s, 2, 128, True, q)
 
 
 def _plan(budget: float, **kw: object) -> MemoryPlan:
@@ -155,6 +169,51 @@ def test_quantize_to_fit_falls_back_to_the_first_smaller_mode_that_fits() -> Non
     budget = resident[NONE] + step_mib(SMOLLM2, 4, 128, True, NONE) + 1
     p = client_plan(budget, SMOLLM2, preferred=NONE, quantize_to_fit=True, **kw)  # type: ignore[arg-type]
     assert p.quantization is NONE and p.estimated_mb <= budget
+
+
+def test_a_bf16_base_keeps_the_unquantized_model_where_fp32_falls_back() -> None:
+    """A budget the fp32 base cannot train in, but the base held in bf16 can: with bf16
+    products the client keeps the unquantized model instead of falling back to int8."""
+    fp32 = {q: resident_mib(SMOLLM2, q, 250.0) for q in Quantization}
+    half = {q: resident_mib(SMOLLM2, q, 250.0, True) for q in Quantization}
+    floor_fp32 = fp32[NONE] + step_mib(SMOLLM2, 1, 128, True, NONE, 8.0)
+    floor_half = half[NONE] + step_mib(SMOLLM2, 1, 128, True, NONE, 8.0, bf16_base=True)
+    assert floor_fp32 - floor_half == pytest.approx(
+        2 * (106_168_320 + 28_311_552) / MIB - ALLOCATOR_SLACK * HALF_HEAD_SLICE_MIB
+    )
+    budget = (floor_fp32 + floor_half) / 2
+    kw = {"batch_size": 4, "seq_len": 128, "preferred": NONE, "quantize_to_fit": True}
+    assert client_plan(budget, SMOLLM2, resident_mb=fp32, **kw).quantization is INT8  # type: ignore[arg-type]
+    p = client_plan(budget, SMOLLM2, resident_mb=half, bf16_base=True, **kw)  # type: ignore[arg-type]
+    assert p.quantization is NONE and p.estimated_mb <= budget
+
+
+def test_the_weights_estimate_is_what_the_loaded_base_holds(
+    tiny_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """Bytes of the frozen base as ``load_base`` holds it, fp32 and bf16 products, against
+    ``weights_mib``, on the tiny llama with its head tied to the embedding and without (an
+    untied head stays fp32: ``model_shape`` counts it apart)."""
+    untied_dir = build_tiny_model(tmp_path / "untied", tied=False)
+    for directory, tied in ((tiny_model_dir, True), (untied_dir, False)):
+        source = resolve_model(str(directory))
+        shape = model_shape(ensure_base(source, model_cache), LORA)
+        assert shape.embedding_params == shape.vocab * shape.hidden > 0
+        assert shape.head_params == (0 if tied else shape.embedding_params)
+        for compute in (ComputeDtype.FP32, ComputeDtype.BF16):
+            half = compute is ComputeDtype.BF16
+            model = load_base(source, NONE, model_cache, compute=compute).model
+            head = model.get_output_embeddings().weight
+            assert (head.dtype == torch.bfloat16) == (half and tied)
+            held = sum(p.numel() * p.element_size() for p in model.parameters())
+            assert held == weights_mib(shape, NONE, half) * MIB, (tied, compute)
+        # Loading in bf16 saved the converted embedding beside the checkpoint: not a tensor of
+        # the model.
+        assert list(directory.glob("half-*.safetensors"))
+        assert model_shape(ensure_base(source, model_cache), LORA) == shape
+        # Only a half-precision head (tied to the bf16 embedding) upcasts a vocabulary slice.
+        slice_mib = step_mib(shape, 1, 8, True, NF4) - step_mib(shape, 1, 8, True, NONE)
+        assert slice_mib == pytest.approx(ALLOCATOR_SLACK * HALF_HEAD_SLICE_MIB if tied else 0)
 
 
 def test_bad_inputs_are_named() -> None:
