@@ -121,14 +121,25 @@ def resolve_model(spec: str) -> ModelSource:
 # ------------------------------------------------------------------------------------ cache
 
 
+# A converted copy of one frozen tensor (``_read_converted``), kept in fedtune's cache entry; an
+# older fedtune also wrote it into a local model directory.
+_SIDECAR_PREFIX = "half-"
+
+
+def _is_sidecar(name: str) -> bool:
+    return name.startswith((_SIDECAR_PREFIX, "." + _SIDECAR_PREFIX))
+
+
 def fingerprint(source: ModelSource, cache_dir: Path) -> str:
     """A content key for the source. GGUF files are hashed (memoised by path, size and mtime);
-    HF directories are keyed by their config and the names, sizes and mtimes of their files."""
+    HF directories are keyed by their config and the names, sizes and mtimes of their files
+    (not fedtune's converted copies, which an older version saved there)."""
     h = hashlib.sha256(f"fedtune-cache-v{_CACHE_FORMAT}".encode())
     if source.is_gguf:
         h.update(_file_sha256(source.path, cache_dir).encode())
     else:
-        for f in sorted(p for p in source.path.iterdir() if p.is_file()):
+        files = (p for p in source.path.iterdir() if p.is_file() and not _is_sidecar(p.name))
+        for f in sorted(files):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
         h.update((source.path / "config.json").read_bytes())
@@ -472,14 +483,10 @@ def recompute_dequantized_weights(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
 
 
-_SIDECAR_PREFIX = "half-"  # a converted copy of one tensor beside the checkpoint (_read_converted)
-
-
 def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, without the converted copies saved
     beside them."""
-    files = sorted(directory.glob("*.safetensors"))
-    return [f for f in files if not f.name.startswith(_SIDECAR_PREFIX)]
+    return [f for f in sorted(directory.glob("*.safetensors")) if not _is_sidecar(f.name)]
 
 
 def checkpoint_index(directory: Path) -> dict[str, Path]:
@@ -612,15 +619,15 @@ def _upcast_head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
 
 
 def _read_converted(
-    directory: Path, key: str, current: torch.Tensor, dtype: torch.dtype
+    directory: Path, key: str, current: torch.Tensor, dtype: torch.dtype, copies: Path
 ) -> torch.Tensor:
     """``current`` (a tensor loaded from ``directory``, still backed by the file's memory map)
     in ``dtype``, converted from the checkpoint (``_convert_from_checkpoint``) the first time and
-    saved beside it (``half-<key>.safetensors``); later loads read that copy (54 MiB for
+    saved in ``copies`` (``half-<key>.safetensors``); later loads read that copy (54 MiB for
     SmolLM2's table, instead of converting 108 MiB)."""
     from safetensors.torch import load_file, save_file
 
-    sidecar = directory / f"{_SIDECAR_PREFIX}{key}.safetensors"
+    sidecar = copies / f"{_SIDECAR_PREFIX}{key}.safetensors"
     if sidecar.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
             stored = load_file(str(sidecar))[key]
@@ -631,16 +638,20 @@ def _read_converted(
         return current.detach().to(dtype)
     out = _convert_from_checkpoint(source, key, current, dtype)
     with contextlib.suppress(OSError):  # a read-only cache: convert again next time
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".half-", suffix=".tmp")
+        copies.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=copies, prefix="." + _SIDECAR_PREFIX, suffix=".tmp")
         os.close(fd)
         save_file({key: out}, tmp)
         os.replace(tmp, sidecar)
     return out.to(current.device)
 
 
-def hold_embeddings_in_half(model: PreTrainedModel, directory: Path) -> bool:
+def hold_embeddings_in_half(
+    model: PreTrainedModel, directory: Path, copies: Path | None = None
+) -> bool:
     """Hold the frozen input embedding, and an output head tied to it, in
-    ``FROZEN_EMBEDDING_DTYPE``; lookups return fp32 and the head computes in fp32. Returns
+    ``FROZEN_EMBEDDING_DTYPE``; lookups return fp32 and the head computes in fp32. The converted
+    table is kept in ``copies`` (default: the checkpoint ``directory``, a cache entry). Returns
     whether anything changed (only plain fp32 ``nn.Embedding`` tables, heads without bias)."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -650,7 +661,7 @@ def hold_embeddings_in_half(model: PreTrainedModel, directory: Path) -> bool:
     if head is not None and tied and (type(head) is not torch.nn.Linear or head.bias is not None):
         return False
     key = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight)
-    half = _read_converted(directory, key, emb.weight, FROZEN_EMBEDDING_DTYPE)
+    half = _read_converted(directory, key, emb.weight, FROZEN_EMBEDDING_DTYPE, copies or directory)
     emb.weight = torch.nn.Parameter(half, requires_grad=False)
     emb.forward = types.MethodType(_embedding_forward, emb)  # type: ignore[method-assign]
     if tied:
@@ -707,7 +718,9 @@ def load_base(
     # copies out what stays fp32.
     held_in_bf16 = quant is Quantization.NONE and compute is ComputeDtype.BF16
     if quant is not Quantization.NONE or held_in_bf16:
-        hold_embeddings_in_half(model, directory)
+        # Converted copies go to fedtune's cache, never into a user's model directory.
+        copies = _entry_dir(source, cache_dir) if directory == source.path else directory
+        hold_embeddings_in_half(model, directory, copies)
     if held_in_bf16:
         hold_linears_in(model, torch.bfloat16, directory)
     if model.config._attn_implementation == "sdpa":

@@ -289,3 +289,30 @@ def test_corrupt_cache_entry_is_a_clear_error(tiny_model_dir: Path, tmp_path: Pa
     assert f"model {entry} cannot be loaded" in str(err.value)
     assert "delete it to rebuild" in str(err.value)
     shutil.rmtree(entry)
+
+
+def test_a_local_model_directory_is_never_written_to(tmp_path: Path) -> None:
+    """Holding an unquantized local model in bf16 keeps its converted embedding in fedtune's
+    cache, not in the user's directory, whose fingerprint (the cache key of its quantized
+    entries) does not change; the next load reads the copy."""
+    from client.model import ComputeDtype, _entry_dir, fingerprint
+    from tests.tiny_model import build_tiny_model
+
+    directory = build_tiny_model(tmp_path / "mine")
+    cache = tmp_path / "cache"
+    source = resolve_model(str(directory))
+    files = sorted(p.name for p in directory.iterdir())
+    key = fingerprint(source, cache)
+    first = load_base(source, Quantization.NONE, cache, compute=ComputeDtype.BF16).model
+    assert sorted(p.name for p in directory.iterdir()) == files
+    assert fingerprint(source, cache) == key
+    copy = _entry_dir(source, cache) / "half-model.embed_tokens.weight.safetensors"
+    assert copy.is_file()
+    copy.write_bytes(copy.read_bytes())  # the copy, not a fresh conversion, is read next
+    again = load_base(source, Quantization.NONE, cache, compute=ComputeDtype.BF16).model
+    emb = again.get_input_embeddings().weight
+    assert emb.dtype == torch.bfloat16
+    assert torch.equal(emb, first.get_input_embeddings().weight)
+    # A copy an older fedtune left in the directory does not change the key either.
+    (directory / copy.name).write_bytes(copy.read_bytes())
+    assert fingerprint(source, cache) == key
