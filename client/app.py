@@ -31,6 +31,7 @@ from client.data import (
     to_conversations,
     tokenize_all,
 )
+from client.defaults import base_held_in_bf16
 from client.error_feedback import codec_rng, encode_delta
 from client.identity import client_identity
 from client.loss import HEAD_CHUNK_BYTES, SMALL_HEAD_CHUNK_BYTES, head_chunk
@@ -243,14 +244,16 @@ def _compute(settings: ClientSettings) -> ComputeDtype:
 
 
 def _bf16_base(settings: ClientSettings) -> bool:
-    """Is an unquantized base held in bf16 here (``client.model.load_base``)?"""
+    """Do products run in bf16 here, so that an unquantized base is held in bf16
+    (``client.defaults.base_held_in_bf16``)?"""
     return _compute(settings) is ComputeDtype.BF16
 
 
 def _weight_bits(settings: ClientSettings) -> int:
-    """Bits per frozen linear weight as held (an unquantized base in bf16: 16)."""
-    bits = _WEIGHT_BITS[settings.quantization]
-    return 16 if bits == 32 and _bf16_base(settings) else bits
+    """Bits per frozen linear weight as held."""
+    if base_held_in_bf16(settings.quantization, _bf16_base(settings)):
+        return 16
+    return _WEIGHT_BITS[settings.quantization]
 
 
 def _residents(settings: ClientSettings, shape: ModelShape) -> dict[Quantization, float]:

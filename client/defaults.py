@@ -45,6 +45,13 @@ class ComputeDtype(Choice):
     AUTO = "auto"
 
 
+def base_held_in_bf16(quantization: Quantization, bf16_products: bool) -> bool:
+    """Is the frozen base held in bf16? An unquantized one is when its products run in bf16
+    (``client.model.load_base``: rounded once instead of at every use); the quantized modes keep
+    their own formats. The loader, the memory plan and the reported weight bits follow this."""
+    return quantization is Quantization.NONE and bf16_products
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("FEDTUNE_CACHE")
     if env:

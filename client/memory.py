@@ -32,7 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from client.defaults import Quantization
+from client.defaults import Quantization, base_held_in_bf16
 
 MIB = 2**20
 TRANSIENT_PER_TOKEN = (
@@ -95,7 +95,7 @@ def _weight_bytes(quantization: Quantization, bf16_base: bool) -> tuple[float, f
     """Bytes per (linear, embedding) weight. ``bf16_base``: a client whose products run in bf16
     holds an unquantized base's linear layers and embedding in bf16 (``client.model.load_base``);
     the quantized modes are held the same either way."""
-    if bf16_base and quantization is Quantization.NONE:
+    if base_held_in_bf16(quantization, bf16_base):
         return 2.0, 2.0
     return _LINEAR_BYTES[quantization], _EMBEDDING_BYTES[quantization]
 

@@ -37,6 +37,7 @@ import torch
 from client.defaults import DEFAULT_MODEL as DEFAULT_MODEL
 from client.defaults import ComputeDtype as ComputeDtype
 from client.defaults import Quantization as Quantization
+from client.defaults import base_held_in_bf16
 from client.defaults import default_cache_dir as default_cache_dir
 from client.loss import product_dtype, upcast_linear
 from client.memory import ModelShape
@@ -716,7 +717,7 @@ def load_base(
     # Quantized bases keep their own formats; an unquantized one is held in bf16 for bf16
     # products (rounded once instead of at every use). The embedding first: hold_linears_in
     # copies out what stays fp32.
-    held_in_bf16 = quant is Quantization.NONE and compute is ComputeDtype.BF16
+    held_in_bf16 = base_held_in_bf16(quant, compute is ComputeDtype.BF16)
     if quant is not Quantization.NONE or held_in_bf16:
         # Converted copies go to fedtune's cache, never into a user's model directory.
         copies = _entry_dir(source, cache_dir) if directory == source.path else directory
