@@ -8,9 +8,13 @@ also reports the load's peak resident memory above what the process held before 
 
 ``--quantization none --compute-dtype bf16`` (an unquantized base held in bf16 for bf16
 products) adds a second baseline: the base loaded in fp32 and its frozen weights then converted
-in memory, against ``load_base`` converting them from the checkpoint file.
+in memory, against ``load_base`` converting them from the checkpoint file. For a checkpoint
+stored in bf16 (``--model DIR``, a Hugging Face directory; no GGUF baseline then) it adds
+another: ``load_base`` loading it in fp32 first, as it did before it loaded such checkpoints as
+stored (``client.model.load_dtype``).
 
-    python benchmarks/cold_start.py [--quantization nf4] [--compute-dtype fp32] [--repeats 3]
+    python benchmarks/cold_start.py [--model smollm2] [--quantization nf4] [--compute-dtype fp32]
+        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def child(kind: str, quantization: str, compute_dtype: str) -> dict[str, float]:
+def child(kind: str, model: str, quantization: str, compute_dtype: str) -> dict[str, float]:
     t0 = time.perf_counter()
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
     from peft import LoraConfig  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import client.model
     from client.model import (
         ComputeDtype,
         Quantization,
@@ -49,7 +54,7 @@ def child(kind: str, quantization: str, compute_dtype: str) -> dict[str, float]:
     from protocol.messages import LoraSpec
 
     imports = time.perf_counter() - t0
-    source = resolve_model("smollm2")
+    source = resolve_model(model)
     quant, compute = Quantization(quantization), ComputeDtype(compute_dtype)
     reset_peak_rss()
     before = current_rss_mb()
@@ -62,6 +67,10 @@ def child(kind: str, quantization: str, compute_dtype: str) -> dict[str, float]:
         hold_embeddings_in_half(base.model, ensure_quantized(source, quant, default_cache_dir()))
         hold_linears_in(base.model, torch.bfloat16)
         attach_lora(base.model, LoraSpec())
+    elif kind == "fp32-first":  # a bf16 checkpoint as load_base loaded it before load_dtype
+        client.model.load_dtype = lambda directory, held_in_bf16: torch.float32  # type: ignore[assignment]
+        base = load_base(source, quant, default_cache_dir(), compute=compute)
+        attach_lora(base.model, LoraSpec())
     else:
         base = load_base(source, quant, default_cache_dir(), compute=compute)
         attach_lora(base.model, LoraSpec())
@@ -73,24 +82,36 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--model", default="smollm2", help="smollm2, a GGUF file or an HF directory")
     p.add_argument("--quantization", default="nf4")
     p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.quantization, args.compute_dtype)))
+        print(json.dumps(child(args.child, args.model, args.quantization, args.compute_dtype)))
         return
 
-    from client.model import Quantization, default_cache_dir, prepare, resolve_model
+    import torch
 
-    prepare(resolve_model("smollm2"), [Quantization(args.quantization)], default_cache_dir())
+    from client.model import (
+        Quantization,
+        default_cache_dir,
+        ensure_quantized,
+        load_dtype,
+        prepare,
+        resolve_model,
+    )
+
+    source = resolve_model(args.model)
+    quant = Quantization(args.quantization)
+    prepare(source, [quant], default_cache_dir())
 
     def measure(kind: str) -> list[dict[str, float]]:
         runs = []
         for _ in range(args.repeats):
-            cmd = [sys.executable, __file__, "--child", kind, "--quantization", args.quantization]
-            cmd += ["--compute-dtype", args.compute_dtype]
+            cmd = [sys.executable, __file__, "--child", kind, "--model", args.model]
+            cmd += ["--quantization", args.quantization, "--compute-dtype", args.compute_dtype]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,9 +120,16 @@ def main() -> None:
         return runs
 
     held_in_bf16 = args.quantization == "none" and args.compute_dtype == "bf16"
-    rows = {"transformers GGUF parse (baseline)": measure("gguf")}
-    if held_in_bf16:
+    stored_bf16 = held_in_bf16 and (
+        load_dtype(ensure_quantized(source, quant, default_cache_dir()), True) == torch.bfloat16
+    )
+    rows = {}
+    if source.is_gguf:
+        rows["transformers GGUF parse (baseline)"] = measure("gguf")
+    if held_in_bf16 and source.is_gguf:  # (the in-memory baseline's copy goes beside the file)
         rows["fp32 cache, converted in memory"] = measure("in-memory")
+    if stored_bf16:
+        rows["bf16 checkpoint loaded in fp32 first"] = measure("fp32-first")
     label = f"fedtune cache ({args.quantization}, {args.compute_dtype}) + LoRA"
     rows[label] = cache = measure("cache")
 
@@ -113,13 +141,17 @@ def main() -> None:
     for name, runs in rows.items():
         print(f"{name:<38}{med(runs, 'imports'):>10.2f}{med(runs, 'load'):>9.2f}"
               f"{med(runs, 'process'):>11.2f}{med(runs, 'load_peak_mb'):>14.0f}")  # fmt: skip
-    gguf = rows["transformers GGUF parse (baseline)"]
-    print(f"\nload speed-up vs GGUF parse: x{med(gguf, 'load') / med(cache, 'load'):.1f}; "
-          f"whole process: x{med(gguf, 'process') / med(cache, 'process'):.1f}")  # fmt: skip
-    if held_in_bf16:
-        memory = rows["fp32 cache, converted in memory"]
-        ratio = med(cache, "load_peak_mb") / med(memory, "load_peak_mb")
-        print(f"load peak vs converting in memory: x{ratio:.2f}")
+    if source.is_gguf:
+        gguf = rows["transformers GGUF parse (baseline)"]
+        print(f"\nload speed-up vs GGUF parse: x{med(gguf, 'load') / med(cache, 'load'):.1f}; "
+              f"whole process: x{med(gguf, 'process') / med(cache, 'process'):.1f}")  # fmt: skip
+    for name, what in (
+        ("fp32 cache, converted in memory", "converting in memory"),
+        ("bf16 checkpoint loaded in fp32 first", "loading the bf16 checkpoint in fp32 first"),
+    ):
+        if name in rows:
+            ratio = med(cache, "load_peak_mb") / med(rows[name], "load_peak_mb")
+            print(f"load peak vs {what}: x{ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -533,10 +533,11 @@ def _convert_from_checkpoint(
 def hold_linears_in(
     model: PreTrainedModel, dtype: torch.dtype, directory: Path | None = None
 ) -> int:
-    """Hold the frozen weights of the plain linear layers (not the output head) in ``dtype``,
-    routed through ``_FrozenLinear``: for an unquantized base whose products run in bf16,
-    autocast would otherwise convert every fp32 weight at every use, forward and backward (a
-    quarter of a bf16 training step's time on the development machine). With the checkpoint
+    """Hold the frozen weights of the plain linear layers (not the output head) in ``dtype``
+    (converted unless loaded in it), routed through ``_FrozenLinear``: for an unquantized base
+    whose products run in bf16, autocast would otherwise convert every fp32 weight at every
+    use, forward and backward (a quarter of a bf16 training step's time on the development
+    machine). With the checkpoint
     ``directory`` the model was loaded from, each weight is converted from the file
     (``_convert_from_checkpoint``), so the fp32 weights never become resident (converted in
     memory instead, SmolLM2's load peaked at 1048 MB resident). Returns how many."""
@@ -548,11 +549,13 @@ def hold_linears_in(
             type(module) is torch.nn.Linear
             and module is not head
             and not module.weight.requires_grad
-            and module.weight.dtype != dtype
+            and getattr(module.forward, "__func__", None) is not _frozen_linear_forward
         ):
-            key = f"{name}.weight"
-            held = _convert_from_checkpoint(index.get(key), key, module.weight, dtype)
-            module.weight = torch.nn.Parameter(held.to(module.weight.device), requires_grad=False)
+            if module.weight.dtype != dtype:
+                key = f"{name}.weight"
+                held = _convert_from_checkpoint(index.get(key), key, module.weight, dtype)
+                device = module.weight.device
+                module.weight = torch.nn.Parameter(held.to(device), requires_grad=False)
             module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
             count += 1
     # The weights kept as they were (norms) are views of the loaded file's memory mapping: copy
@@ -608,6 +611,7 @@ def _nf4_autocast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 # SmolLM2's 49,152 x 576 table is 108 MiB in fp32, as much as all its NF4 decoder layers twice
 # over. Lookups and the head compute in fp32 from it (``client.loss.upcast_linear``).
 FROZEN_EMBEDDING_DTYPE = torch.bfloat16
+_EMBEDDING_LOAD_DTYPES = (torch.float32, FROZEN_EMBEDDING_DTYPE)
 
 
 def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -656,13 +660,18 @@ def hold_embeddings_in_half(
     whether anything changed (only plain fp32 ``nn.Embedding`` tables, heads without bias)."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if type(emb) is not torch.nn.Embedding or emb.weight.dtype != torch.float32:
+    if type(emb) is not torch.nn.Embedding or emb.weight.dtype not in _EMBEDDING_LOAD_DTYPES:
         return False
     tied = head is not None and head.weight is emb.weight
     if head is not None and tied and (type(head) is not torch.nn.Linear or head.bias is not None):
         return False
     key = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight)
-    half = _read_converted(directory, key, emb.weight, FROZEN_EMBEDDING_DTYPE, copies or directory)
+    if emb.weight.dtype == FROZEN_EMBEDDING_DTYPE:  # loaded as stored (``load_dtype``)
+        half = emb.weight.detach()
+    else:
+        half = _read_converted(
+            directory, key, emb.weight, FROZEN_EMBEDDING_DTYPE, copies or directory
+        )
     emb.weight = torch.nn.Parameter(half, requires_grad=False)
     emb.forward = types.MethodType(_embedding_forward, emb)  # type: ignore[method-assign]
     if tied:
@@ -670,6 +679,51 @@ def hold_embeddings_in_half(
         head.weight = emb.weight
         head.forward = types.MethodType(_upcast_head_forward, head)
     return True
+
+
+def load_dtype(directory: Path, held_in_bf16: bool) -> torch.dtype:
+    """The dtype ``load_base`` asks the loader for: bf16 when the linears will be held in bf16
+    and every floating tensor of the checkpoint is stored in bf16 (as most published checkpoints
+    are), so that no weight is made fp32 only to be converted back (SmolLM2 saved in bf16 peaked
+    at 1189 MB loading in fp32 first); else fp32, whose tensors stay views of the file's memory
+    map until converted. ``restore_fp32`` then brings back what is held in fp32."""
+    from safetensors import safe_open
+
+    if not held_in_bf16:
+        return torch.float32
+    stored: set[str] = set()
+    for f in checkpoint_files(directory):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                dtype = fh.get_slice(key).get_dtype()
+                if dtype.startswith(("F", "BF")):
+                    stored.add(dtype)
+    return torch.bfloat16 if stored == {"BF16"} else torch.float32
+
+
+def restore_fp32(model: PreTrainedModel, directory: Path) -> int:
+    """After a bf16 load (``load_dtype``): every parameter but the plain linear layers' weights
+    and the input embedding (and the head tied to it), which are held in bf16, back in fp32,
+    read from the checkpoint (exact: it stores them in bf16), as an fp32 load holds them. An
+    untied output head, norms and biases stay fp32 in every mode. Returns how many."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    held = {id(emb.weight)} | {
+        id(m.weight)
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m is not head and not m.weight.requires_grad
+    }
+    index = checkpoint_index(directory)
+    count = 0
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if id(param) in held or param.dtype == torch.float32:
+                continue
+            param.data = _convert_from_checkpoint(index.get(key), key, param, torch.float32).to(
+                param.device
+            )
+            count += 1
+    return count
 
 
 def load_base(
@@ -684,8 +738,9 @@ def load_base(
     """Load the frozen base model, quantized as asked, from the cache (building it if needed).
 
     ``compute`` is the (resolved) precision its rounds will multiply in: with bf16, the frozen
-    weights of an unquantized base are held in bf16 (``hold_linears_in``) and, on a CPU,
-    attention computes in fp32 (``_attention_fp32_on_cpu``).
+    weights of an unquantized base are held in bf16 (``hold_linears_in``; a checkpoint stored in
+    bf16 is loaded as stored, ``load_dtype``) and, on a CPU, attention computes in fp32
+    (``_attention_fp32_on_cpu``).
 
     ``quantize_on_load`` reads the full-precision base instead and quantizes it while loading,
     as a loader without the pre-quantized cache entry does (Hugging Face's ``from_pretrained``
@@ -699,16 +754,20 @@ def load_base(
     )
     extra = {"quantization_config": _quantization_config(quant)} if on_load else {}
     device = device or pick_device()
+    held_in_bf16 = base_held_in_bf16(quant, compute is ComputeDtype.BF16)
     t0 = time.perf_counter()
     try:
+        dtype = load_dtype(directory, held_in_bf16)
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, device_map=str(device), **extra
+            directory, dtype=dtype, device_map=str(device), **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # OSError, SafetensorError, JSON errors from a damaged entry, ...
         hint = "; delete it to rebuild" if directory != source.path else ""
         raise ModelError(f"model {directory} cannot be loaded: {exc}{hint}") from exc
     model.requires_grad_(False)
+    if dtype != torch.float32:
+        restore_fp32(model, directory)
     if quant is Quantization.INT8:
         recompute_dequantized_weights(model)
     if quant is Quantization.NF4:
@@ -717,7 +776,6 @@ def load_base(
     # Quantized bases keep their own formats; an unquantized one is held in bf16 for bf16
     # products (rounded once instead of at every use). The embedding first: hold_linears_in
     # copies out what stays fp32.
-    held_in_bf16 = base_held_in_bf16(quant, compute is ComputeDtype.BF16)
     if quant is not Quantization.NONE or held_in_bf16:
         # Converted copies go to fedtune's cache, never into a user's model directory.
         copies = _entry_dir(source, cache_dir) if directory == source.path else directory

@@ -24,7 +24,13 @@ _CORPUS = [
 
 
 def build_tiny_model(
-    directory: Path, *, seed: int = 0, vocab_size: int = 384, tied: bool = True
+    directory: Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 384,
+    tied: bool = True,
+    dtype: torch.dtype = torch.float32,
+    attention_bias: bool = False,
 ) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -59,6 +65,7 @@ def build_tiny_model(
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=tied,
+        attention_bias=attention_bias,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -66,7 +73,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     return directory
 
 

@@ -316,3 +316,70 @@ def test_a_local_model_directory_is_never_written_to(tmp_path: Path) -> None:
     # A copy an older fedtune left in the directory does not change the key either.
     (directory / copy.name).write_bytes(copy.read_bytes())
     assert fingerprint(source, cache) == key
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bf16_checkpoint_loads_as_stored_into_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool
+) -> None:
+    """A checkpoint stored in bf16 whose linears are held in bf16 is loaded in bf16 instead of
+    fp32 first (half the bytes at load); the model it gives equals the fp32-first load's in
+    every tensor's dtype and value, and in its logits."""
+    import client.model as cm
+    from client.model import ComputeDtype, compute_precision, load_dtype
+    from tests.tiny_model import build_tiny_model
+
+    directory = build_tiny_model(
+        tmp_path / "m", tied=tied, dtype=torch.bfloat16, attention_bias=not tied
+    )
+    source = resolve_model(str(directory))
+    assert load_dtype(directory, held_in_bf16=True) == torch.bfloat16
+    assert load_dtype(directory, held_in_bf16=False) == torch.float32
+    asked: list[torch.dtype] = []
+    real = cm.load_dtype
+
+    def spy(d: Path, held: bool) -> torch.dtype:
+        asked.append(real(d, held))
+        return asked[-1]
+
+    monkeypatch.setattr(cm, "load_dtype", spy)
+    stored = load_base(source, Quantization.NONE, tmp_path / "c1", compute=ComputeDtype.BF16)
+    monkeypatch.setattr(cm, "load_dtype", lambda d, held: torch.float32)
+    first = load_base(source, Quantization.NONE, tmp_path / "c2", compute=ComputeDtype.BF16)
+    assert asked == [torch.bfloat16]
+
+    def tensors(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {**dict(m.named_parameters()), **dict(m.named_buffers())}
+
+    a, b = tensors(stored.model), tensors(first.model)
+    assert a.keys() == b.keys()
+    assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
+    assert {v.dtype for v in a.values()} == {torch.bfloat16, torch.float32}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def forwards(m: torch.nn.Module) -> dict[str, object]:
+        return {n: getattr(x.forward, "__func__", None) for n, x in m.named_modules()}
+
+    assert forwards(stored.model) == forwards(first.model)
+    ids = torch.tensor([[1, 5, 9, 40, 7, 3]])
+    with compute_precision(ComputeDtype.BF16):
+        la = stored.model(input_ids=ids).logits
+        lb = first.model(input_ids=ids).logits
+    assert torch.equal(la, lb)
+
+
+def test_a_checkpoint_not_all_bf16_loads_in_fp32(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from client.model import load_dtype
+    from tests.tiny_model import build_tiny_model
+
+    directory = build_tiny_model(tmp_path / "m", dtype=torch.bfloat16)
+    (file,) = directory.glob("*.safetensors")
+    weights = load_file(str(file))
+    weights["model.norm.weight"] = weights["model.norm.weight"].float()  # one fp32 tensor
+    save_file(weights, str(file), metadata={"format": "pt"})
+    assert load_dtype(directory, held_in_bf16=True) == torch.float32
+    fp32 = build_tiny_model(tmp_path / "f")
+    assert load_dtype(fp32, held_in_bf16=True) == torch.float32
