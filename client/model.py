@@ -537,10 +537,10 @@ def hold_linears_in(
     (converted unless loaded in it), routed through ``_FrozenLinear``: for an unquantized base
     whose products run in bf16, autocast would otherwise convert every fp32 weight at every
     use, forward and backward (a quarter of a bf16 training step's time on the development
-    machine). With the checkpoint
-    ``directory`` the model was loaded from, each weight is converted from the file
-    (``_convert_from_checkpoint``), so the fp32 weights never become resident (converted in
-    memory instead, SmolLM2's load peaked at 1048 MB resident). Returns how many."""
+    machine). With the checkpoint ``directory`` the model was loaded from, each weight is
+    converted from the file (``_convert_from_checkpoint``), so the fp32 weights never become
+    resident (converted in memory instead, SmolLM2's load peaked at 1048 MB resident). Returns
+    how many."""
     head = model.get_output_embeddings()
     index = checkpoint_index(directory) if directory is not None else {}
     count = 0
@@ -657,7 +657,8 @@ def hold_embeddings_in_half(
     """Hold the frozen input embedding, and an output head tied to it, in
     ``FROZEN_EMBEDDING_DTYPE``; lookups return fp32 and the head computes in fp32. The converted
     table is kept in ``copies`` (default: the checkpoint ``directory``, a cache entry). Returns
-    whether anything changed (only plain fp32 ``nn.Embedding`` tables, heads without bias)."""
+    whether anything changed (only plain ``nn.Embedding`` tables loaded in fp32 or already in
+    that dtype, heads without bias)."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if type(emb) is not torch.nn.Embedding or emb.weight.dtype not in _EMBEDDING_LOAD_DTYPES:
