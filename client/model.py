@@ -530,6 +530,19 @@ def _convert_from_checkpoint(
     return current.detach().to(dtype)
 
 
+def _held_linears(model: PreTrainedModel) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """The plain frozen linear layers (not the output head): what ``hold_linears_in`` holds in
+    bf16 for bf16 products."""
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if (
+            type(module) is torch.nn.Linear
+            and module is not head
+            and not module.weight.requires_grad
+        ):
+            yield name, module
+
+
 def hold_linears_in(
     model: PreTrainedModel, dtype: torch.dtype, directory: Path | None = None
 ) -> int:
@@ -541,23 +554,17 @@ def hold_linears_in(
     converted from the file (``_convert_from_checkpoint``), so the fp32 weights never become
     resident (converted in memory instead, SmolLM2's load peaked at 1048 MB resident). Returns
     how many."""
-    head = model.get_output_embeddings()
     index = checkpoint_index(directory) if directory is not None else {}
     count = 0
-    for name, module in model.named_modules():
-        if (
-            type(module) is torch.nn.Linear
-            and module is not head
-            and not module.weight.requires_grad
-            and getattr(module.forward, "__func__", None) is not _frozen_linear_forward
-        ):
-            if module.weight.dtype != dtype:
-                key = f"{name}.weight"
-                held = _convert_from_checkpoint(index.get(key), key, module.weight, dtype)
-                device = module.weight.device
-                module.weight = torch.nn.Parameter(held.to(device), requires_grad=False)
-            module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
-            count += 1
+    for name, module in _held_linears(model):
+        if getattr(module.forward, "__func__", None) is _frozen_linear_forward:
+            continue  # held already
+        if module.weight.dtype != dtype:
+            key = f"{name}.weight"
+            held = _convert_from_checkpoint(index.get(key), key, module.weight, dtype)
+            module.weight = torch.nn.Parameter(held.to(module.weight.device), requires_grad=False)
+        module.forward = types.MethodType(_frozen_linear_forward, module)  # type: ignore[method-assign]
+        count += 1
     # The weights kept as they were (norms) are views of the loaded file's memory mapping: copy
     # them out, and the mapping goes with the last view.
     with torch.no_grad():
@@ -707,13 +714,8 @@ def restore_fp32(model: PreTrainedModel, directory: Path) -> int:
     and the input embedding (and the head tied to it), which are held in bf16, back in fp32,
     read from the checkpoint (exact: it stores them in bf16), as an fp32 load holds them. An
     untied output head, norms and biases stay fp32 in every mode. Returns how many."""
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    held = {id(emb.weight)} | {
-        id(m.weight)
-        for m in model.modules()
-        if type(m) is torch.nn.Linear and m is not head and not m.weight.requires_grad
-    }
+    held = {id(model.get_input_embeddings().weight)}
+    held |= {id(m.weight) for _, m in _held_linears(model)}
     index = checkpoint_index(directory)
     count = 0
     with torch.no_grad():
