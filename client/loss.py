@@ -38,6 +38,9 @@ HALF_SLICE_BYTES = 4 * 2**20
 _chunk_bytes: contextvars.ContextVar[int] = contextvars.ContextVar(
     "head_chunk_bytes", default=HEAD_CHUNK_BYTES
 )
+_bias: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "logit_bias", default=None
+)
 
 
 @contextlib.contextmanager
@@ -48,6 +51,23 @@ def head_chunk(chunk_bytes: int) -> Iterator[None]:
         yield
     finally:
         _chunk_bytes.reset(token)
+
+
+@contextlib.contextmanager
+def logit_bias(bias: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, ``head_losses`` adds ``bias`` (V,) to every position's logits, in
+    fp32, before the cross-entropy (a client's local-prior adjustment, ``client.prior``);
+    None: no bias."""
+    token = _bias.set(bias)
+    try:
+        yield
+    finally:
+        _bias.reset(token)
+
+
+def logit_bias_in_force() -> torch.Tensor | None:
+    """The bias of the innermost ``logit_bias`` block, or None."""
+    return _bias.get()
 
 
 def head_chunk_rows(vocab_size: int, chunk_bytes: int | None = None) -> int:
@@ -105,6 +125,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,  # (N,) int64
         chunk: int,
         want_grad: bool,
+        bias: torch.Tensor | None,  # (V,) float32, added to the logits
     ) -> torch.Tensor:
         n = hidden.shape[0]
         losses = hidden.new_empty(n)
@@ -113,6 +134,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             stop = min(start + chunk, n)
             t = targets[start:stop, None]
             logits = upcast_linear(hidden[start:stop], weight)  # (c, V)
+            if bias is not None:
+                logits = logits.float().add_(bias)
             target_logit = logits.gather(1, t).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
             exp = logits.sub_(top).exp_()  # in place: logits are not needed any more
@@ -131,7 +154,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         (grad_hidden,) = ctx.saved_tensors
         if grad_hidden is None:
             raise RuntimeError("head losses were computed without a gradient for backward")
-        return grad_hidden * grad_losses[:, None], None, None, None, None
+        return grad_hidden * grad_losses[:, None], None, None, None, None, None
 
 
 def _is_frozen_plain_linear(head: torch.nn.Module) -> bool:
@@ -144,8 +167,11 @@ def _is_frozen_plain_linear(head: torch.nn.Module) -> bool:
     )
 
 
-def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> Any:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+def _chunk_losses(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None
+) -> Any:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits if bias is None else logits + bias, targets, reduction="none")
 
 
 def head_losses(
@@ -155,20 +181,22 @@ def head_losses(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(head(hidden), targets, reduction="none")`` (N,) for hidden states (N, D),
-    never holding more than ``chunk`` positions' logits (default: ``head_chunk_rows``)."""
+    never holding more than ``chunk`` positions' logits (default: ``head_chunk_rows``); the
+    logits carry the ``logit_bias`` in force."""
+    bias = logit_bias_in_force()
     weight = cast(torch.Tensor, getattr(head, "weight", None))
     rows = chunk or head_chunk_rows(int(weight.shape[0]) if weight is not None else 1)
     if _is_frozen_plain_linear(head):
         want_grad = torch.is_grad_enabled() and hidden.requires_grad
-        out = _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, rows, want_grad)  # type: ignore[no-untyped-call]
+        out = _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, rows, want_grad, bias)  # type: ignore[no-untyped-call]
         return cast(torch.Tensor, out)
     parts = []
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
         if torch.is_grad_enabled() and hidden.requires_grad:
             parts.append(
-                cast(torch.Tensor, checkpoint(_chunk_losses, head, h, t, use_reentrant=False))
+                cast(torch.Tensor, checkpoint(_chunk_losses, head, h, t, bias, use_reentrant=False))
             )
         else:
-            parts.append(_chunk_losses(head, h, t))
+            parts.append(_chunk_losses(head, h, t, bias))
     return torch.cat(parts)

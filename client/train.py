@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from client.data import IGNORE_INDEX, TokenizedExample
-from client.loss import head_losses
+from client.loss import head_losses, logit_bias, logit_bias_in_force
 from client.model import adapter_parameters, get_adapter, set_adapter
+from client.prior import logit_adjustment_bias
 from protocol.messages import ClientUpdate, EvalResult, TrainInstruction
 
 if TYPE_CHECKING:
@@ -87,7 +88,11 @@ def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Te
         losses = head_losses(head, hidden[:, :-1][keep], targets[keep])  # (N,)
     else:
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        losses = F.cross_entropy(full[:, :-1][keep].float(), targets[keep], reduction="none")
+        logits = full[:, :-1][keep].float()
+        bias = logit_bias_in_force()
+        if bias is not None:
+            logits = logits + bias
+        losses = F.cross_entropy(logits, targets[keep], reduction="none")
     return losses, keep.nonzero()[:, 0]
 
 
@@ -224,6 +229,20 @@ class PlainSteps:
 EngineFactory = Callable[[torch.optim.Optimizer, TrainInstruction, "PeftModel"], Engine]
 
 
+def prior_bias(
+    model: PeftModel, examples: Sequence[TokenizedExample], tau: float
+) -> torch.Tensor | None:
+    """The logit bias of local-prior adjustment (``client.prior``): tau x the log frequency of
+    each token among ``examples``' reply tokens, on the model's device; None when tau is 0."""
+    if tau == 0:
+        return None
+    base = cast("PreTrainedModel", model.get_base_model())
+    head = cast(torch.nn.Module, base.get_output_embeddings())
+    vocab = int(cast(torch.Tensor, head.weight).shape[0])
+    bias = logit_adjustment_bias((e.labels[1:] for e in examples), vocab, tau)  # the targets
+    return torch.from_numpy(bias).to(next(model.parameters()).device)
+
+
 def train_round(
     model: PeftModel,
     examples: Sequence[TokenizedExample],
@@ -241,7 +260,8 @@ def train_round(
     ``engine`` decides how a step's gradient is formed (plain, the default, or DP-SGD);
     ``corrections`` are added to the gradients every step (FedProx, SCAFFOLD); ``micro_batch``
     > 0 makes the plain engine accumulate each step's gradients over micro-batches of that many
-    rows (the memory plan's choice, ``client.memory``)."""
+    rows (the memory plan's choice, ``client.memory``). ``instr.logit_adjustment`` > 0 trains
+    on logits shifted by the client's own log prior (``prior_bias``)."""
     device = next(model.parameters()).device
     set_adapter(model, global_adapter)
     trainable = set(instr.trainable_keys) if instr.trainable_keys else set(global_adapter)
@@ -255,12 +275,13 @@ def train_round(
 
     rng = _client_rng(instr, client_seed)
     schedule = steps.batches(len(examples), rng)
+    bias = prior_bias(model, examples, instr.logit_adjustment)
     losses: list[float] = []
     tokens = 0
     model.train()
     t0 = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), logit_bias(bias):
             torch.manual_seed(int(rng.integers(2**31)))  # LoRA dropout
             for idx in schedule:
                 steps.zero_grad()

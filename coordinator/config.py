@@ -108,6 +108,12 @@ class RunConfig:
     )
     min_learning_rate: float = option(0.0, "cosine schedule: the rate it decays toward")
     max_grad_norm: float = option(1.0, "clip of the local gradient norm per step")
+    logit_adjustment: float = option(
+        0.0,
+        "local-prior logit adjustment (FedLC-like): each client trains on logits + tau * log of "
+        "its own reply-token frequencies, so that under label skew it learns the label-free "
+        'posterior; tau here, 0: off (README, "Label skew")',
+    )
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
@@ -442,6 +448,17 @@ class RunConfig:
             need(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
         need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
         need(self.proximal_mu >= 0, "proximal-mu", f"must be >= 0, got {self.proximal_mu}")
+        need(
+            math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0,
+            "logit-adjustment",
+            f"must be >= 0, got {self.logit_adjustment}",
+        )
+        need(
+            not (self.logit_adjustment > 0 and self.dp is DpMode.SAMPLE),
+            "logit-adjustment",
+            "a client's prior is counted over all its rows, which DP-SGD's per-example bound "
+            "(--dp sample) does not cover; use it with --dp client or without DP",
+        )
         need(
             not (self.strategy == "scaffold" and self.dp is DpMode.SAMPLE),
             "strategy",

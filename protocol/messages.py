@@ -139,6 +139,9 @@ class TrainInstruction:
     # SCAFFOLD (Karimireddy et al. 2020): correct gradients by c - c_i (the server's control
     # variate travels in keys.SERVER_CONTROL) and return the control-variate delta.
     scaffold: bool = False
+    # Local-prior logit adjustment (FedLC-like, Zhang et al. 2022): the client trains on
+    # logits + tau * log p(v), p its own smoothed reply-token frequencies (client.prior); 0: off.
+    logit_adjustment: float = 0.0
     # Update compression (protocol.codecs, ``--compress``): how the client encodes its delta.
     # The sketch's hashes are seeded by (seed, round), both chosen by the coordinator.
     compress: str = "none"
@@ -176,6 +179,17 @@ class TrainInstruction:
             math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
             "proximal_mu",
             f"must be >= 0, got {self.proximal_mu}",
+        )
+        _require(
+            math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0,
+            "logit_adjustment",
+            f"must be >= 0, got {self.logit_adjustment}",
+        )
+        _require(
+            not (self.logit_adjustment > 0 and self.sample_dp.enabled),
+            "logit_adjustment",
+            "the prior is counted over all local rows, which DP-SGD's per-example bound does "
+            "not cover; it needs sample_dp off",
         )
 
     def compression(self) -> CompressionConfig:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from client.data import IGNORE_INDEX, load_records, to_conversations, tokenize_all
-from client.loss import head_chunk, head_chunk_rows, head_losses, upcast_linear
+from client.loss import head_chunk, head_chunk_rows, head_losses, logit_bias, upcast_linear
 from client.model import (
     FROZEN_EMBEDDING_DTYPE,
     Quantization,
@@ -237,3 +237,68 @@ def test_evaluation_loss_is_unchanged(
     result = evaluate(model, examples[:20], batch_size=8, pad_id=pad)
     assert result.num_tokens == count
     assert result.loss == pytest.approx(total / count, rel=1e-6)
+
+
+def _reference_biased_backward(model, batch: Batch, bias: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    """Full logits plus the bias, one cross-entropy, one backward."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, :-1][keep].float() + bias, targets[keep])
+    loss.backward()
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("quant", [Quantization.NONE, Quantization.NF4])
+@pytest.mark.parametrize(
+    ("micro_batch", "chunk", "plain_head"), [(0, None, True), (3, 5, True), (0, None, False)]
+)
+def test_logit_bias_gives_the_gradients_of_the_biased_cross_entropy(
+    tiny_model_dir: Path,
+    model_cache: Path,
+    examples: list,  # type: ignore[type-arg]
+    quant: Quantization,
+    micro_batch: int,
+    chunk: int | None,
+    plain_head: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Local-prior adjustment (``client.prior``): under ``logit_bias`` the chunked head (and the
+    full-logits path of a model whose head is not applied alone) trains on logits + bias."""
+    base, model = _model(tiny_model_dir, model_cache, quant)
+    batch = collate(examples[:6], base.tokenizer.pad_token_id, torch.device("cpu"))
+    vocab = int(base.model.get_output_embeddings().weight.shape[0])
+    bias = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 3.0
+    ref_loss, ref = _grads(model, lambda: _reference_biased_backward(model, batch, bias))
+    plain_loss, _ = _grads(model, lambda: _reference_backward(model, batch))
+    assert abs(ref_loss - plain_loss) > 0.1  # the bias changes the loss
+
+    if chunk is not None:
+        monkeypatch.setattr("client.loss.head_chunk_rows", lambda vocab: chunk)
+    if not plain_head:
+        monkeypatch.setattr("client.train._PLAIN_HEAD_MODEL_TYPES", frozenset())
+    with logit_bias(bias):
+        loss, grads = _grads(model, lambda: backward_mean_loss(model, batch, micro_batch))
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Outside the block no bias is applied.
+    loss_after, _ = _grads(model, lambda: backward_mean_loss(model, batch, micro_batch))
+    assert loss_after == pytest.approx(plain_loss, rel=1e-6)
+
+
+def test_logit_bias_on_a_trained_head() -> None:
+    """The autograd path of ``head_losses`` (a head that is trained) adds the bias too."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(9, 6, requires_grad=True)
+    targets = torch.randint(0, 11, (9,))
+    bias = torch.randn(11)
+    want = F.cross_entropy(head(hidden) + bias, targets, reduction="none")
+    (g_want,) = torch.autograd.grad(want.sum(), hidden)
+    with logit_bias(bias):
+        got = head_losses(head, hidden, targets, chunk=4)
+    (g_got,) = torch.autograd.grad(got.sum(), hidden)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)

@@ -84,6 +84,11 @@ def test_wire_instruction_defaults_agree_with_the_options() -> None:
         ),
         ({"compute-dtype": "fp16"}, "compute-dtype: 'fp16' is not one of fp32, bf16, auto"),
         ({"lora-rank": 0}, "lora-rank: must be >= 1"),
+        ({"logit-adjustment": -1}, "logit-adjustment: must be >= 0"),
+        (
+            {"logit-adjustment": 1, "dp": "sample", "noise-multiplier": 1.0},
+            "logit-adjustment: a client's prior is counted over all its rows, which DP-SGD's",
+        ),
         ({"lora-targets": "q_proj,,v_proj"}, "lora-targets: empty module name"),
     ],
 )

@@ -20,6 +20,7 @@ from protocol.messages import (
     EvalInstruction,
     EvalResult,
     LoraSpec,
+    SampleDP,
     TrainInstruction,
     decode_eval_instruction,
     decode_eval_result,
@@ -267,6 +268,11 @@ def test_train_message_errors_name_the_field() -> None:
         ({"local_steps": 0}, "local_steps: must be >= 1"),
         ({"seq_len": 4}, "seq_len: must be >= 8"),
         ({"learning_rate": float("nan")}, "learning_rate: must be a positive number"),
+        ({"logit_adjustment": -0.5}, "logit_adjustment: must be >= 0"),
+        (
+            {"logit_adjustment": 1.0, "sample_dp": SampleDP(noise_multiplier=1.0)},
+            "logit_adjustment: the prior is counted over all local rows",
+        ),
     ],
 )
 def test_train_instruction_validates(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
