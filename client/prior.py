@@ -2,11 +2,13 @@
 
 Under label skew each client sees a few labels (in a generation framing: a few reply tokens)
 far more often than the pool does, and local training teaches the adapter those frequencies as
-much as the task. FedLC (Zhang et al., ICML 2022, "Federated Learning with Label Distribution
-Skew via Logits Calibration") trains each client on logits shifted by its own log prior, so that
-what the adapter learns is the label-free part, which all clients share. Here the "labels" are
-the vocabulary: a client's prior is the smoothed frequency of each token among the labelled
-(reply) tokens of its training rows, counted once a round on the client; nothing of it leaves.
+much as the task. Logit adjustment (Menon et al., ICLR 2021) with each client's own prior
+trains it on logits shifted by its log prior, so that what the adapter learns is the label-free
+part, which all clients share: the idea of FedLC (Zhang et al., ICML 2022, "Federated Learning
+with Label Distribution Skew via Logits Calibration"), which shifts by a per-class margin.
+Here the "labels" are the vocabulary: a client's prior is the smoothed frequency of each token
+among the labelled (reply) tokens of its training rows, counted once a round on the client;
+nothing of it leaves.
 
 Pure numpy; ``client.train`` turns the prior into the logit bias of ``client.loss.logit_bias``.
 """

@@ -110,7 +110,7 @@ class RunConfig:
     max_grad_norm: float = option(1.0, "clip of the local gradient norm per step")
     logit_adjustment: float = option(
         0.0,
-        "local-prior logit adjustment (FedLC-like): each client trains on logits + tau * log of "
+        "local-prior logit adjustment (as in FedLC): each client trains on logits + tau * log of "
         "its own reply-token frequencies, so that under label skew it learns the label-free "
         'posterior; tau here, 0: off (README, "Label skew")',
     )

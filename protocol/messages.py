@@ -139,8 +139,8 @@ class TrainInstruction:
     # SCAFFOLD (Karimireddy et al. 2020): correct gradients by c - c_i (the server's control
     # variate travels in keys.SERVER_CONTROL) and return the control-variate delta.
     scaffold: bool = False
-    # Local-prior logit adjustment (FedLC-like, Zhang et al. 2022): the client trains on
-    # logits + tau * log p(v), p its own smoothed reply-token frequencies (client.prior); 0: off.
+    # Local-prior logit adjustment (Menon et al. 2021 with the client's own prior, as in FedLC):
+    # it trains on logits + tau * log p(v), p its smoothed reply-token frequencies; 0: off.
     logit_adjustment: float = 0.0
     # Update compression (protocol.codecs, ``--compress``): how the client encodes its delta.
     # The sketch's hashes are seeded by (seed, round), both chosen by the coordinator.
