@@ -9,7 +9,8 @@ from typing import Final
 # 3: train instructions carry the update codec (compress, compress-block-size, sketch-ratio,
 #    sketch-rows, error-feedback), global-rank and secagg-clip; compressed updates and global
 #    adapters travel with an update-codec / global-adapter-codec record.
-SCHEMA_VERSION: Final = 3
+# 4: train instructions carry logit-adjustment (a client of version 3 would ignore it).
+SCHEMA_VERSION: Final = 4
 
 # -- records inside a Message's RecordDict --------------------------------------------------------
 GLOBAL_ADAPTER: Final = "global-adapter"  # ArrayRecord: every adapter tensor of the global model
