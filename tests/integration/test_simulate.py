@@ -48,6 +48,7 @@ def run_dir(
         "--lr", "0.01",
         "--quantization", "nf4",
         "--strategy", "scaffold",
+        "--logit-adjustment", "0.5",
         "--cache-dir", str(model_cache),
         "--output-dir", str(out),
     )  # fmt: skip
@@ -59,6 +60,7 @@ def run_dir(
 def test_simulation_writes_a_valid_run_directory(run_dir: Path) -> None:
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["rounds"] == 2 and config["run"]["quantization"] == "nf4"
+    assert config["run"]["logit-adjustment"] == 0.5  # composes with SCAFFOLD end to end
     assert config["simulation"]["num_clients"] == 3 and config["simulation"]["partition"] == "iid"
     rows = metric_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
