@@ -112,7 +112,7 @@ class RunConfig:
         0.0,
         "local-prior logit adjustment (as in FedLC): each client trains on logits + tau * log of "
         "its own reply-token frequencies, so that under label skew it learns the label-free "
-        'posterior; tau here, 0: off (README, "Label skew")',
+        'posterior (for label-like replies); tau here, 0: off (README, "Label skew")',
     )
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
