@@ -167,11 +167,19 @@ def _is_frozen_plain_linear(head: torch.nn.Module) -> bool:
     )
 
 
+def biased_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-position cross-entropy (N,) of ``logits`` (N, V) in fp32, plus ``bias`` (V,) if
+    given (``logit_bias``)."""
+    logits = logits.float()
+    return F.cross_entropy(logits if bias is None else logits + bias, targets, reduction="none")
+
+
 def _chunk_losses(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None
 ) -> Any:
-    logits = head(hidden).float()
-    return F.cross_entropy(logits if bias is None else logits + bias, targets, reduction="none")
+    return biased_cross_entropy(head(hidden), targets, bias)
 
 
 def head_losses(

@@ -28,14 +28,11 @@ PRIOR_SMOOTHING = 0.5
 def reply_token_counts(labels: Iterable[Sequence[int]], vocab_size: int) -> np.ndarray:
     """How often each token id occurs among the labelled positions of ``labels`` (rows of
     token ids, ``IGNORE_INDEX`` where not trained on): float64 (vocab_size,)."""
-    counts = np.zeros(vocab_size, dtype=np.float64)
-    for row in labels:
-        ids = np.asarray(row, dtype=np.int64)
-        ids = ids[ids != IGNORE_INDEX]
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"token id outside the vocabulary of {vocab_size}")
-        np.add.at(counts, ids, 1.0)
-    return counts
+    ids = np.fromiter((t for row in labels for t in row), dtype=np.int64)
+    ids = ids[ids != IGNORE_INDEX]
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token id outside the vocabulary of {vocab_size}")
+    return np.bincount(ids, minlength=vocab_size).astype(np.float64)
 
 
 def log_prior(counts: np.ndarray, smoothing: float = PRIOR_SMOOTHING) -> np.ndarray:

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from client.data import IGNORE_INDEX, TokenizedExample
-from client.loss import head_losses, logit_bias, logit_bias_in_force
+from client.loss import biased_cross_entropy, head_losses, logit_bias, logit_bias_in_force
 from client.model import adapter_parameters, get_adapter, set_adapter
 from client.prior import logit_adjustment_bias
 from protocol.messages import ClientUpdate, EvalResult, TrainInstruction
@@ -88,11 +87,7 @@ def token_losses(model: PeftModel, batch: Batch) -> tuple[torch.Tensor, torch.Te
         losses = head_losses(head, hidden[:, :-1][keep], targets[keep])  # (N,)
     else:
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logits = full[:, :-1][keep].float()
-        bias = logit_bias_in_force()
-        if bias is not None:
-            logits = logits + bias
-        losses = F.cross_entropy(logits, targets[keep], reduction="none")
+        losses = biased_cross_entropy(full[:, :-1][keep], targets[keep], logit_bias_in_force())
     return losses, keep.nonzero()[:, 0]
 
 

@@ -448,11 +448,7 @@ class RunConfig:
             need(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
         need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
         need(self.proximal_mu >= 0, "proximal-mu", f"must be >= 0, got {self.proximal_mu}")
-        need(
-            math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0,
-            "logit-adjustment",
-            f"must be >= 0, got {self.logit_adjustment}",
-        )
+        # (logit-adjustment >= 0 is the train instruction's own check.)
         need(
             not (self.logit_adjustment > 0 and self.dp is DpMode.SAMPLE),
             "logit-adjustment",
