@@ -194,6 +194,10 @@ def head_losses(
     bias = logit_bias_in_force()
     weight = cast(torch.Tensor, getattr(head, "weight", None))
     rows = chunk or head_chunk_rows(int(weight.shape[0]) if weight is not None else 1)
+    if chunk is None and bias is not None and product_dtype(hidden).itemsize < 4:
+        # Half-precision logits are upcast to fp32 to take the bias: with half the positions
+        # both copies (1/4 + 1/2 of a chunk) stay within the fp32 bytes a chunk is planned at.
+        rows = max(1, rows // 2)
     if _is_frozen_plain_linear(head):
         want_grad = torch.is_grad_enabled() and hidden.requires_grad
         out = _FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, rows, want_grad, bias)  # type: ignore[no-untyped-call]

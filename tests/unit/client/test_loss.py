@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from client.data import IGNORE_INDEX, load_records, to_conversations, tokenize_all
-from client.loss import head_chunk, head_chunk_rows, head_losses, logit_bias, upcast_linear
+from client.loss import (
+    biased_cross_entropy,
+    head_chunk,
+    head_chunk_rows,
+    head_losses,
+    logit_bias,
+    upcast_linear,
+)
 from client.model import (
     FROZEN_EMBEDDING_DTYPE,
     Quantization,
@@ -302,3 +309,45 @@ def test_logit_bias_on_a_trained_head() -> None:
     (g_got,) = torch.autograd.grad(got.sum(), hidden)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_got, g_want)
+
+
+def test_a_biased_half_precision_chunk_stays_within_its_planned_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under bf16 products a chunk's logits are upcast to fp32 to take the bias; such chunks
+    hold half the positions, so the bf16 logits and their fp32 copy together stay within the
+    fp32 bytes the memory plan counts per chunk (``client.memory``). The losses are unchanged."""
+    import client.loss
+
+    torch.manual_seed(0)
+    vocab, dim, n = 64, 16, 20
+    head = torch.nn.Linear(dim, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(n, dim)
+    targets = torch.randint(0, vocab, (n,))
+    bias = torch.randn(vocab)
+    chunk_bytes = 8 * 4 * vocab  # 8 positions of fp32 logits
+    seen: list[tuple[int, torch.dtype]] = []
+    real = client.loss.upcast_linear
+
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = real(x, w)
+        seen.append((int(out.shape[0]), out.dtype))
+        return out
+
+    monkeypatch.setattr("client.loss.upcast_linear", spy)
+    with head_chunk(chunk_bytes), torch.autocast("cpu", dtype=torch.bfloat16):
+        head_losses(head, hidden, targets)
+        unbiased = list(seen)
+        seen.clear()
+        with logit_bias(bias):
+            got = head_losses(head, hidden, targets)
+        want = biased_cross_entropy(head(hidden), targets, bias)
+    assert unbiased == [(8, torch.bfloat16), (8, torch.bfloat16), (4, torch.bfloat16)]
+    assert seen == [(4, torch.bfloat16)] * 5
+    assert 4 * vocab * (2 + 4) <= chunk_bytes  # a bf16 chunk and its fp32 copy
+    torch.testing.assert_close(got, want)
+    # In fp32 nothing is upcast and the chunks keep their planned size.
+    seen.clear()
+    with head_chunk(chunk_bytes), logit_bias(bias):
+        head_losses(head, hidden, targets)
+    assert [rows for rows, _ in seen] == [8, 8, 4]
