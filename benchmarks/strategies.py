@@ -528,13 +528,15 @@ def main() -> None:
     results["tasks"] = {}
     for task_name, (task, top) in tasks.items():
         scored = [n for n in finals if not top or n in ("base model", "centralized", fedavg, best)]
-        rows: dict[str, dict[str, float]] = {}
+        rows: dict[str, dict[str, Any]] = {}
         for n in scored:
             set_adapter(model, finals[n])
             t0 = time.perf_counter()
-            rows[n] = evaluate_task(model, tok, task).metrics | {
-                "seconds": time.perf_counter() - t0
-            }
+            result = evaluate_task(model, tok, task)
+            rows[n] = result.metrics | {"seconds": time.perf_counter() - t0}
+            if result.confusion is not None:  # how often each class is answered
+                answered = np.asarray(result.confusion).sum(axis=0).tolist()
+                rows[n]["predicted"] = dict(zip(result.classes, answered, strict=True))
             print(f"{task_name} {n}: accuracy {rows[n]['accuracy']:.3f}", flush=True)
         results["tasks"][task_name] = rows
         write()
@@ -578,17 +580,18 @@ def recovered(base: float, central: float, federated: float) -> float | None:
     return (federated - base) / gain if gain > 0 else None
 
 
-def print_task_table(task: str, rows: dict[str, dict[str, float]]) -> None:
+def print_task_table(task: str, rows: dict[str, dict[str, Any]]) -> None:
     base, central = rows["base model"], rows["centralized"]
     print(f"\n{task} ({int(base['rows_scored'])} rows): majority-class baseline "
           f"{base['majority_baseline']:.3f}, chance {base['chance_baseline']:.3f}")  # fmt: skip
-    print("| adapter | accuracy | macro-F1 | recovered of centralized accuracy gain |")
-    print("|---|---|---|---|")
+    print("| adapter | accuracy | macro-F1 | mean one-vs-rest AUC | recovered of centralized "
+          "accuracy gain |\n|---|---|---|---|---|")  # fmt: skip
     for label, m in rows.items():
         rec = recovered(base["accuracy"], central["accuracy"], m["accuracy"])
         top = label in ("base model", "centralized")
         cell = "-" if top else ("n/a (no centralized gain)" if rec is None else f"{rec:.0%}")
-        print(f"| {label} | {m['accuracy']:.3f} | {m.get('macro_f1', float('nan')):.3f} | {cell} |")
+        f1, auc = m.get("macro_f1", float("nan")), m.get("mean_ovr_auc", float("nan"))
+        print(f"| {label} | {m['accuracy']:.3f} | {f1:.3f} | {auc:.3f} | {cell} |")
 
 
 def plot(results: dict[str, Any], args: argparse.Namespace) -> None:

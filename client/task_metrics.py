@@ -86,6 +86,45 @@ def chance_baseline(num_choices: Sequence[int] | np.ndarray) -> float:
     return float(np.mean(1.0 / k)) if k.size else float("nan")
 
 
+def one_vs_rest_auc(
+    y_true: Sequence[int] | np.ndarray, scores: np.ndarray | Sequence[Sequence[float]]
+) -> np.ndarray:
+    """Per class k, the area under its one-vs-rest ROC curve: the chance that a row of class k
+    gets a higher probability of k than a row of another class (ties count half). Each row's
+    scores (N, n_classes; log-likelihoods) become probabilities by a softmax over the classes,
+    so a constant added to one row's scores changes nothing. Threshold-free: it measures how
+    well the classes are ranked apart from the prior that decides the argmax. nan for a class
+    with no rows, or with every row."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores: expected (rows, classes), got shape {s.shape}")
+    t = as_classes(y_true, s.shape[1], "y_true")
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(f"y_true has {t.size} entries, scores {s.shape[0]} rows")
+    out = np.full(s.shape[1], np.nan)
+    if not s.size:
+        return out
+    z = np.exp(s - s.max(axis=1, keepdims=True))
+    prob = z / z.sum(axis=1, keepdims=True)
+    for k in range(s.shape[1]):
+        pos, neg = prob[t == k, k], np.sort(prob[t != k, k])
+        if pos.size and neg.size:
+            below = np.searchsorted(neg, pos, side="left")
+            tied = np.searchsorted(neg, pos, side="right") - below
+            out[k] = float((below + 0.5 * tied).sum()) / (pos.size * neg.size)
+    return out
+
+
+def mean_one_vs_rest_auc(
+    y_true: Sequence[int] | np.ndarray, scores: np.ndarray | Sequence[Sequence[float]]
+) -> float:
+    """Unweighted mean of ``one_vs_rest_auc`` over the classes it is defined for (nan if
+    none)."""
+    auc = one_vs_rest_auc(y_true, scores)
+    defined = ~np.isnan(auc)
+    return float(auc[defined].mean()) if defined.any() else float("nan")
+
+
 def sequence_scores(token_logprobs: np.ndarray) -> tuple[float, float]:
     """(summed, length-normalised) log-likelihood of one reply from its per-token log-probs."""
     lp = np.asarray(token_logprobs, dtype=np.float64)

@@ -494,6 +494,10 @@ def classification_result(
         "chance_baseline": tm.chance_baseline([len(s) for s in normalised]),
         "rows_scored": float(len(y)),
     }
+    if kind is TaskKind.LABEL:  # every row scores the same classes
+        metrics["mean_ovr_auc"] = tm.mean_one_vs_rest_auc(
+            y, np.reshape(normalised, (-1, n_classes))
+        )
     recall = tm.per_class_recall(cm)
     per_row = [
         {
@@ -631,6 +635,7 @@ def result_table(result: TaskResult, *, title: str = "") -> str:
             ("accuracy (summed log-likelihood)", m["accuracy_summed"]),
             ("macro-F1 (length-normalised)", m["macro_f1"]),
             ("macro-F1 (summed log-likelihood)", m["macro_f1_summed"]),
+            *([("mean one-vs-rest AUC", m["mean_ovr_auc"])] if "mean_ovr_auc" in m else []),
             (f"majority-class baseline{majority}", m["majority_baseline"]),
             ("chance baseline", m["chance_baseline"]),
         ]

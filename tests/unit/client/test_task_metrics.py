@@ -44,6 +44,51 @@ def test_majority_and_chance_baselines() -> None:
     assert math.isnan(tm.majority_baseline([], 3)[1])
 
 
+def test_one_vs_rest_auc_by_hand() -> None:
+    # Two classes, probabilities of class 0 per row: 0.9, 0.6 (class 0), 0.6, 0.2 (class 1).
+    # Class 0: pairs (0.9, 0.6) 1, (0.9, 0.2) 1, (0.6, 0.6) a tie 1/2, (0.6, 0.2) 1 -> 3.5 / 4.
+    # Class 1 ranks by 1 - p0: (0.4, 0.4) 1/2, (0.4, 0.1) 1, (0.8, 0.4) 1, (0.8, 0.1) 1 -> 3.5 / 4.
+    p0 = np.array([0.9, 0.6, 0.6, 0.2])
+    scores = np.log(np.stack([p0, 1 - p0], axis=1))
+    y = [0, 0, 1, 1]
+    np.testing.assert_allclose(tm.one_vs_rest_auc(y, scores), [0.875, 0.875])
+    # Log-likelihoods are compared as probabilities: a constant per row changes nothing (no
+    # ties here, which rounding could break). p0 0.9, 0.4 (class 0) against 0.6, 0.2: 3 of 4.
+    scores = np.log(np.array([[0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.2, 0.8]]))
+    shifted = scores + np.array([[-3.0], [5.0], [0.5], [-7.0]])
+    np.testing.assert_allclose(tm.one_vs_rest_auc(y, scores), [0.75, 0.75])
+    np.testing.assert_allclose(tm.one_vs_rest_auc(y, shifted), [0.75, 0.75])
+    # Perfectly ranked and perfectly reversed.
+    assert tm.mean_one_vs_rest_auc([0, 1], np.log([[0.9, 0.1], [0.2, 0.8]])) == 1.0
+    assert tm.mean_one_vs_rest_auc([1, 0], np.log([[0.9, 0.1], [0.2, 0.8]])) == 0.0
+
+
+def test_one_vs_rest_auc_leaves_out_a_class_with_no_rows() -> None:
+    # Three classes, class 2 never true: its AUC is undefined and left out of the mean.
+    scores = np.log([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1]])
+    auc = tm.one_vs_rest_auc([0, 1, 1], scores)
+    # class 0: 0.7 against 0.3 and 0.5 -> 1; class 1: p1 0.6, 0.4 against 0.2 -> 1
+    np.testing.assert_allclose(auc[:2], [1.0, 1.0])
+    assert math.isnan(auc[2])
+    assert tm.mean_one_vs_rest_auc([0, 1, 1], scores) == 1.0
+    assert math.isnan(tm.mean_one_vs_rest_auc([], np.zeros((0, 3))))
+    with pytest.raises(ValueError, match="y_true has 2 entries, scores 3 rows"):
+        tm.one_vs_rest_auc([0, 1], scores)
+
+
+def test_one_vs_rest_auc_equals_the_pairwise_count() -> None:
+    """Against the definition, pair by pair, on random scores with ties."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=60)
+    scores = np.round(rng.normal(size=(60, 4)), 1)  # rounded: ties occur
+    z = np.exp(scores - scores.max(axis=1, keepdims=True))
+    prob = z / z.sum(axis=1, keepdims=True)
+    for k, got in enumerate(tm.one_vs_rest_auc(y, scores)):
+        pos, neg = prob[y == k, k], prob[y != k, k]
+        wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        assert got == pytest.approx(wins / (pos.size * neg.size), abs=1e-12), k
+
+
 def test_bad_class_ids_are_refused() -> None:
     with pytest.raises(ValueError, match=r"y_pred: class ids must be in \[0, 2\)"):
         tm.confusion_matrix([0, 1], [0, 2], 2)

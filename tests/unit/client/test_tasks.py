@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from client import task_metrics as tm
 from client.data import DataError
 from client.tasks import (
     TaskKind,
@@ -19,6 +20,7 @@ from client.tasks import (
     evaluate_task,
     load_eval_model,
     load_task,
+    result_table,
     score_choices,
 )
 
@@ -94,6 +96,7 @@ def test_choice_task_against_independent_scores(tiny: tuple[Any, Any], tmp_path:
     assert result.metrics["majority_baseline"] == pytest.approx(2 / 4)  # B twice
     out = result.to_json(task=str(path))
     assert out["accuracy"] == result.metrics["accuracy"] and "macro_f1" in out
+    assert "mean_ovr_auc" not in out  # a choice task's rows have their own options
 
 
 def test_label_task_from_csv(tiny: tuple[Any, Any], tmp_path: Path) -> None:
@@ -109,11 +112,17 @@ def test_label_task_from_csv(tiny: tuple[Any, Any], tmp_path: Path) -> None:
     task = load_task(path, TaskSpec(kind=TaskKind.LABEL))
     assert task.classes == ("colors", "joke", "question")  # inferred, sorted
     result = evaluate_task(model, tok, task)
-    preds = []
+    preds, normalised = [], []
     for item in task.items:
         lps = [reference_logprobs(model, tok, item.prompt, c) for c in task.classes]
-        preds.append(int(np.argmax([lp.mean() for lp in lps])))
+        normalised.append([float(lp.mean()) for lp in lps])
+        preds.append(int(np.argmax(normalised[-1])))
     truth = [1, 2, 0, 1]
+    # Classes "joke" (two rows) against the rest, "colors" and "question" (one row each).
+    assert result.metrics["mean_ovr_auc"] == pytest.approx(
+        tm.mean_one_vs_rest_auc(truth, np.array(normalised)), abs=1e-4
+    )
+    assert "mean one-vs-rest AUC" in result_table(result)
     cm = np.zeros((3, 3), dtype=int)
     for t, p in zip(truth, preds, strict=True):
         cm[t, p] += 1
