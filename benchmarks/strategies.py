@@ -321,94 +321,83 @@ def load_adapter(out: Path, label: str) -> dict[str, np.ndarray] | None:
     return dict(load_file(str(path))) if path.exists() else None
 
 
-def main() -> None:
-    args = parse_args()
-    # The training steps' precision (held-out losses are fp32); a client computing in bf16
-    # holds an unquantized base's weights in bf16, and so does this benchmark.
-    precision = resolve_compute_dtype(ComputeDtype(args.compute_dtype), pick_device())
-    runs = plan_runs(args.strategies, args.server_lr)
-    old = previous(args)
-    if args.ceiling_from is not None and (args.ceiling_from / "strategies.json").exists():
-        ceiling_from(args)  # a finished ceiling made with other settings fails now, not at the end
-    records = load_records(args.data)
-    base = load_base(
-        resolve_model(args.model),
-        Quantization.parse(args.quantization),
-        default_cache_dir(),
-        compute=precision,
-    )
-    tok, pad = base.tokenizer, int(base.tokenizer.pad_token_id)
-    cfg0 = RunConfig.from_mapping(
-        {
-            "rounds": args.rounds,
-            "clients-per-round": args.clients_per_round,
-            "min-clients": 1,
-            "local-steps": args.local_steps,
-            "batch-size": args.batch_size,
-            "seq-len": args.seq_len,
-            "learning-rate": args.lr,
-            "lr-schedule": args.lr_schedule,
-            "min-learning-rate": args.min_lr,
-            "seed": args.seed,
-            **run_options(args.option),
-        }
-    )
-    model = attach_lora(base.model, cfg0.lora, seed=args.seed)
-    initial = get_adapter(model)
-    spec = AdapterSpec.of(initial)
-    held, shards = heldout_and_clients(records, args)
-    convs = to_conversations(records, args.data)
-    heldout = [
-        e
-        for idx in held.values()
-        for e in tokenize_all(tok, [convs[i] for i in idx], args.eval_seq_len)
-    ]
-    cache: dict[int, list[Any]] = {}
+@dataclasses.dataclass
+class Bench:
+    """What every run of one invocation shares: the model with its LoRA adapter, the clients'
+    rows (tokenized on first use), the held-out rows and the run options."""
 
-    def data(cid: int) -> list[Any]:
-        if cid not in cache:
-            cache[cid] = tokenize_all(tok, [convs[i] for i in shards[cid]], args.seq_len)
-        return cache[cid]
+    args: argparse.Namespace
+    precision: ComputeDtype
+    model: Any
+    tok: Any
+    pad: int
+    cfg0: RunConfig
+    initial: dict[str, np.ndarray]
+    heldout: list[Any]
+    convs: list[Any]
+    shards: dict[int, list[int]]
+    cache: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
 
-    def held_loss(adapter: dict[str, np.ndarray]) -> float:
-        return evaluate(model, heldout, batch_size=8, pad_id=pad, global_adapter=adapter).loss
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> Bench:
+        # The training steps' precision (held-out losses are fp32); a client computing in bf16
+        # holds an unquantized base's weights in bf16, and so does this benchmark.
+        precision = resolve_compute_dtype(ComputeDtype(args.compute_dtype), pick_device())
+        records = load_records(args.data)
+        base = load_base(
+            resolve_model(args.model),
+            Quantization.parse(args.quantization),
+            default_cache_dir(),
+            compute=precision,
+        )
+        tok = base.tokenizer
+        cfg0 = RunConfig.from_mapping(
+            {
+                "rounds": args.rounds,
+                "clients-per-round": args.clients_per_round,
+                "min-clients": 1,
+                "local-steps": args.local_steps,
+                "batch-size": args.batch_size,
+                "seq-len": args.seq_len,
+                "learning-rate": args.lr,
+                "lr-schedule": args.lr_schedule,
+                "min-learning-rate": args.min_lr,
+                "seed": args.seed,
+                **run_options(args.option),
+            }
+        )
+        model = attach_lora(base.model, cfg0.lora, seed=args.seed)
+        held, shards = heldout_and_clients(records, args)
+        convs = to_conversations(records, args.data)
+        heldout = [
+            e
+            for idx in held.values()
+            for e in tokenize_all(tok, [convs[i] for i in idx], args.eval_seq_len)
+        ]
+        return cls(args, precision, model, tok, int(tok.pad_token_id), cfg0,
+                   get_adapter(model), heldout, convs, shards)  # fmt: skip
 
-    tasks = {
-        **read_tasks(args.task, args.seed, top=False),
-        **read_tasks(args.top_task, args.seed, top=True),
-    }
-    finals: dict[str, dict[str, np.ndarray]] = {"base model": initial}
-    args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": saved_config(args)}
-    # Runs kept from --out stay in the JSON even if this invocation does not list them.
-    results |= {k: v for k, v in old.items() if isinstance(v, dict) and "losses" in v}
+    def data(self, cid: int) -> list[Any]:
+        if cid not in self.cache:
+            rows = [self.convs[i] for i in self.shards[cid]]
+            self.cache[cid] = tokenize_all(self.tok, rows, self.args.seq_len)
+        return self.cache[cid]
 
-    def write() -> None:
-        # Atomic: a --ceiling-from reader in another process never sees half a file.
-        text = json.dumps(results, indent=2, default=str)
-        write_bytes_atomic(args.out / "strategies.json", text.encode())
+    def held_loss(self, adapter: dict[str, np.ndarray]) -> float:
+        return evaluate(
+            self.model, self.heldout, batch_size=8, pad_id=self.pad, global_adapter=adapter
+        ).loss
 
-    if "base_loss" in old:
-        base_loss = float(old["base_loss"])
-        print(f"base model loss {base_loss:.4f} (kept)", flush=True)
-    else:
-        base_loss = held_loss(initial)
-        print(f"held-out rows {len(heldout)}; base model loss {base_loss:.4f}", flush=True)
-    results["base_loss"] = base_loss
-
-    population = list(range(args.clients))
-    for label, name, lr in runs:
-        kept = load_adapter(args.out, label) if label in old else None
-        if kept is not None:
-            results[label] = old[label]
-            finals[label] = kept
-            print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
-            write()
-            continue
+    def federated(
+        self, label: str, name: str, lr: float | None, base_loss: float
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One strategy's run through the library's pieces: its record and final adapter."""
+        args, initial = self.args, self.initial
         cfg = RunConfig.from_mapping(
-            {**cfg0.to_mapping(), "strategy": name, "server-learning-rate": lr}
+            {**self.cfg0.to_mapping(), "strategy": name, "server-learning-rate": lr}
         )
         strategy = Strategy.create(cfg.strategy_settings(), args.clients, args.clients_per_round)
+        spec = AdapterSpec.of(initial)
         trained = trained_tensors(spec, cfg.ffa_lora)
         trainable_keys = instruction_keys(trained, spec.names)
         expected = strategy.update_spec(trained)
@@ -416,6 +405,7 @@ def main() -> None:
         controls: dict[int, dict[str, np.ndarray]] = {}
         adapter = dict(initial)
         losses = [base_loss]
+        population = list(range(args.clients))
         t0 = time.perf_counter()
         for rnd in range(1, args.rounds + 1):
             instr = strategy.instruction(cfg.train_instruction(rnd))
@@ -432,8 +422,8 @@ def main() -> None:
                          for k in trained.names}  # fmt: skip
                     scaffold = Scaffold(c, controls.get(cid, {}))
                     corrections.append(scaffold)
-                with compute_precision(precision):
-                    up = train_round(model, data(cid), instr, adapter, pad_id=pad,
+                with compute_precision(self.precision):
+                    up = train_round(self.model, self.data(cid), instr, adapter, pad_id=self.pad,
                                      client_seed=cid, corrections=corrections)  # fmt: skip
                 delta = dict(up.delta)
                 if scaffold is not None:
@@ -445,26 +435,96 @@ def main() -> None:
                 acc.add(decoded.delta, float(decoded.num_examples))
             mean, _ = privacy.release(Contribution(acc.sum, acc.weight, list(cohort)))
             adapter = strategy.apply(adapter, mean)
-            losses.append(held_loss(adapter))
+            losses.append(self.held_loss(adapter))
             print(f"{label} round {rnd}: {losses[-1]:.4f}", flush=True)
-        results[label] = {
+        record = {
             "strategy": name,
             "losses": losses,
             "server_learning_rate": strategy.record()["server_learning_rate"],
             "seconds": time.perf_counter() - t0,
             "load_average": load_average(),
         }
-        finals[label] = adapter
-        save_adapter(args.out, label, adapter)
+        return record, adapter
+
+    def centralized(self, lr: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """One adapter on the pooled rows, the same examples seen as the federation, annealed
+        as the clients are: its record and adapter."""
+        args, initial = self.args, self.initial
+        pooled = [e for cid in range(args.clients) for e in self.data(cid)]
+        steps = args.rounds * args.clients_per_round * args.local_steps
+        t0 = time.perf_counter()
+        instr = dataclasses.replace(
+            self.cfg0.train_instruction(1), local_steps=steps, learning_rate=lr
+        )
+        engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
+        with compute_precision(self.precision):
+            up = train_round(self.model, pooled, instr, initial, pad_id=self.pad,
+                             client_seed=args.seed, engine=engine)  # fmt: skip
+        adapter = {k: initial[k] + up.delta[k] for k in initial}
+        record = {"loss": self.held_loss(adapter), "steps": steps, "lr": lr,
+                  "seconds": time.perf_counter() - t0}  # fmt: skip
+        return record, adapter
+
+    def score(self, task: Task, adapter: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``task``'s metrics for ``adapter`` (for a label or choice task also how often each
+        class is answered) and the seconds scoring took."""
+        set_adapter(self.model, adapter)
+        t0 = time.perf_counter()
+        result = evaluate_task(self.model, self.tok, task)
+        row: dict[str, Any] = result.metrics | {"seconds": time.perf_counter() - t0}
+        if result.confusion is not None:
+            answered = np.asarray(result.confusion).sum(axis=0).tolist()
+            row["predicted"] = dict(zip(result.classes, answered, strict=True))
+        return row
+
+
+def main() -> None:
+    args = parse_args()
+    runs = plan_runs(args.strategies, args.server_lr)
+    old = previous(args)
+    if args.ceiling_from is not None and (args.ceiling_from / "strategies.json").exists():
+        ceiling_from(args)  # a finished ceiling made with other settings fails now, not at the end
+    bench = Bench.load(args)
+    tasks = {
+        **read_tasks(args.task, args.seed, top=False),
+        **read_tasks(args.top_task, args.seed, top=True),
+    }
+    finals: dict[str, dict[str, np.ndarray]] = {"base model": bench.initial}
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": saved_config(args)}
+    # Runs kept from --out stay in the JSON even if this invocation does not list them.
+    results |= {k: v for k, v in old.items() if isinstance(v, dict) and "losses" in v}
+
+    def write() -> None:
+        # Atomic: a --ceiling-from reader in another process never sees half a file.
+        text = json.dumps(results, indent=2, default=str)
+        write_bytes_atomic(args.out / "strategies.json", text.encode())
+
+    if "base_loss" in old:
+        base_loss = float(old["base_loss"])
+        print(f"base model loss {base_loss:.4f} (kept)", flush=True)
+    else:
+        base_loss = bench.held_loss(bench.initial)
+        print(f"held-out rows {len(bench.heldout)}; base model loss {base_loss:.4f}", flush=True)
+    results["base_loss"] = base_loss
+
+    for label, name, lr in runs:
+        kept = load_adapter(args.out, label) if label in old else None
+        if kept is not None:
+            results[label] = old[label]
+            finals[label] = kept
+            print(f"{label}: {old[label]['losses'][-1]:.4f} (kept)", flush=True)
+        else:
+            results[label], finals[label] = bench.federated(label, name, lr, base_loss)
+            save_adapter(args.out, label, finals[label])
         write()
 
-    # Centralized: one adapter on the pooled rows, the same examples seen as the federation, at
-    # each --central-lr; the lowest held-out loss is the ceiling the strategies are held to. After
-    # the strategies, so that a ceiling --ceiling-from names may still be training meanwhile.
+    # Centralized: one adapter on the pooled rows at each --central-lr; the lowest held-out loss
+    # is the ceiling the strategies are held to. After the strategies, so that a ceiling
+    # --ceiling-from names may still be training meanwhile.
     ceiling = ceiling_from(args) if args.ceiling_from is not None else {}
     central_runs: dict[str, Any] = dict(old.get("centralized_by_lr", {}))
     lrs = central_lrs(args)
-    pooled: list[Any] = []
     for lr in lrs:
         key = f"{lr:g}"
         label = f"centralized@{key}"
@@ -481,19 +541,10 @@ def main() -> None:
             finals[label] = kept
             print(f"{label}: {float(central_runs[key]['loss']):.4f} ({how})", flush=True)
             continue
-        pooled = pooled or [e for cid in range(args.clients) for e in data(cid)]
-        steps = args.rounds * args.clients_per_round * args.local_steps
-        t0 = time.perf_counter()
-        instr = dataclasses.replace(cfg0.train_instruction(1), local_steps=steps, learning_rate=lr)
-        engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
-        with compute_precision(precision):
-            up = train_round(model, pooled, instr, initial, pad_id=pad, client_seed=args.seed,
-                             engine=engine)  # fmt: skip
-        finals[label] = {k: initial[k] + up.delta[k] for k in initial}
-        central_runs[key] = {"loss": held_loss(finals[label]), "steps": steps, "lr": lr,
-                             "seconds": time.perf_counter() - t0}  # fmt: skip
+        central_runs[key], finals[label] = bench.centralized(lr)
         save_adapter(args.out, label, finals[label])
-        print(f"{label} ({steps} steps): {central_runs[key]['loss']:.4f}", flush=True)
+        print(f"{label} ({central_runs[key]['steps']} steps): {central_runs[key]['loss']:.4f}",
+              flush=True)  # fmt: skip
     tried = {f"{lr:g}": central_runs[f"{lr:g}"] for lr in lrs}
     best_lr = min(tried, key=lambda k: float(tried[k]["loss"]))
     results["centralized"] = tried[best_lr]
@@ -530,13 +581,7 @@ def main() -> None:
         scored = [n for n in finals if not top or n in ("base model", "centralized", fedavg, best)]
         rows: dict[str, dict[str, Any]] = {}
         for n in scored:
-            set_adapter(model, finals[n])
-            t0 = time.perf_counter()
-            result = evaluate_task(model, tok, task)
-            rows[n] = result.metrics | {"seconds": time.perf_counter() - t0}
-            if result.confusion is not None:  # how often each class is answered
-                answered = np.asarray(result.confusion).sum(axis=0).tolist()
-                rows[n]["predicted"] = dict(zip(result.classes, answered, strict=True))
+            rows[n] = bench.score(task, finals[n])
             print(f"{task_name} {n}: accuracy {rows[n]['accuracy']:.3f}", flush=True)
         results["tasks"][task_name] = rows
         write()
