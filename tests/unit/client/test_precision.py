@@ -19,6 +19,7 @@ from client.model import (
     load_base,
     resolve_compute_dtype,
     resolve_model,
+    warn_emulated_bf16,
 )
 from client.train import backward_mean_loss, collate, evaluate
 from protocol.messages import LoraSpec
@@ -41,6 +42,32 @@ def test_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(
     # An explicit choice is kept whatever the hardware.
     assert resolve_compute_dtype(ComputeDtype.BF16, CPU) is ComputeDtype.BF16
     assert resolve_compute_dtype(ComputeDtype.FP32, CPU) is ComputeDtype.FP32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_an_explicit_bf16_where_it_is_emulated_is_kept_with_one_warning(
+    native: bool,
+    tiny_model_dir: Path,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Asked for bf16 on a CPU without bf16 instructions (where a step ran 16x slower than in
+    fp32), loading the base says so once per process; with the instructions, nothing."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    warn_emulated_bf16.cache_clear()
+    source = resolve_model(str(tiny_model_dir))
+    with caplog.at_level("WARNING", logger="fedtune"):
+        for _ in range(2):
+            load_base(source, Quantization.NONE, model_cache, compute=ComputeDtype.BF16)
+        load_base(source, Quantization.NONE, model_cache, compute=ComputeDtype.FP32)
+    said = [
+        r.getMessage() for r in caplog.records if "bf16 products are emulated" in r.getMessage()
+    ]
+    assert len(said) == (0 if native else 1)
+    assert all(s.startswith("compute-dtype bf16: this CPU has no bf16 instructions") for s in said)
+    warn_emulated_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("supported", [True, False])
