@@ -103,5 +103,10 @@ def test_real_model_gradients_with_checkpointing_chunks_and_micro_batches(
     assert len(ref) == 2 * 2 * 30  # A and B of q_proj and v_proj in 30 layers
     with activation_checkpointing(model):
         got = grads(lambda: backward_mean_loss(model, batch, micro_batch=2))
+    # Equal up to fp32 rounding, which the summation order of the chunked 49k-wide head sets:
+    # each tensor's error relative to its norm was at most 1.4e-4 (AVX2-only EPYC, 2026-12-01;
+    # single elements there exceeded rtol 1e-3 + atol 1e-6, which an AMX Xeon had met); a
+    # gradient only 1% off in scale is 1e-2 off.
     for name, g in ref.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-6, msg=name)
+        rel = float((got[name] - g).norm() / g.norm())
+        assert rel <= 1e-3, (name, rel)
