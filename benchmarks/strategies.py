@@ -45,6 +45,8 @@ from client.logs import quiet_libraries  # noqa: E402
 
 quiet_libraries()  # before torchao and transformers are imported: their chatter is not ours
 
+import torch  # noqa: E402
+
 from benchmarks._common import load_average  # noqa: E402
 from benchmarks.privacy_utility import heldout_and_clients  # noqa: E402
 from client.corrections import ProximalTerm, Scaffold  # noqa: E402
@@ -327,6 +329,7 @@ class Bench:
     rows (tokenized on first use), the held-out rows and the run options."""
 
     args: argparse.Namespace
+    device: torch.device
     precision: ComputeDtype
     model: Any
     tok: Any
@@ -342,12 +345,14 @@ class Bench:
     def load(cls, args: argparse.Namespace) -> Bench:
         # The training steps' precision (held-out losses are fp32); a client computing in bf16
         # holds an unquantized base's weights in bf16, and so does this benchmark.
-        precision = resolve_compute_dtype(ComputeDtype(args.compute_dtype), pick_device())
+        device = pick_device()  # a CUDA GPU where there is one
+        precision = resolve_compute_dtype(ComputeDtype(args.compute_dtype), device)
         records = load_records(args.data)
         base = load_base(
             resolve_model(args.model),
             Quantization.parse(args.quantization),
             default_cache_dir(),
+            device,
             compute=precision,
         )
         tok = base.tokenizer
@@ -374,7 +379,7 @@ class Bench:
             for idx in held.values()
             for e in tokenize_all(tok, [convs[i] for i in idx], args.eval_seq_len)
         ]
-        return cls(args, precision, model, tok, int(tok.pad_token_id), cfg0,
+        return cls(args, device, precision, model, tok, int(tok.pad_token_id), cfg0,
                    get_adapter(model), heldout, convs, shards)  # fmt: skip
 
     def data(self, cid: int) -> list[Any]:
@@ -422,7 +427,7 @@ class Bench:
                          for k in trained.names}  # fmt: skip
                     scaffold = Scaffold(c, controls.get(cid, {}))
                     corrections.append(scaffold)
-                with compute_precision(self.precision):
+                with compute_precision(self.precision, self.device):
                     up = train_round(self.model, self.data(cid), instr, adapter, pad_id=self.pad,
                                      client_seed=cid, corrections=corrections)  # fmt: skip
                 delta = dict(up.delta)
@@ -457,7 +462,7 @@ class Bench:
             self.cfg0.train_instruction(1), local_steps=steps, learning_rate=lr
         )
         engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
-        with compute_precision(self.precision):
+        with compute_precision(self.precision, self.device):
             up = train_round(self.model, pooled, instr, initial, pad_id=self.pad,
                              client_seed=args.seed, engine=engine)  # fmt: skip
         adapter = {k: initial[k] + up.delta[k] for k in initial}
