@@ -20,6 +20,22 @@ class Timing:
     cpu: float  # process CPU seconds per call (user + system, all threads)
 
 
+def run_values(args: Any) -> dict[str, Any]:
+    """The run options every federated benchmark takes from its command line (``--rounds``,
+    ``--clients-per-round``, ``--local-steps``, ``--batch-size``, ``--seq-len``, ``--lr``,
+    ``--seed``), spelled as ``RunConfig.from_mapping`` reads them; one client is enough."""
+    return {
+        "rounds": args.rounds,
+        "clients-per-round": args.clients_per_round,
+        "min-clients": 1,
+        "local-steps": args.local_steps,
+        "batch-size": args.batch_size,
+        "seq-len": args.seq_len,
+        "learning-rate": args.lr,
+        "seed": args.seed,
+    }
+
+
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
     for _ in range(warmup):
         fn()

@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import run_values  # noqa: E402
 from client.data import load_records, to_conversations, tokenize_all  # noqa: E402
 from client.dpsgd import dpsgd_round  # noqa: E402
 from client.model import (  # noqa: E402
@@ -144,17 +145,9 @@ def run_utility(
         for ffa in (False, True):
             settings.append(("no DP" if e is None else f"eps={e:g}", e, ffa))
     for label, eps, ffa in settings:
-        values = {
-            "rounds": args.rounds,
-            "clients-per-round": args.clients_per_round,
-            "min-clients": 1,
-            "local-steps": args.local_steps,
-            "batch-size": args.batch_size,
-            "seq-len": args.seq_len,
-            "learning-rate": args.lr,
+        values = run_values(args) | {
             "lora-rank": args.lora_rank,
             "lora-alpha": 2.0 * args.lora_rank,
-            "seed": args.seed,
             "ffa-lora": ffa,
         }
         if eps is not None:

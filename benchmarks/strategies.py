@@ -47,7 +47,7 @@ quiet_libraries()  # before torchao and transformers are imported: their chatter
 
 import torch  # noqa: E402
 
-from benchmarks._common import load_average  # noqa: E402
+from benchmarks._common import load_average, run_values  # noqa: E402
 from benchmarks.privacy_utility import heldout_and_clients  # noqa: E402
 from client.corrections import ProximalTerm, Scaffold  # noqa: E402
 from client.data import load_records, to_conversations, tokenize_all  # noqa: E402
@@ -357,19 +357,9 @@ class Bench:
         )
         tok = base.tokenizer
         cfg0 = RunConfig.from_mapping(
-            {
-                "rounds": args.rounds,
-                "clients-per-round": args.clients_per_round,
-                "min-clients": 1,
-                "local-steps": args.local_steps,
-                "batch-size": args.batch_size,
-                "seq-len": args.seq_len,
-                "learning-rate": args.lr,
-                "lr-schedule": args.lr_schedule,
-                "min-learning-rate": args.min_lr,
-                "seed": args.seed,
-                **run_options(args.option),
-            }
+            run_values(args)
+            | {"lr-schedule": args.lr_schedule, "min-learning-rate": args.min_lr}
+            | run_options(args.option)
         )
         model = attach_lora(base.model, cfg0.lora, seed=args.seed)
         held, shards = heldout_and_clients(records, args)
