@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -378,6 +379,11 @@ class Bench:
             self.cache[cid] = tokenize_all(self.tok, rows, self.args.seq_len)
         return self.cache[cid]
 
+    @functools.cached_property
+    def pooled(self) -> list[Any]:
+        """Every client's training rows, in client order: the centralized run's data."""
+        return [e for cid in range(self.args.clients) for e in self.data(cid)]
+
     def held_loss(self, adapter: dict[str, np.ndarray]) -> float:
         return evaluate(
             self.model, self.heldout, batch_size=8, pad_id=self.pad, global_adapter=adapter
@@ -445,7 +451,6 @@ class Bench:
         """One adapter on the pooled rows, the same examples seen as the federation, annealed
         as the clients are: its record and adapter."""
         args, initial = self.args, self.initial
-        pooled = [e for cid in range(args.clients) for e in self.data(cid)]
         steps = args.rounds * args.clients_per_round * args.local_steps
         t0 = time.perf_counter()
         instr = dataclasses.replace(
@@ -453,7 +458,7 @@ class Bench:
         )
         engine = scheduled_steps(LrSchedule(args.lr_schedule), lr, min(args.min_lr, lr))
         with compute_precision(self.precision, self.device):
-            up = train_round(self.model, pooled, instr, initial, pad_id=self.pad,
+            up = train_round(self.model, self.pooled, instr, initial, pad_id=self.pad,
                              client_seed=args.seed, engine=engine)  # fmt: skip
         adapter = {k: initial[k] + up.delta[k] for k in initial}
         record = {"loss": self.held_loss(adapter), "steps": steps, "lr": lr,
